@@ -1,0 +1,343 @@
+"""Membership of a worker or server: registration, address book, wire-up, barriers, liveness.
+
+A node owns two UCX workers: the data worker (tag messages to its peers,
+progressed by the caller's thread in the configured progress mode) and the
+control worker (active messages to the scheduler over TCP, progressed by a
+background thread that sleeps in epoll). Keeping control apart lets heartbeats
+flow while the caller computes, and keeps the data path free of control traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from . import protocol as P
+from ._version import __version__
+from .config import Config
+from .errors import AuthError, ConfigError, PeerError, ProtocolError, StepMeshError, TimeoutError
+from .transport import ControlChannel, EventLoop, Transport, Waker, wrap
+
+__all__ = ["Node"]
+
+log = logging.getLogger("stepmesh.node")
+
+_ERRORS: dict[int, type[StepMeshError]] = {
+    P.ErrorCode.CONFIG: ConfigError,
+    P.ErrorCode.TIMEOUT: TimeoutError,
+    P.ErrorCode.AUTH: AuthError,
+    P.ErrorCode.PROTOCOL: ProtocolError,
+    P.ErrorCode.SHUTDOWN: PeerError,
+    P.ErrorCode.PEER: PeerError,
+}
+_CONNECT_RETRY_S = 0.2
+
+
+class Node:
+    """Base of :class:`~stepmesh.AFTensorWorker` and :class:`~stepmesh.AFTensorServer`."""
+
+    role: str = ""
+
+    def __init__(self, config: Config | None = None) -> None:
+        cfg = config if config is not None else Config.from_env(role=self.role)
+        if cfg.role is None:
+            cfg = cfg.replace(role=self.role)
+        if cfg.role != self.role:
+            raise ConfigError(f"DMLC_ROLE (role) = {cfg.role!r}, but this is a {self.role}")
+        if cfg.root_port is None:
+            raise ConfigError("DMLC_PS_ROOT_PORT (root_port) is not set: where is the scheduler?")
+        self.config = cfg
+        self.node_id = 0
+        self.rank = cfg.node_rank if cfg.node_rank is not None else -1
+        self.group = cfg.group
+        self.peers: list[P.Peer] = []
+        self.endpoints: dict[int, Any] = {}
+        self.dead: dict[int, str] = {}
+        self.data: Transport | None = None
+        self._control: Transport | None = None
+        self._channel: ControlChannel | None = None
+        self._loop: EventLoop | None = None
+        self._waker = Waker()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._welcome: P.Control | None = None
+        self._book: P.Control | None = None
+        self._fatal: StepMeshError | None = None
+        self._releases: dict[tuple[int, int], P.Control] = {}
+        self._barrier_seq: dict[int, int] = {}
+        self._last_heard = 0.0
+        self._running = False
+        self._started = False
+        self._stopped = False
+
+    # --------------------------------------------------------------- bring-up
+    def start(self) -> None:
+        """Join the mesh; return once every node of the group is connected.
+
+        Raises:
+            ConfigError: the scheduler refused the registration (rank, size, version).
+            TimeoutError: the mesh was not complete within ``init_timeout_ms``.
+            PeerError: the scheduler or a peer went away during bring-up.
+        """
+        if self._started:
+            return
+        self._started = True
+        cfg = self.config
+        deadline = time.monotonic() + cfg.init_timeout_ms / 1000
+        self.data = Transport(cfg.ucx_options(), cfg.progress)
+        self._control = Transport({}, "blocking", active_messages=True)
+        self._loop = EventLoop(self._control, self._waker)
+        self._running = True
+        self._connect_scheduler(deadline)
+        self._thread = threading.Thread(target=self._run, name=f"stepmesh-{self.role}-control", daemon=True)
+        self._thread.start()
+        try:
+            self._register(deadline)
+            self._connect_peers(deadline)
+            self.barrier(True, True, _deadline=deadline, _what="the init barrier")
+        except BaseException:
+            self._teardown()
+            raise
+        log.info("%s rank %d of group %d joined (node %d)", self.role, self.rank, self.group, self.node_id)
+
+    def _connect_scheduler(self, deadline: float) -> None:
+        """Connect and register, retrying while the scheduler is not up yet."""
+        cfg = self.config
+        assert self._control is not None and self.data is not None
+        reg = P.Registration(
+            version=__version__,
+            role=P.Role.parse(self.role),
+            rank=self.rank,
+            group=self.group,
+            gpu=cfg.gpu,
+            pid=os.getpid(),
+            host=cfg.node_host or socket.gethostname(),
+            address=self.data.address,
+            num_workers=cfg.num_workers,
+            num_servers=cfg.num_servers,
+            group_size=cfg.group_size,
+            topology=cfg.topology,
+        )
+        message = P.encode_register(reg)
+        last_error = "no answer"
+        while True:
+            try:
+                ep = self._control.connect_listener(cfg.root_uri, cfg.root_port or 0)
+                channel = ControlChannel(self._control, ep)
+                channel.send(message)
+                # Wait until the registration is delivered or the connection fails.
+                settle = min(deadline, time.monotonic() + 2.0)
+                while channel.alive and not channel.flushed and time.monotonic() < settle:
+                    self._loop.run_once(0.02)  # type: ignore[union-attr]
+                if channel.alive and channel.flushed:
+                    self._channel = channel
+                    self._last_heard = time.monotonic()
+                    return
+                channel.close()
+                last_error = "connection refused or reset"
+            except Exception as e:  # UCX raises its own errors for unreachable hosts
+                last_error = str(e)
+            if time.monotonic() + _CONNECT_RETRY_S >= deadline:
+                raise TimeoutError(
+                    f"{self.role}: cannot reach the scheduler at {cfg.root_uri}:{cfg.root_port} "
+                    f"(DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT) within {cfg.init_timeout_ms} ms: {last_error}"
+                )
+            time.sleep(_CONNECT_RETRY_S)
+
+    def _register(self, deadline: float) -> None:
+        cfg = self.config
+        self._wait_for(lambda: self._welcome is not None, deadline, "the scheduler's welcome")
+        assert self._welcome is not None
+        self.node_id = self._welcome.node_id
+        self.rank = self._welcome.rank
+        self._wait_for(
+            lambda: self._book is not None,
+            deadline,
+            f"the rest of the mesh ({cfg.num_workers} workers x {cfg.num_servers} servers "
+            f"x {cfg.group_size} groups) to register",
+        )
+        assert self._book is not None
+        order = {P.Role.SERVER: 0, P.Role.WORKER: 1}
+        self.peers = sorted(self._book.peers, key=lambda p: (order[p.role], p.group, p.rank))
+
+    def _connect_peers(self, deadline: float) -> None:
+        """Endpoints to every peer from its worker address, then one ping each way."""
+        data = self.data
+        assert data is not None
+        for peer in self.peers:
+            self.endpoints[peer.node_id] = data.connect(peer.address)
+        token = np.zeros(len(self.peers), dtype=np.uint64)
+        echo = np.zeros(len(self.peers), dtype=np.uint64)
+        reqs = []
+        for i, peer in enumerate(self.peers):
+            ep = self.endpoints[peer.node_id]
+            reqs.append(ep.tag_recv(wrap(echo[i : i + 1]), data.tag(P.make_tag(P.TAG_WIREUP, peer.node_id))))
+            token[i] = self.node_id
+            reqs.append(ep.tag_send(wrap(token[i : i + 1]), data.tag(P.make_tag(P.TAG_WIREUP, self.node_id))))
+        ok = data.progress_until(lambda: all(r.completed for r in reqs), deadline, self.check_alive)
+        if not ok:
+            missing = [p.describe() for i, p in enumerate(self.peers) if not reqs[2 * i].completed]
+            raise TimeoutError(f"{self.role}: no data-path wire-up from {', '.join(missing)}")
+        for r in reqs:
+            r.check_error()
+        for i, peer in enumerate(self.peers):
+            if int(echo[i]) != peer.node_id:
+                raise ProtocolError(f"wire-up from {peer.describe()} carried node id {int(echo[i])}")
+
+    # ---------------------------------------------------------- control loop
+    def _run(self) -> None:
+        cfg = self.config
+        interval = cfg.heartbeat_interval_ms / 1000
+        limit = cfg.heartbeat_timeout_ms / 1000
+        next_beat = 0.0
+        assert self._loop is not None and self._channel is not None
+        while self._running:
+            self._loop.run_once(interval / 2)
+            channel = self._channel
+            for data in channel.poll():
+                try:
+                    self._handle(P.decode_control(data))
+                except ProtocolError as e:
+                    self._fail(ProtocolError(f"bad message from the scheduler: {e}"))
+            now = time.monotonic()
+            if not channel.alive:
+                if self._running:
+                    self._fail(PeerError("lost the connection to the scheduler", "scheduler", 0))
+                break
+            if now - self._last_heard > limit:
+                self._fail(
+                    PeerError(
+                        f"the scheduler sent no heartbeat for {cfg.heartbeat_timeout_ms} ms",
+                        "scheduler",
+                        0,
+                    )
+                )
+                break
+            if now >= next_beat:
+                next_beat = now + interval
+                try:
+                    channel.send(P.encode_heartbeat())
+                except PeerError:
+                    pass
+
+    def _handle(self, msg: P.Control) -> None:
+        self._last_heard = time.monotonic()
+        with self._lock:
+            if msg.kind is P.Msg.WELCOME:
+                self._welcome = msg
+            elif msg.kind is P.Msg.BOOK:
+                self._book = msg
+            elif msg.kind is P.Msg.RELEASE:
+                self._releases[(msg.scope, msg.seq)] = msg
+            elif msg.kind is P.Msg.PEER_DEAD:
+                self.dead[msg.node_id] = msg.text
+                self.on_peer_dead(msg.node_id, msg.text)
+            elif msg.kind is P.Msg.ERROR:
+                cls = _ERRORS.get(msg.code, StepMeshError)
+                self._fatal = cls(f"scheduler: {msg.text}")
+            elif msg.kind is not P.Msg.HEARTBEAT:
+                log.warning("ignoring unexpected %s from the scheduler", msg.kind.name)
+            self._lock.notify_all()
+
+    def on_peer_dead(self, node_id: int, text: str) -> None:
+        """Hook for subclasses: a node of the mesh died (called on the control thread)."""
+
+    def _fail(self, error: StepMeshError) -> None:
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = error
+            self._lock.notify_all()
+
+    def check_alive(self) -> None:
+        """Raise the mesh's fatal error, if any (scheduler lost, registration refused).
+
+        Raises:
+            StepMeshError: the error that ended this node's membership.
+        """
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _wait_for(self, cond: Any, deadline: float, what: str) -> None:
+        with self._lock:
+            while not cond():
+                self.check_alive()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.role} rank {self.rank}: timed out waiting for {what}")
+                self._lock.wait(min(left, 0.5))
+
+    def _send_control(self, data: bytes) -> None:
+        assert self._channel is not None
+        self._channel.send(data)
+        self._waker.wake()
+
+    # ---------------------------------------------------------------- public
+    def barrier(
+        self,
+        include_server: bool = True,
+        include_worker: bool = True,
+        timeout_ms: int | None = None,
+        *,
+        _deadline: float | None = None,
+        _what: str = "a barrier",
+    ) -> None:
+        """Wait until every server and/or worker of this group reaches the same barrier.
+
+        Raises:
+            TimeoutError: not every node arrived within ``timeout_ms``
+                (default ``STEPMESH_BARRIER_TIMEOUT_MS``).
+            PeerError: a participant or the scheduler died.
+        """
+        scope = (P.SCOPE_SERVERS if include_server else 0) | (P.SCOPE_WORKERS if include_worker else 0)
+        if scope == 0:
+            return
+        self._barrier(scope, _deadline, timeout_ms or self.config.barrier_timeout_ms, _what)
+
+    def _barrier(self, scope: int, deadline: float | None, timeout_ms: int, what: str) -> None:
+        if self._channel is None or self._stopped:
+            raise StepMeshError(f"{self.role} is not running: call init() first")
+        if deadline is None:
+            deadline = time.monotonic() + timeout_ms / 1000
+        seq = self._barrier_seq.get(scope, 0)
+        self._barrier_seq[scope] = seq + 1
+        self._send_control(P.encode_barrier(seq, scope))
+        self._wait_for(lambda: (scope, seq) in self._releases, deadline, what)
+        release = self._releases.pop((scope, seq))
+        if release.code:
+            raise _ERRORS.get(release.code, StepMeshError)(f"{what}: {release.text}")
+
+    def stop(self) -> None:
+        """Global barrier of every node (and the scheduler), then tear down. Idempotent.
+
+        Raises:
+            TimeoutError: the other nodes did not all stop within ``stop_timeout_ms``.
+        """
+        if self._stopped or not self._started:
+            return
+        try:
+            if self._channel is not None and self._fatal is None:
+                self._barrier(P.SCOPE_STOP, None, self.config.stop_timeout_ms, "the stop barrier")
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        self._stopped = True
+        self._running = False
+        self._waker.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._thread = None
+        if self._channel is not None:
+            self._channel.close()
+        self.endpoints.clear()
+        if self.data is not None:
+            self.data.close()
+        if self._loop is not None:
+            self._loop.close()
+        self._waker.close()

@@ -1,0 +1,292 @@
+"""A thin layer over the ucxx low-level API: context and worker, endpoints, progress.
+
+No asyncio: completion is observed by progressing the worker from the calling
+thread (``polling``: busy-poll; ``blocking``: sleep in the worker's epoll fd
+until UCX has work) or by a UCX progress thread (``thread``).
+
+ucxx is imported on first use, never when ``stepmesh`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .errors import PeerError, StepMeshError
+
+__all__ = ["Transport", "ControlChannel", "ucx_version", "host_buffer"]
+
+_api: Any = None
+_Array: Any = None
+_THREAD_WAIT_S = 50e-6
+_BLOCKING_SLICE_MS = 100
+
+
+def _ucx() -> tuple[Any, Any]:
+    """Import ucxx lazily (it writes UCX_* defaults into the environment on import)."""
+    global _api, _Array
+    if _api is None:
+        # UCX would print a warning for each UCX_* variable ucxx sets that this
+        # UCX build does not know; they are ucxx's defaults, not the user's.
+        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        try:
+            import ucxx._lib.libucxx as api
+            from ucxx._lib.arr import Array
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise StepMeshError(
+                "ucxx is not installed: pip install 'stepmesh[cu12]' (or [cu13]) "
+                f"to get the UCX wheels ({e})"
+            ) from e
+        _api, _Array = api, Array
+    return _api, _Array
+
+
+def ucx_version() -> str:
+    api, _ = _ucx()
+    return ".".join(map(str, api.get_ucx_version()))
+
+
+def host_buffer(nbytes: int) -> tuple[np.ndarray, Any]:
+    """A host byte buffer and its UCX wrapper, allocated once and reused."""
+    _, Array = _ucx()
+    arr = np.empty(nbytes, dtype=np.uint8)
+    return arr, Array(arr)
+
+
+def wrap(obj: Any) -> Any:
+    """Wrap anything with the buffer protocol or ``__cuda_array_interface__`` for UCX."""
+    _, Array = _ucx()
+    return Array(obj)
+
+
+class Transport:
+    """One UCX context and worker, progressed in one of three modes.
+
+    Args:
+        options: UCX options without the ``UCX_`` prefix (``{"TLS": "tcp"}``).
+        progress: ``blocking``, ``polling`` or ``thread``.
+        active_messages: enable UCX active messages (the control plane uses them).
+    """
+
+    def __init__(self, options: dict[str, str], progress: str, active_messages: bool = False):
+        api, _ = _ucx()
+        self.api = api
+        features = [api.Feature.TAG, api.Feature.WAKEUP]
+        if active_messages:
+            features.append(api.Feature.AM)
+        self.context = api.UCXContext(config_dict=dict(options), feature_flags=tuple(features))
+        self.worker = api.UCXWorker(self.context)
+        self.mode = progress
+        if progress == "thread":
+            self.worker.start_progress_thread(polling_mode=False, epoll_timeout=_BLOCKING_SLICE_MS)
+        elif progress == "blocking":
+            self.worker.init_blocking_progress_mode()
+        self._closed = False
+
+    @property
+    def address(self) -> bytes:
+        return bytes(self.worker.address)
+
+    def transports(self) -> str:
+        """What UCX says about this worker (transports and devices), for ``stepmesh info``."""
+        return self.worker.info
+
+    def connect(self, address: bytes) -> Any:
+        """An endpoint to a peer's worker address (UCX picks shm, CUDA-IPC, RDMA or TCP).
+
+        Endpoint error handling stays off: with it on, shared-memory transports
+        are unusable; liveness comes from the scheduler instead.
+        """
+        ucx_address = self.api.UCXAddress.create_from_buffer(address)
+        return self.worker.create_endpoint_from_worker_address(ucx_address, False)
+
+    def connect_listener(self, host: str, port: int) -> Any:
+        """An endpoint to a listener (TCP), with UCX error handling on."""
+        return self.api.UCXEndpoint.create(self.worker, host, port, True)
+
+    def listen(self, port: int, on_endpoint: Callable[[Any], None]) -> Any:
+        return self.api.UCXListener.create(self.worker, port, on_endpoint, deliver_endpoint=True)
+
+    def tag(self, value: int) -> Any:
+        return self.api.UCXXTag(value)
+
+    def tag_mask(self, value: int) -> Any:
+        return self.api.UCXXTagMask(value)
+
+    def progress_once(self, timeout_ms: int = 0) -> None:
+        """Make progress; in blocking mode sleep up to ``timeout_ms`` waiting for events."""
+        if self.mode == "blocking":
+            self.worker.progress_worker_event(timeout_ms)
+        elif self.mode == "polling":
+            self.worker.progress()
+        else:
+            time.sleep(_THREAD_WAIT_S if timeout_ms else 0)
+
+    def progress_until(
+        self, done: Callable[[], bool], deadline: float, check: Callable[[], None] | None = None
+    ) -> bool:
+        """Progress until ``done()`` or the monotonic ``deadline``; False on timeout.
+
+        ``check`` runs between progress steps and may raise (a dead peer, say).
+        """
+        worker = self.worker
+        mode = self.mode
+        while not done():
+            if check is not None:
+                check()
+            now = time.monotonic()
+            if now >= deadline:
+                return done()
+            if mode == "polling":
+                worker.progress()
+            elif mode == "blocking":
+                ms = max(0, min(_BLOCKING_SLICE_MS, int((deadline - now) * 1000) + 1))
+                worker.progress_worker_event(ms)
+            else:
+                time.sleep(_THREAD_WAIT_S)
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.mode == "thread":
+            self.worker.stop_progress_thread()
+
+
+class ControlChannel:
+    """Length-delimited messages over one UCX endpoint, using active messages.
+
+    Keeps one receive posted and every send referenced until it completes.
+    ``alive`` turns False when UCX reports the endpoint broken or closed.
+    """
+
+    def __init__(self, transport: Transport, endpoint: Any, on_close: Callable[[], None] | None = None):
+        self.transport = transport
+        self.endpoint = endpoint
+        self.alive = True
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Any, Any]] = []
+        self._recv = endpoint.am_recv()
+        self._on_close = on_close
+        endpoint.set_close_callback(self._closed)
+
+    def _closed(self, *args: Any) -> None:
+        self.alive = False
+        if self._on_close is not None:
+            self._on_close()
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; completes in the background as the worker progresses.
+
+        Raises:
+            PeerError: the endpoint is already known to be broken.
+        """
+        if not self.alive:
+            raise PeerError("control connection is closed")
+        arr = np.frombuffer(data, dtype=np.uint8)
+        with self._lock:
+            self._pending.append((self.endpoint.am_send(wrap(arr)), arr))
+
+    def _reap(self) -> None:
+        if self._pending:
+            with self._lock:
+                self._pending = [p for p in self._pending if not p[0].completed]
+
+    @property
+    def flushed(self) -> bool:
+        self._reap()
+        return not self._pending
+
+    def poll(self) -> list[bytes]:
+        """Messages received since the last call (empty if none)."""
+        self._reap()
+        out: list[bytes] = []
+        while self.alive and self._recv.completed:
+            req = self._recv
+            try:
+                req.check_error()
+            except Exception:
+                self.alive = False
+                break
+            buf = req.recv_buffer
+            out.append(bytes(buf) if buf is not None else b"")
+            self._recv = self.endpoint.am_recv()
+        return out
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self.endpoint.remove_close_callback()
+        except Exception:
+            pass
+        self._recv = None
+        self._pending.clear()
+
+
+class Waker:
+    """A self-pipe that wakes a thread sleeping in :meth:`Transport.sleep`."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class EventLoop:
+    """Sleep on a blocking-mode worker's events or a :class:`Waker`, whichever comes first.
+
+    The control plane of every process runs on one of these: no CPU is used while idle.
+    """
+
+    def __init__(self, transport: Transport, waker: Waker) -> None:
+        import select
+
+        if transport.mode != "blocking":
+            raise ValueError("EventLoop needs a transport in blocking progress mode")
+        self.transport = transport
+        self.waker = waker
+        self._epoll = select.epoll()
+        self._epoll.register(transport.worker.epoll_file_descriptor, select.EPOLLIN)
+        self._epoll.register(waker.fileno(), select.EPOLLIN)
+
+    def run_once(self, timeout_s: float) -> None:
+        worker = self.transport.worker
+        while worker.progress_once():
+            pass
+        if worker.arm():
+            self._epoll.poll(max(0.0, timeout_s))
+            while worker.progress_once():
+                pass
+        self.waker.drain()
+
+    def close(self) -> None:
+        self._epoll.close()
