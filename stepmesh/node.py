@@ -239,8 +239,8 @@ class Node:
                 self.dead[msg.node_id] = msg.text
                 self.on_peer_dead(msg.node_id, msg.text)
             elif msg.kind is P.Msg.ERROR:
-                cls = _ERRORS.get(msg.code, StepMeshError)
-                self._fatal = cls(f"scheduler: {msg.text}")
+                if self._fatal is None:
+                    self._fatal = _ERRORS.get(msg.code, StepMeshError)(f"scheduler: {msg.text}")
             elif msg.kind is not P.Msg.HEARTBEAT:
                 log.warning("ignoring unexpected %s from the scheduler", msg.kind.name)
             self._lock.notify_all()
@@ -289,13 +289,17 @@ class Node:
     ) -> None:
         """Wait until every server and/or worker of this group reaches the same barrier.
 
+        A node whose own role is not included is no member of that barrier and
+        returns at once (as in ps-lite, where only the group's members count).
+
         Raises:
             TimeoutError: not every node arrived within ``timeout_ms``
                 (default ``STEPMESH_BARRIER_TIMEOUT_MS``).
             PeerError: a participant or the scheduler died.
         """
         scope = (P.SCOPE_SERVERS if include_server else 0) | (P.SCOPE_WORKERS if include_worker else 0)
-        if scope == 0:
+        mine = P.SCOPE_SERVERS if self.role == "server" else P.SCOPE_WORKERS
+        if not scope & mine:
             return
         self._barrier(scope, _deadline, timeout_ms or self.config.barrier_timeout_ms, _what)
 

@@ -29,6 +29,7 @@ class _Conn:
     channel: ControlChannel
     opened: float
     node: _Node | None = None
+    rejected: bool = False
 
 
 @dataclass(eq=False)
@@ -182,6 +183,8 @@ class Scheduler:
                 self._drain_and_close()
 
     def _handle(self, conn: _Conn, data: bytes) -> None:
+        if conn.rejected:
+            return
         try:
             msg = P.decode_control(data)
         except ProtocolError as e:
@@ -424,6 +427,7 @@ class Scheduler:
             pass
 
     def _reject(self, conn: _Conn, code: P.ErrorCode, text: str) -> None:
+        conn.rejected = True
         try:
             conn.channel.send(P.encode_error(code, text))
         except PeerError:

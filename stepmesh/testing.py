@@ -1,0 +1,258 @@
+"""Spawn a whole mesh in child processes, join them with one deadline, re-raise failures.
+
+Every multi-process test of stepmesh goes through :func:`run_mesh`. Each child
+runs ``target(ctx)`` (a module-level function) with its role's environment set;
+its output goes to a file that is attached to the error when anything fails.
+The scheduler runs in a child too, on a port it picks itself (port 0) and
+reports back, so tests never guess ports. Children still running at the
+deadline, or after one of them failed, are killed by pid.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["NodeContext", "MeshError", "Mesh", "run_mesh", "spawn_mesh"]
+
+_OUTPUT_TAIL = 6000
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a child knows about itself."""
+
+    role: str
+    rank: int
+    group: int
+    env: dict[str, str]
+    args: Any = None
+
+
+class MeshError(AssertionError):
+    """A child failed or the mesh ran out of time; carries every child's output."""
+
+
+@dataclass
+class _Child:
+    name: str
+    process: Any
+    output: str
+    result: Any = None
+    error: str | None = None
+    done: bool = False
+
+    def tail(self) -> str:
+        try:
+            with open(self.output, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return ""
+        return text[-_OUTPUT_TAIL:]
+
+
+def _child_main(
+    target: Callable[[NodeContext], Any] | None,
+    ctx: NodeContext,
+    output: str,
+    queue: Any,
+) -> None:
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(ctx.env)
+    name = "scheduler" if target is None else f"{ctx.role}-{ctx.group}-{ctx.rank}"
+    try:
+        if target is None:  # the scheduler
+            from .config import Config
+            from .scheduler import Scheduler
+
+            sched = Scheduler(Config.from_env())
+            queue.put(("port", name, sched.start()))
+            sched.stop()
+            result = None
+        else:
+            result = target(ctx)
+        queue.put(("ok", name, result))
+    except BaseException:
+        queue.put(("error", name, traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+@dataclass
+class Mesh:
+    """Children of one mesh; use :meth:`join` (or :func:`run_mesh`)."""
+
+    children: dict[str, _Child] = field(default_factory=dict)
+    queue: Any = None
+    deadline: float = 0.0
+    port: int = 0
+    tmpdir: Any = None
+
+    def pids(self) -> dict[str, int]:
+        return {n: c.process.pid for n, c in self.children.items()}
+
+    def _drain(self, block_s: float) -> None:
+        import queue as _q
+
+        while True:
+            try:
+                kind, name, payload = self.queue.get(timeout=block_s)
+            except _q.Empty:
+                return
+            block_s = 0.001
+            child = self.children.get(name)
+            if kind == "port":
+                self.port = payload
+            elif child is not None:
+                if kind == "ok":
+                    child.result, child.done = payload, True
+                else:
+                    child.error = payload
+
+    def _report(self, headline: str) -> str:
+        parts = [headline]
+        for name, c in self.children.items():
+            state = "ok" if c.done else ("failed" if c.error else f"exit {c.process.exitcode}")
+            parts.append(f"--- {name} (pid {c.process.pid}, {state}) ---")
+            if c.error:
+                parts.append(c.error.rstrip())
+            tail = c.tail().rstrip()
+            if tail:
+                parts.append("output:\n" + tail)
+        return "\n".join(parts)
+
+    def kill(self) -> None:
+        for c in self.children.values():
+            p = c.process
+            if p.is_alive():
+                p.kill()
+        for c in self.children.values():
+            c.process.join(timeout=5)
+
+    def join(self, expect_failure: bool = False) -> dict[str, Any]:
+        """Wait for every child under the one deadline.
+
+        Returns:
+            ``{name: return value}`` with names like ``"worker-0-1"`` (role-group-rank).
+
+        Raises:
+            MeshError: a child failed (unless ``expect_failure``), or the deadline passed.
+        """
+        try:
+            while True:
+                self._drain(0.05)
+                for c in self.children.values():
+                    if not c.process.is_alive() and not c.done and c.error is None:
+                        self._drain(0.2)  # its last words may still be in the queue
+                        if not c.done and c.error is None:
+                            c.error = f"exited with code {c.process.exitcode} without reporting"
+                failed = [c for c in self.children.values() if c.error]
+                if failed and not expect_failure:
+                    raise MeshError(self._report(f"{failed[0].name} failed"))
+                if all(c.done or c.error for c in self.children.values()) and all(
+                    not c.process.is_alive() or c.error for c in self.children.values()
+                ):
+                    if expect_failure and not failed:
+                        raise MeshError(self._report("expected a failure, but every child succeeded"))
+                    return {n: (c.result if c.done else c.error) for n, c in self.children.items()}
+                if time.monotonic() > self.deadline:
+                    raise MeshError(self._report("the mesh did not finish before its deadline"))
+        finally:
+            self.kill()
+            if self.tmpdir is not None:
+                self.tmpdir.cleanup()
+                self.tmpdir = None
+
+
+def _base_env(num_workers: int, num_servers: int, group_size: int, env: Mapping[str, str] | None) -> dict[str, str]:
+    out = {
+        "DMLC_NUM_WORKER": str(num_workers),
+        "DMLC_NUM_SERVER": str(num_servers),
+        "DMLC_GROUP_SIZE": str(group_size),
+        "DMLC_PS_ROOT_URI": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    out.update(env or {})
+    return out
+
+
+def spawn_mesh(
+    target: Callable[[NodeContext], Any],
+    num_workers: int = 1,
+    num_servers: int = 1,
+    group_size: int = 1,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    node_env: Callable[[str, int, int], Mapping[str, str]] | None = None,
+    args: Any = None,
+    skip: Callable[[str, int, int], bool] | None = None,
+) -> Mesh:
+    """Start a scheduler and ``(num_workers + num_servers) * group_size`` nodes.
+
+    Args:
+        target: module-level function run in every worker and server child.
+        env: extra environment for every child (the scheduler included).
+        node_env: per-node extra environment, from (role, rank, group).
+        args: passed to every child as ``ctx.args``.
+        skip: (role, rank, group) -> True to leave that node out (a missing node).
+        timeout: seconds for the whole mesh, shared by every join.
+
+    Raises:
+        MeshError: the scheduler did not report its port in time.
+    """
+    spawn = mp.get_context("spawn")
+    mesh = Mesh(queue=spawn.Queue(), deadline=time.monotonic() + timeout)
+    mesh.tmpdir = tempfile.TemporaryDirectory(prefix="stepmesh-mesh-")
+    base = _base_env(num_workers, num_servers, group_size, env)
+
+    def start(name: str, tgt: Any, ctx: NodeContext) -> None:
+        out = os.path.join(mesh.tmpdir.name, name + ".log")
+        p = spawn.Process(target=_child_main, args=(tgt, ctx, out, mesh.queue), name=name, daemon=True)
+        mesh.children[name] = _Child(name, p, out)
+        p.start()
+
+    try:
+        sched_env = dict(base, DMLC_ROLE="scheduler", DMLC_PS_ROOT_PORT="0")
+        start("scheduler", None, NodeContext("scheduler", 0, 0, sched_env, args))
+        while not mesh.port:
+            mesh._drain(0.05)
+            sched = mesh.children["scheduler"]
+            if sched.error or not sched.process.is_alive() or time.monotonic() > mesh.deadline:
+                raise MeshError(mesh._report("the scheduler did not start"))
+        for group in range(group_size):
+            for role, count in (("server", num_servers), ("worker", num_workers)):
+                for rank in range(count):
+                    if skip is not None and skip(role, rank, group):
+                        continue
+                    e = dict(base)
+                    e.update(
+                        DMLC_ROLE=role,
+                        DMLC_NODE_RANK=str(rank),
+                        STEPMESH_GPU=str(group),
+                        DMLC_PS_ROOT_PORT=str(mesh.port),
+                    )
+                    if node_env is not None:
+                        e.update(node_env(role, rank, group))
+                    start(f"{role}-{group}-{rank}", target, NodeContext(role, rank, group, e, args))
+    except BaseException:
+        mesh.kill()
+        mesh.tmpdir.cleanup()
+        raise
+    return mesh
+
+
+def run_mesh(target: Callable[[NodeContext], Any], **kwargs: Any) -> dict[str, Any]:
+    """:func:`spawn_mesh` then :meth:`Mesh.join`; returns every child's return value.
+
+    Raises:
+        MeshError: any child failed or the deadline passed (with every child's output).
+    """
+    expect_failure = kwargs.pop("expect_failure", False)
+    return spawn_mesh(target, **kwargs).join(expect_failure=expect_failure)

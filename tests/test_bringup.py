@@ -1,0 +1,125 @@
+"""Bring-up, barriers and stop of real meshes over UCX on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import stepmesh
+from stepmesh.testing import NodeContext, run_mesh
+
+from .conftest import FAST
+
+
+def _join_barrier_stop(ctx: NodeContext) -> dict:
+    t0 = time.monotonic()
+    stepmesh.init()
+    node = stepmesh._node
+    stepmesh.barrier(True, True)
+    stepmesh.barrier(include_server=False, include_worker=True)
+    stepmesh.barrier(include_server=True, include_worker=False)
+    out = {
+        "rank": node.rank,
+        "group": node.group,
+        "peers": [(p.role.label, p.rank, p.group) for p in node.peers],
+        "init_s": time.monotonic() - t0,
+    }
+    stepmesh.stop()
+    stepmesh.stop()  # idempotent
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_two_by_two_bring_up_barriers_and_stop():
+    results = run_mesh(_join_barrier_stop, num_workers=2, num_servers=2, env=FAST, timeout=50)
+    assert results.pop("scheduler") is None
+    assert set(results) == {"server-0-0", "server-0-1", "worker-0-0", "worker-0-1"}
+    for name, r in results.items():
+        role = name.split("-")[0]
+        other = "worker" if role == "server" else "server"
+        assert r["rank"] == int(name.split("-")[2])
+        assert r["peers"] == [(other, 0, 0), (other, 1, 0)], name
+
+
+@pytest.mark.timeout(60)
+def test_two_instance_groups_share_one_scheduler():
+    results = run_mesh(_join_barrier_stop, num_workers=1, num_servers=2, group_size=2, env=FAST, timeout=50)
+    results.pop("scheduler")
+    assert len(results) == 6
+    for name, r in results.items():
+        role, group, rank = name.split("-")
+        assert r["group"] == int(group)
+        # every peer is of the other role and of the same group
+        assert r["peers"] and all(p[2] == int(group) and p[0] != role for p in r["peers"]), r
+        assert len(r["peers"]) == (2 if role == "worker" else 1)
+
+
+@pytest.mark.timeout(60)
+def test_full_topology_connects_across_groups():
+    env = dict(FAST, STEPMESH_TOPOLOGY="full")
+    results = run_mesh(_join_barrier_stop, num_workers=1, num_servers=1, group_size=2, env=env, timeout=50)
+    results.pop("scheduler")
+    for name, r in results.items():
+        assert sorted(p[2] for p in r["peers"]) == [0, 1], (name, r)
+
+
+def _init_expecting(ctx: NodeContext) -> str:
+    try:
+        stepmesh.init()
+    except stepmesh.StepMeshError as e:
+        return f"{type(e).__name__}: {e}"
+    stepmesh.stop()
+    return "joined"
+
+
+@pytest.mark.timeout(60)
+def test_missing_node_gives_a_bounded_clear_error():
+    env = dict(FAST, STEPMESH_INIT_TIMEOUT_MS="2500")
+    t0 = time.monotonic()
+    results = run_mesh(
+        _init_expecting,
+        num_workers=2,
+        num_servers=1,
+        env=env,
+        skip=lambda role, rank, group: role == "worker" and rank == 1,
+        timeout=40,
+        expect_failure=True,
+    )
+    assert time.monotonic() - t0 < 25
+    assert "worker rank 1 of group 0" in results["scheduler"]
+    for name in ("server-0-0", "worker-0-0"):
+        assert results[name].startswith("TimeoutError"), results[name]
+        assert "missing: worker rank 1 of group 0" in results[name]
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_rank_is_refused_by_name():
+    env = dict(FAST, STEPMESH_INIT_TIMEOUT_MS="4000")
+    results = run_mesh(
+        _init_expecting,
+        num_workers=2,
+        num_servers=1,
+        env=env,
+        node_env=lambda role, rank, group: {"DMLC_NODE_RANK": "0"},
+        timeout=40,
+        expect_failure=True,
+    )
+    refused = [r for n, r in results.items() if n.startswith("worker") and "duplicate rank" in r]
+    assert len(refused) == 1, results
+    assert refused[0].startswith("ConfigError") and "DMLC_NODE_RANK" in refused[0]
+
+
+@pytest.mark.timeout(60)
+def test_rank_out_of_range_and_shape_mismatch_are_refused():
+    env = dict(FAST, STEPMESH_INIT_TIMEOUT_MS="3000")
+
+    def node_env(role: str, rank: int, group: int) -> dict[str, str]:
+        if role == "worker":
+            return {"DMLC_NODE_RANK": "5"}
+        return {"DMLC_NUM_WORKER": "3"}
+
+    results = run_mesh(_init_expecting, num_workers=1, num_servers=1, env=env, node_env=node_env,
+                       timeout=40, expect_failure=True)
+    assert "out of range" in results["worker-0-0"] and "DMLC_NODE_RANK" in results["worker-0-0"]
+    assert "mesh shape mismatch" in results["server-0-0"]
