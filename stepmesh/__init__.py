@@ -8,10 +8,12 @@ unless a :class:`Config` is passed to :func:`init`.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ._version import __version__
 from .config import Config
 from .errors import (
+    ArgumentError,
     AuthError,
     ConfigError,
     PeerError,
@@ -27,6 +29,7 @@ __all__ = [
     "__version__",
     "AFTensorServer",
     "AFTensorWorker",
+    "ArgumentError",
     "AuthError",
     "Config",
     "ConfigError",
@@ -36,9 +39,17 @@ __all__ = [
     "StepMeshError",
     "TimeoutError",
     "barrier",
+    "fetch_trace",
+    "get_all_handlers",
+    "get_batch",
     "get_nanosecond",
     "init",
+    "push_pull",
+    "register_recv_buffer",
+    "respond",
+    "respond_vec",
     "stop",
+    "wait",
 ]
 
 _node: Scheduler | AFTensorWorker | AFTensorServer | None = None
@@ -108,3 +119,63 @@ def _member(call: str) -> AFTensorWorker | AFTensorServer:
     if isinstance(_node, Scheduler):
         raise StepMeshError(f"stepmesh.{call}() is not available on the scheduler")
     return _node
+
+
+def _worker(call: str) -> AFTensorWorker:
+    node = _member(call)
+    if not isinstance(node, AFTensorWorker):
+        raise StepMeshError(f"stepmesh.{call}() is a worker call; this process is a {node.role}")
+    return node
+
+
+def _server(call: str) -> AFTensorServer:
+    node = _member(call)
+    if not isinstance(node, AFTensorServer):
+        raise StepMeshError(f"stepmesh.{call}() is a server call; this process is a {node.role}")
+    return node
+
+
+def push_pull(
+    push_tensors: list[Any],
+    push_keys: list[int],
+    pull_tensors: list[Any],
+    pull_keys: list[int],
+    need_event: bool = True,
+) -> int:
+    """StepMesh's ZBatchPushPull; see :meth:`AFTensorWorker.push_pull`."""
+    return _worker("push_pull").push_pull(push_tensors, push_keys, pull_tensors, pull_keys, need_event)
+
+
+def wait(handle: int, timeout_ms: int = 10000) -> None:
+    """Block until a push_pull completes; see :meth:`AFTensorWorker.wait`."""
+    _worker("wait").wait(handle, timeout_ms)
+
+
+def get_all_handlers(handle: int) -> list[int]:
+    """The handle and its per-server sub-handles; see :meth:`AFTensorWorker.get_all_handlers`."""
+    return _worker("get_all_handlers").get_all_handlers(handle)
+
+
+def fetch_trace(handle: int) -> list[int]:
+    """Eight nanosecond stamps of a push_pull; see :meth:`AFTensorWorker.fetch_trace`."""
+    return _worker("fetch_trace").fetch_trace(handle)
+
+
+def get_batch(timeout_ms: int | None = None) -> list[tuple[int, list[Any], list[int]]]:
+    """One request per worker; see :meth:`AFTensorServer.get_batch`."""
+    return _server("get_batch").get_batch(timeout_ms)
+
+
+def respond(tensors: list[Any], handle: int, need_event: bool = False) -> None:
+    """Answer one request; see :meth:`AFTensorServer.respond`."""
+    _server("respond").respond(tensors, handle, need_event)
+
+
+def respond_vec(ret_buffer: Any, tensors_vec: list[Any], handles: list[int]) -> None:
+    """Answer several requests from one buffer; see :meth:`AFTensorServer.respond_vec`."""
+    _server("respond_vec").respond_vec(ret_buffer, tensors_vec, handles)
+
+
+def register_recv_buffer(tensor: Any, worker_ranks: list[int], push_keys: list[int]) -> None:
+    """Pre-register receive memory; see :meth:`AFTensorServer.register_recv_buffer`."""
+    _server("register_recv_buffer").register_recv_buffer(tensor, worker_ranks, push_keys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "StepMeshError",
+    "ArgumentError",
     "ConfigError",
     "PeerError",
     "TimeoutError",
@@ -20,6 +21,10 @@ class StepMeshError(Exception):
 
 class ConfigError(StepMeshError, ValueError):
     """A configuration value (argument or environment variable) is invalid."""
+
+
+class ArgumentError(StepMeshError, ValueError):
+    """Bad input to an API call, raised before anything is sent; names the argument."""
 
 
 class PeerError(StepMeshError, ConnectionError):

@@ -340,3 +340,126 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
         msg = Control(kind, node_id=node_id, role=role, rank=r.u32(), text=r.text())
     r.done()
     return msg
+
+
+# --------------------------------------------------------------- data plane
+# Requests (worker -> server) and responses (server -> worker) carry a compact
+# header. Small payloads travel in the same message, right after the header
+# ("inline"); large ones follow as their own tag messages, received straight
+# into the destination tensors.
+DATA_VERSION = 1
+HEADER_MAX = 8192  # bytes reserved for a header in every receive slot
+INLINE_MAX = 16384  # payload bytes that travel inside the header message
+MAX_TENSORS = 64  # push tensors per request
+MAX_NDIM = 8
+MAX_PULLS = 256  # pull tensors per request, all servers together
+MAX_TENSOR_BYTES = 1 << 40
+FLAG_INLINE = 1
+
+# version, flags, n_push, n_servers, pulls per server, seq
+REQ_FIXED = struct.Struct("<BBHHHI")
+# key, dtype code, ndim, nbytes
+REQ_TENSOR = struct.Struct("<qBBQ")
+REQ_DIM = struct.Struct("<q")
+# key, capacity in bytes
+REQ_PULL = struct.Struct("<qQ")
+# version, flags, status, n, seq, then 4 server-side trace stamps
+RESP_FIXED = struct.Struct("<BBHHIQQQQ")
+RESP_SIZE = struct.Struct("<Q")
+STATUS_OK = 0
+STATUS_REJECTED = 1
+
+
+def request_header_size(shapes: list[tuple[int, ...]], n_pulls: int) -> int:
+    return (
+        REQ_FIXED.size
+        + sum(REQ_TENSOR.size + REQ_DIM.size * len(s) for s in shapes)
+        + REQ_PULL.size * n_pulls
+    )
+
+
+def response_header_size(n: int) -> int:
+    return RESP_FIXED.size + RESP_SIZE.size * n + 4 + MAX_STRING
+
+
+def response_inline(capacities: list[int]) -> bool:
+    """Whether a server's answers travel inside its response header (both sides agree)."""
+    return sum(capacities) <= INLINE_MAX
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    key: int
+    dtype: int
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    flags: int
+    seq: int
+    n_servers: int
+    pulls_per_server: int
+    tensors: tuple[TensorMeta, ...]
+    pulls: tuple[tuple[int, int], ...]  # (key, capacity) for every server, server-major
+    size: int  # bytes of the header itself; inline payload follows
+
+    def pulls_for(self, server_index: int) -> tuple[tuple[int, int], ...]:
+        p = self.pulls_per_server
+        return self.pulls[server_index * p : (server_index + 1) * p]
+
+
+def decode_request(buf: memoryview, length_limit: int, itemsizes: dict[int, int]) -> RequestHeader:
+    """Decode and validate a request header from a receive slot.
+
+    Args:
+        buf: the receive slot (header, then any inline payload).
+        length_limit: the slot's size; inline payload must fit in it.
+        itemsizes: dtype code -> element size, for the shape/size cross-check.
+
+    Raises:
+        ProtocolError: any inconsistency; nothing is allocated before the checks pass.
+    """
+    if len(buf) < REQ_FIXED.size:
+        raise ProtocolError("request header truncated")
+    version, flags, n_push, n_servers, per_server, seq = REQ_FIXED.unpack_from(buf, 0)
+    if version != DATA_VERSION:
+        raise ProtocolError(f"data protocol version {version} is not supported ({DATA_VERSION})")
+    if n_push > MAX_TENSORS:
+        raise ProtocolError(f"request has {n_push} tensors, more than {MAX_TENSORS}")
+    if n_servers * per_server > MAX_PULLS:
+        raise ProtocolError(f"request has {n_servers * per_server} pulls, more than {MAX_PULLS}")
+    pos = REQ_FIXED.size
+    tensors = []
+    total = 0
+    for _ in range(n_push):
+        if pos + REQ_TENSOR.size > len(buf):
+            raise ProtocolError("request header truncated in the tensor list")
+        key, dtype, ndim, nbytes = REQ_TENSOR.unpack_from(buf, pos)
+        pos += REQ_TENSOR.size
+        if ndim > MAX_NDIM:
+            raise ProtocolError(f"tensor with {ndim} dimensions, more than {MAX_NDIM}")
+        if dtype not in itemsizes:
+            raise ProtocolError(f"unknown dtype code {dtype}")
+        if pos + REQ_DIM.size * ndim > len(buf):
+            raise ProtocolError("request header truncated in a shape")
+        shape = struct.unpack_from(f"<{ndim}q", buf, pos)
+        pos += REQ_DIM.size * ndim
+        count = 1
+        for d in shape:
+            if d < 0:
+                raise ProtocolError(f"negative dimension in shape {shape}")
+            count *= d
+        if count * itemsizes[dtype] != nbytes or nbytes > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"tensor of shape {shape} does not match its {nbytes} bytes")
+        total += nbytes
+        tensors.append(TensorMeta(key, dtype, tuple(shape), nbytes))
+    n_pulls = n_servers * per_server
+    if pos + REQ_PULL.size * n_pulls > len(buf):
+        raise ProtocolError("request header truncated in the pull list")
+    pulls = tuple(REQ_PULL.unpack_from(buf, pos + i * REQ_PULL.size) for i in range(n_pulls))
+    pos += REQ_PULL.size * n_pulls
+    if flags & FLAG_INLINE and pos + total > length_limit:
+        raise ProtocolError(f"inline payload of {total} bytes overruns the {length_limit}-byte slot")
+    return RequestHeader(flags, seq, n_servers, per_server, tuple(tensors), pulls, pos)

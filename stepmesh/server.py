@@ -1,13 +1,411 @@
-"""The FFN side: take a batch from every worker, answer into their buffers."""
+"""The FFN side: take a batch from every worker, answer straight into their buffers.
+
+For each worker a small ring of receive slots stays posted for request headers
+(tag kind + sender, any sequence). A header that carries its payload inline is
+copied out into the destination tensors; otherwise one receive per push tensor
+is posted straight into the destination: a registered buffer's chunk when one
+is registered for (worker, key), a fresh tensor otherwise.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import protocol as P
+from ._tensors import CODE_DTYPE, ITEMSIZE, as_buffer, byte_view, check_keys, check_tensors
+from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
+from .transport import wrap
 
 __all__ = ["AFTensorServer"]
 
+log = logging.getLogger("stepmesh.server")
+
+RING_DEPTH = 4
+_SLOT = P.HEADER_MAX + P.INLINE_MAX
+
+
+class _Request:
+    """A request from one worker, from its header until the server answers it."""
+
+    __slots__ = ("worker", "seq", "tensors", "keys", "pulls", "reqs", "t_recv", "t_proc", "handle")
+
+    def __init__(self, worker: int, seq: int, tensors: list[torch.Tensor], keys: list[int], pulls: tuple) -> None:
+        self.worker = worker
+        self.seq = seq
+        self.tensors = tensors
+        self.keys = keys
+        self.pulls = pulls  # ((key, capacity), ...) for this server
+        self.reqs: list[Any] = []
+        self.t_recv = 0
+        self.t_proc = 0
+        self.handle = 0
+
+
+class _Slot:
+    __slots__ = ("raw", "arr", "req")
+
+    def __init__(self) -> None:
+        self.raw = np.empty(_SLOT, dtype=np.uint8)
+        self.arr = wrap(self.raw)
+        self.req: Any = None
+
 
 class AFTensorServer(Node):
-    """A server (FFN instance) of the mesh."""
+    """A server (FFN instance): ``get_batch`` from every worker, ``respond`` to each.
+
+    Args:
+        config: node configuration; from the environment when None.
+    """
 
     role = "server"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.workers: list[P.Peer] = []
+        self.server_index = 0
+        self._eps: list[Any] = []
+        self._rings: list[deque[_Slot]] = []
+        self._arriving: list[_Request] = []
+        self._ready: list[deque[_Request]] = []
+        self._handles: dict[int, _Request] = {}
+        self._next_handle = 1
+        self._sends: list[tuple[Any, Any]] = []
+        self._registered: dict[tuple[int, int], torch.Tensor] = {}
+        self._resp_free: list[tuple[np.ndarray, Any]] = []
+
+    def start(self) -> None:
+        super().start()
+        cfg = self.config
+        self.workers = [p for p in self.peers if p.role is P.Role.WORKER]
+        self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
+        self._eps = [self.endpoints[p.node_id] for p in self.workers]
+        self._ready = [deque() for _ in self.workers]
+        self._rings = []
+        for w, peer in enumerate(self.workers):
+            ring: deque[_Slot] = deque()
+            for _ in range(RING_DEPTH):
+                slot = _Slot()
+                self._post(w, slot)
+                ring.append(slot)
+            self._rings.append(ring)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    def _post(self, w: int, slot: _Slot) -> None:
+        assert self.data is not None
+        tag = self.data.tag(P.make_tag(P.TAG_REQUEST, self.workers[w].node_id))
+        slot.req = self._eps[w].tag_recv(slot.arr, tag, self.data.tag_mask(P.TAG_MASK_KIND_NODE))
+
+    # ------------------------------------------------------------- receive
+    def _pump(self) -> None:
+        """Take in every header that arrived and every payload that completed."""
+        for w, ring in enumerate(self._rings):
+            while ring[0].req.completed:
+                slot = ring.popleft()
+                try:
+                    self._take(w, slot)
+                finally:
+                    self._post(w, slot)
+                    ring.append(slot)
+        if self._arriving:
+            still = []
+            for r in self._arriving:
+                if all(q.completed for q in r.reqs):
+                    for q in r.reqs:
+                        q.check_error()
+                    r.reqs = []
+                    r.t_recv = time.monotonic_ns()
+                    self._ready[r.worker].append(r)
+                else:
+                    still.append(r)
+            self._arriving = still
+        if self._sends:
+            self._sends = [s for s in self._sends if not s[0].completed]
+
+    def _take(self, w: int, slot: _Slot) -> None:
+        peer = self.workers[w]
+        try:
+            slot.req.check_error()
+            hdr = P.decode_request(memoryview(slot.raw), _SLOT, ITEMSIZE)
+        except Exception as e:
+            raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
+        if hdr.n_servers != len(self._expected_servers()):
+            raise ProtocolError(
+                f"{peer.describe()} addressed {hdr.n_servers} servers, this mesh has "
+                f"{len(self._expected_servers())}"
+            )
+        tensors = [self._destination(w, m) for m in hdr.tensors]
+        r = _Request(w, hdr.seq, tensors, [m.key for m in hdr.tensors], hdr.pulls_for(self.server_index))
+        if hdr.flags & P.FLAG_INLINE:
+            pos = hdr.size
+            src = torch.from_numpy(slot.raw)
+            for t, m in zip(tensors, hdr.tensors):
+                if m.nbytes:
+                    byte_view(t).copy_(src[pos : pos + m.nbytes])
+                pos += m.nbytes
+            r.t_recv = time.monotonic_ns()
+            self._ready[w].append(r)
+            return
+        assert self.data is not None
+        ep = self._eps[w]
+        for i, t in enumerate(tensors):  # r.tensors keeps the memory alive
+            tag = self.data.tag(P.make_tag(P.TAG_PUSH, peer.node_id, hdr.seq, i))
+            r.reqs.append(ep.tag_recv(as_buffer(t), tag))
+        self._arriving.append(r)
+
+    def _expected_servers(self) -> range:
+        cfg = self.config
+        return range(cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1))
+
+    def _destination(self, w: int, m: P.TensorMeta) -> torch.Tensor:
+        dtype = CODE_DTYPE[m.dtype]
+        chunk = self._registered.get((w, m.key))
+        if chunk is not None:
+            if m.nbytes <= chunk.numel():
+                return chunk[: m.nbytes].view(dtype).view(m.shape)
+            log.warning(
+                "push of %d bytes for key %d from worker %d exceeds its registered chunk of %d bytes; allocating",
+                m.nbytes, m.key, w, chunk.numel(),
+            )
+        return torch.empty(m.shape, dtype=dtype)
+
+    # ------------------------------------------------------------ get_batch
+    def get_batch(self, timeout_ms: int | None = None) -> list[tuple[int, list[torch.Tensor], list[int]]]:
+        """One ``(handle, push_tensors, push_keys)`` per worker, in worker-rank order.
+
+        Returns once every worker of the group has a request queued. With a
+        timeout, returns ``[]`` when that does not happen in time; without one,
+        waits as long as the workers are alive.
+
+        Raises:
+            PeerError: a worker of this group (or the scheduler) died.
+            ProtocolError: a worker sent a malformed request.
+        """
+        data = self.data
+        if data is None or self._stopped or not self.workers:
+            raise StepMeshError("get_batch() on a server that is not running: call init() first")
+        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0):
+            raise ArgumentError(f"timeout_ms must be None or a non-negative number, got {timeout_ms!r}")
+        ready = self._ready
+
+        def done() -> bool:
+            self._pump()
+            return all(ready)
+
+        forever = timeout_ms is None
+        deadline = time.monotonic() + (3600.0 if forever else timeout_ms / 1000)
+        while not data.progress_until(done, deadline, self._check_workers):
+            if not forever:
+                return []
+            deadline = time.monotonic() + 3600.0
+        t_proc = time.monotonic_ns()
+        batch = []
+        for q in ready:
+            r = q.popleft()
+            r.t_proc = t_proc
+            r.handle = self._next_handle
+            self._next_handle += 1
+            self._handles[r.handle] = r
+            batch.append((r.handle, r.tensors, r.keys))
+        return batch
+
+    def _check_workers(self) -> None:
+        self.check_alive()
+        if self.dead:
+            for peer in self.workers:
+                if peer.node_id in self.dead:
+                    raise PeerError(self.dead[peer.node_id], "worker", peer.rank)
+
+    # -------------------------------------------------------------- respond
+    def _validate(self, tensors: Any, handle: Any, name: str = "tensors") -> tuple[_Request, list[torch.Tensor]]:
+        r = self._handles.get(handle) if isinstance(handle, int) else None
+        if r is None:
+            raise ArgumentError(f"handle {handle!r} is unknown: not from get_batch, or already answered")
+        ts = check_tensors(name, tensors)
+        if len(ts) != len(r.pulls):
+            raise ArgumentError(
+                f"{name} has {len(ts)} tensors but the worker asked this server for {len(r.pulls)} "
+                f"(pull keys {[k for k, _ in r.pulls]})"
+            )
+        return r, ts
+
+    def _too_big(self, r: _Request, ts: list[torch.Tensor], name: str) -> str | None:
+        for j, (t, (key, cap)) in enumerate(zip(ts, r.pulls)):
+            nbytes = t.numel() * t.element_size()
+            if nbytes > cap:
+                return (
+                    f"{name}[{j}] has {nbytes} bytes but the worker's pull tensor for key {key} "
+                    f"holds only {cap}"
+                )
+        return None
+
+    def respond(self, tensors: list[torch.Tensor], handle: int, need_event: bool = False) -> None:
+        """Answer a request: ``tensors[j]`` lands in the worker's pull tensor for its j-th key.
+
+        A tensor may be smaller than the worker's buffer (its first bytes are
+        written), never larger: then the worker's ``wait`` fails with the reason
+        and this raises.
+
+        Raises:
+            ArgumentError: unknown handle, wrong number of tensors, or a tensor that
+                does not fit the worker's buffer (raised before any data is sent).
+            PeerError: the worker died.
+        """
+        r, ts = self._validate(tensors, handle)
+        problem = self._too_big(r, ts, "tensors")
+        if problem is not None:
+            self._reject(r, problem)
+            raise ArgumentError(problem)
+        self._send(r, ts)
+
+    def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: list[torch.Tensor], handles: list[int]) -> None:
+        """Answer several requests from one buffer of rows laid back to back.
+
+        Handle ``i`` receives the ``tensors_vec[i].shape[0]`` rows of ``ret_buffer``
+        that follow those of handles ``0..i-1``. (StepMesh sent ``ret_buffer[:n_i]``
+        to everyone, which is right only for one worker.)
+
+        Raises:
+            ArgumentError: mismatched lengths, too few rows, unknown handles or
+                answers that do not fit (all checked before anything is sent).
+        """
+        (buf,) = check_tensors("ret_buffer", [ret_buffer])
+        vec = check_tensors("tensors_vec", tensors_vec)
+        if not isinstance(handles, (list, tuple)) or len(handles) != len(vec):
+            raise ArgumentError(
+                f"handles must be a list as long as tensors_vec ({len(vec)}), got {handles!r}"
+            )
+        rows = [t.shape[0] if t.dim() else 1 for t in vec]
+        if buf.dim() == 0 or sum(rows) > buf.shape[0]:
+            raise ArgumentError(
+                f"ret_buffer has {buf.shape[0] if buf.dim() else 0} rows, tensors_vec asks for {sum(rows)}"
+            )
+        plans = []
+        off = 0
+        for i, (h, n) in enumerate(zip(handles, rows)):
+            part = [buf[off : off + n]]
+            r, ts = self._validate(part, h, f"ret_buffer rows for handles[{i}]")
+            problem = self._too_big(r, ts, f"ret_buffer rows for handles[{i}]")
+            if problem is not None:
+                raise ArgumentError(problem)
+            plans.append((r, ts))
+            off += n
+        for r, ts in plans:
+            self._send(r, ts)
+
+    def _response(self, r: _Request, status: int, sizes: list[int], text: str = "") -> tuple[np.ndarray, Any, int]:
+        buf = self._resp_free.pop() if self._resp_free else self._new_resp_buf()
+        raw = buf[0]
+        P.RESP_FIXED.pack_into(
+            raw, 0, P.DATA_VERSION, 0, status, len(r.pulls), r.seq, r.t_recv, r.t_proc,
+            time.monotonic_ns(), time.monotonic_ns(),
+        )
+        pos = P.RESP_FIXED.size
+        for n in sizes:
+            P.RESP_SIZE.pack_into(raw, pos, n)
+            pos += P.RESP_SIZE.size
+        if text:
+            w = P.Writer().text(text[: P.MAX_STRING])
+            raw[pos : pos + len(w.buf)] = np.frombuffer(bytes(w.buf), dtype=np.uint8)
+            pos += len(w.buf)
+        return raw, buf, pos
+
+    def _new_resp_buf(self) -> tuple[np.ndarray, Any]:
+        raw = np.empty(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX, dtype=np.uint8)
+        return raw, wrap(raw)
+
+    def _send(self, r: _Request, ts: list[torch.Tensor]) -> None:
+        assert self.data is not None
+        self._check_workers()
+        del self._handles[r.handle]
+        sizes = [t.numel() * t.element_size() for t in ts]
+        small = P.response_inline([cap for _, cap in r.pulls])
+        raw, buf, pos = self._response(r, P.STATUS_OK, sizes)
+        if small:
+            dst = torch.from_numpy(raw)
+            for t, n in zip(ts, sizes):
+                if n:
+                    src = byte_view(t)
+                    dst[pos : pos + n].copy_(src if src.device.type == "cpu" else src.cpu())
+                pos += n
+        self._post_response(r, raw, buf, pos, [] if small else ts)
+
+    def _reject(self, r: _Request, text: str) -> None:
+        """Tell the worker why it gets no answer, and complete its pull receives empty."""
+        del self._handles[r.handle]
+        raw, buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), text)
+        small = P.response_inline([cap for _, cap in r.pulls])
+        empty = [] if small else [torch.empty(0, dtype=torch.uint8) for _ in r.pulls]
+        self._post_response(r, raw, buf, pos, empty)
+
+    def _post_response(self, r: _Request, raw: np.ndarray, buf: tuple[np.ndarray, Any], length: int, payloads: list[torch.Tensor]) -> None:
+        assert self.data is not None
+        data = self.data
+        ep = self._eps[r.worker]
+        me = self.node_id
+        header = wrap(raw[:length])
+        req = ep.tag_send(header, data.tag(P.make_tag(P.TAG_RESPONSE, me, r.seq)))
+        self._sends.append((req, (header, buf, self._resp_free)))
+        for j, t in enumerate(payloads):
+            arr = as_buffer(t)
+            self._sends.append((ep.tag_send(arr, data.tag(P.make_tag(P.TAG_PULL, me, r.seq, j))), (arr, t)))
+        self._pump_sends()
+
+    def _pump_sends(self) -> None:
+        keep = []
+        for s in self._sends:
+            if s[0].completed:
+                extra = s[1]
+                if len(extra) == 3:  # a response header buffer goes back to the pool
+                    extra[2].append(extra[1])
+            else:
+                keep.append(s)
+        self._sends = keep
+
+    # ------------------------------------------------------ registered memory
+    def register_recv_buffer(self, tensor: torch.Tensor, worker_ranks: list[int], push_keys: list[int]) -> None:
+        """Receive pushes of ``push_keys`` from ``worker_ranks`` straight into ``tensor``.
+
+        The tensor is split evenly (by bytes) into one chunk per (worker, key),
+        worker-major: chunk ``i * len(push_keys) + k`` takes key ``push_keys[k]``
+        from worker ``worker_ranks[i]``. A push that fits its chunk lands there
+        with no allocation; the tensors that ``get_batch`` returns are views of it.
+
+        Raises:
+            ArgumentError: not a contiguous tensor, unknown worker rank, or a size
+                that does not split evenly.
+        """
+        (t,) = check_tensors("tensor", [tensor])
+        if not isinstance(worker_ranks, (list, tuple)) or not worker_ranks:
+            raise ArgumentError(f"worker_ranks must be a non-empty list of ranks, got {worker_ranks!r}")
+        n_workers = len(self.workers) if self.workers else self.config.num_workers
+        for i, w in enumerate(worker_ranks):
+            if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < n_workers:
+                raise ArgumentError(f"worker_ranks[{i}] = {w!r} is not a worker rank 0..{n_workers - 1}")
+        if not isinstance(push_keys, (list, tuple)) or not push_keys:
+            raise ArgumentError(f"push_keys must be a non-empty list of int keys, got {push_keys!r}")
+        keys = check_keys("push_keys", push_keys, len(push_keys), "push_keys")
+        raw = byte_view(t)
+        n = len(worker_ranks) * len(keys)
+        if raw.numel() % n:
+            raise ArgumentError(
+                f"tensor has {raw.numel()} bytes, which do not split evenly into "
+                f"{len(worker_ranks)} workers x {len(keys)} keys"
+            )
+        size = raw.numel() // n
+        for i, w in enumerate(worker_ranks):
+            for k, key in enumerate(keys):
+                c = i * len(keys) + k
+                self._registered[(w, key)] = raw[c * size : (c + 1) * size]
+
+    def on_peer_dead(self, node_id: int, text: str) -> None:
+        pass  # get_batch() and respond() consult self.dead

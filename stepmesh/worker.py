@@ -1,13 +1,352 @@
-"""The attention side: push hidden states to every server, pull the answers back."""
+"""The attention side: push hidden states to every server, pull the answers back.
+
+One ``push_pull`` is, per server: one request message (header, plus the payload
+when it is small) and, for large payloads, one tag message per push tensor
+received by the server straight into its destination. Before anything is sent,
+the receives for the answers are posted: the response header (with the payload
+when small) and, for large answers, one receive per pull tensor, so the server's
+data lands directly in the caller's tensors.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import protocol as P
+from ._tensors import DTYPE_CODE, as_buffer, byte_view, check_keys, check_tensors
+from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
+from .transport import wrap
 
 __all__ = ["AFTensorWorker"]
 
+_TRACE_KEEP = 4096
+
+
+class _Pending:
+    """One push_pull in flight: its UCX requests and every buffer they use."""
+
+    __slots__ = ("handle", "seq", "reqs", "keep", "hbuf", "resp", "pulls", "per_server", "inline", "t_start", "t_sent")
+
+    def __init__(self, handle: int, seq: int, per_server: int) -> None:
+        self.handle = handle
+        self.seq = seq
+        self.per_server = per_server
+        self.reqs: list[Any] = []
+        self.keep: list[Any] = []
+        self.hbuf: tuple[np.ndarray, Any] | None = None
+        self.resp: list[tuple[np.ndarray, Any]] = []
+        self.pulls: list[torch.Tensor] = []
+        self.inline: list[bool] = []
+        self.t_start = 0
+        self.t_sent = 0
+
+
+class _Pool:
+    """Reusable host byte buffers of one size, each with its UCX wrapper."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[tuple[np.ndarray, Any]] = []
+
+    def get(self) -> tuple[np.ndarray, Any]:
+        if self._free:
+            return self._free.pop()
+        arr = np.empty(self.size, dtype=np.uint8)
+        return arr, wrap(arr)
+
+    def put(self, item: tuple[np.ndarray, Any]) -> None:
+        self._free.append(item)
+
 
 class AFTensorWorker(Node):
-    """A worker (attention instance) of the mesh."""
+    """A worker (attention instance): ``push_pull`` / ``wait`` against every server of its group.
+
+    Args:
+        config: node configuration; from the environment when None.
+    """
 
     role = "worker"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._seq = 0
+        self._next_handle = 1
+        self._pending: dict[int, _Pending] = {}
+        self._traces: OrderedDict[int, list[int]] = OrderedDict()
+        self._req_pool = _Pool(P.HEADER_MAX + P.INLINE_MAX)
+        self._resp_pools: dict[int, _Pool] = {}
+        self.servers: list[P.Peer] = []
+        self._server_eps: list[Any] = []
+        self._server_ids: set[int] = set()
+
+    def start(self) -> None:
+        super().start()
+        self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
+        self._server_eps = [self.endpoints[p.node_id] for p in self.servers]
+        self._server_ids = {p.node_id for p in self.servers}
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.servers)
+
+    # ----------------------------------------------------------- push_pull
+    def push_pull(
+        self,
+        push_tensors: list[torch.Tensor],
+        push_keys: list[int],
+        pull_tensors: list[torch.Tensor],
+        pull_keys: list[int],
+        need_event: bool = True,
+    ) -> int:
+        """Send every push tensor to every server; their answers land in ``pull_tensors``.
+
+        ``len(pull_tensors)`` must be ``num_servers * P``: ``pull_tensors[s*P + j]``
+        receives server ``s``'s answer for ``pull_keys[s*P + j]``. Returns at once
+        with a handle for :meth:`wait`; the tensors must not be touched until then.
+
+        Raises:
+            ArgumentError: bad input, raised before anything is sent (names the argument).
+            PeerError: a server of this group is dead.
+            StepMeshError: not initialised or already stopped.
+        """
+        data = self.data
+        if data is None or self._stopped or not self.servers:
+            raise StepMeshError("push_pull() on a worker that is not running: call init() first")
+        push = check_tensors("push_tensors", push_tensors)
+        keys = check_keys("push_keys", push_keys, len(push), "push_tensors")
+        pulls = check_tensors("pull_tensors", pull_tensors)
+        pkeys = check_keys("pull_keys", pull_keys, len(pulls), "pull_tensors")
+        if not isinstance(need_event, bool):
+            raise ArgumentError(f"need_event must be a bool, got {type(need_event).__name__}")
+        n_servers = len(self.servers)
+        if len(pulls) % n_servers:
+            raise ArgumentError(
+                f"pull_tensors has {len(pulls)} tensors; it must be a multiple of the "
+                f"{n_servers} servers (pull_tensors[s*P + j] is server s's j-th answer)"
+            )
+        if len(push) > P.MAX_TENSORS:
+            raise ArgumentError(f"push_tensors has {len(push)} tensors, more than {P.MAX_TENSORS}")
+        if len(pulls) > P.MAX_PULLS:
+            raise ArgumentError(f"pull_tensors has {len(pulls)} tensors, more than {P.MAX_PULLS}")
+        for i, t in enumerate(push):
+            if t.dim() > P.MAX_NDIM:
+                raise ArgumentError(f"push_tensors[{i}] has {t.dim()} dimensions, more than {P.MAX_NDIM}")
+        shapes = [tuple(t.shape) for t in push]
+        hsize = P.request_header_size(shapes, len(pulls))
+        if hsize > P.HEADER_MAX:
+            raise ArgumentError(
+                f"push_tensors/pull_tensors describe a {hsize}-byte header, more than {P.HEADER_MAX}"
+            )
+        self._check_servers()
+
+        t_start = time.monotonic_ns()
+        per = len(pulls) // n_servers
+        sizes = [t.numel() * t.element_size() for t in push]
+        inline = sum(sizes) <= P.INLINE_MAX
+        seq = self._seq = (self._seq + 1) & P.SEQ_MASK
+        handle = self._next_handle
+        self._next_handle += n_servers + 1
+        pend = _Pending(handle, seq, per)
+        pend.t_start = t_start
+        pend.pulls = pulls
+        tag = data.tag
+        reqs = pend.reqs
+        keep = pend.keep
+
+        # 1. post every receive for the answers
+        for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
+            caps = [t.numel() * t.element_size() for t in pulls[s * per : (s + 1) * per]]
+            small = P.response_inline(caps)
+            size = P.response_header_size(per) + (P.INLINE_MAX if small else 0)
+            pool = self._resp_pools.get(size)
+            if pool is None:
+                pool = self._resp_pools[size] = _Pool(size)
+            buf = pool.get()
+            pend.resp.append(buf)
+            pend.inline.append(small)
+            reqs.append(ep.tag_recv(buf[1], tag(P.make_tag(P.TAG_RESPONSE, peer.node_id, seq))))
+            if not small:
+                for j in range(per):
+                    arr = as_buffer(pulls[s * per + j])
+                    keep.append(arr)
+                    reqs.append(ep.tag_recv(arr, tag(P.make_tag(P.TAG_PULL, peer.node_id, seq, j))))
+
+        # 2. the request header, with the payload when small
+        hbuf = pend.hbuf = self._req_pool.get()
+        raw = hbuf[0]
+        P.REQ_FIXED.pack_into(raw, 0, P.DATA_VERSION, P.FLAG_INLINE if inline else 0, len(push), n_servers, per, seq)
+        pos = P.REQ_FIXED.size
+        for t, key, shape, nbytes in zip(push, keys, shapes, sizes):
+            P.REQ_TENSOR.pack_into(raw, pos, key, DTYPE_CODE[t.dtype], len(shape), nbytes)
+            pos += P.REQ_TENSOR.size
+            if shape:
+                np.copyto(raw[pos : pos + 8 * len(shape)].view(np.int64), shape)
+                pos += 8 * len(shape)
+        for t, key in zip(pulls, pkeys):
+            P.REQ_PULL.pack_into(raw, pos, key, t.numel() * t.element_size())
+            pos += P.REQ_PULL.size
+        if inline:
+            dst = torch.from_numpy(raw)
+            for t, nbytes in zip(push, sizes):
+                if nbytes:
+                    src = byte_view(t)
+                    dst[pos : pos + nbytes].copy_(src if src.device.type == "cpu" else src.cpu())
+                pos += nbytes
+        header = wrap(raw[:pos])
+        keep.append(header)
+        push_arrs = [] if inline else [as_buffer(t) for t in push]
+        keep.extend(push_arrs)
+        keep.append(push)
+
+        # 3. send to every server
+        me = self.node_id
+        req_tag = tag(P.make_tag(P.TAG_REQUEST, me, seq))
+        push_tags = [tag(P.make_tag(P.TAG_PUSH, me, seq, i)) for i in range(len(push_arrs))]
+        for ep in self._server_eps:
+            reqs.append(ep.tag_send(header, req_tag))
+            for arr, ptag in zip(push_arrs, push_tags):
+                reqs.append(ep.tag_send(arr, ptag))
+        pend.t_sent = time.monotonic_ns()
+        self._pending[handle] = pend
+        return handle
+
+    def _check_servers(self) -> None:
+        self.check_alive()
+        if self.dead:
+            for peer in self.servers:
+                if peer.node_id in self.dead:
+                    raise PeerError(self.dead[peer.node_id], "server", peer.rank)
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, handle: int, timeout_ms: int = 10000) -> None:
+        """Block until that push_pull is complete: pushes delivered, pulls written.
+
+        Raises:
+            ArgumentError: unknown handle (never issued, or already waited for).
+            TimeoutError: not complete within ``timeout_ms`` (the handle stays valid).
+            PeerError: a server died, or refused to answer (a response too large, say).
+            ProtocolError: a malformed response.
+        """
+        pend = self._pending.get(handle)
+        if pend is None:
+            raise ArgumentError(f"handle {handle!r} is unknown: never returned by push_pull, or already waited for")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+            raise ArgumentError(f"timeout_ms must be a non-negative number, got {timeout_ms!r}")
+        reqs = pend.reqs
+        data = self.data
+        assert data is not None
+        deadline = time.monotonic() + timeout_ms / 1000
+        done = lambda: all(r.completed for r in reqs)  # noqa: E731
+        if not done() and not data.progress_until(done, deadline, self._check_servers):
+            waiting = [
+                self.servers[s].describe()
+                for s in range(len(self.servers))
+                if not reqs[self._resp_index(pend, s)].completed
+            ]
+            raise TimeoutError(
+                f"push_pull handle {handle} not complete after {timeout_ms} ms; "
+                f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
+            )
+        t_done = time.monotonic_ns()
+        del self._pending[handle]
+        try:
+            for r in reqs:
+                r.check_error()
+        except Exception as e:
+            raise ProtocolError(f"push_pull handle {handle}: UCX reported {type(e).__name__}: {e}") from e
+        traces = self._finish(pend, t_done)
+        for s, trace in enumerate(traces):
+            self._remember(handle + 1 + s, trace)
+        last = max(traces, key=lambda tr: tr[6]) if traces else [pend.t_start, pend.t_sent] + [0] * 6
+        self._remember(handle, last)
+
+    @staticmethod
+    def _resp_index(pend: _Pending, s: int) -> int:
+        index = 0
+        for i in range(s):
+            index += 1 if pend.inline[i] else 1 + pend.per_server
+        return index
+
+    def _finish(self, pend: _Pending, t_done: int) -> list[list[int]]:
+        per = pend.per_server
+        traces = []
+        error: StepMeshError | None = None
+        for s, (buf, small) in enumerate(zip(pend.resp, pend.inline)):
+            raw = buf[0]
+            peer = self.servers[s]
+            try:
+                version, flags, status, n, seq, t_recv, t_proc, t_resp, t_rsent = P.RESP_FIXED.unpack_from(raw, 0)
+                if version != P.DATA_VERSION or seq != pend.seq or n != per:
+                    raise ProtocolError(
+                        f"bad response from {peer.describe()}: version {version}, seq {seq} "
+                        f"(expected {pend.seq}), {n} answers (expected {per})"
+                    )
+                pos = P.RESP_FIXED.size
+                if status != P.STATUS_OK:
+                    r = P.Reader(raw[pos:], "response error")
+                    raise PeerError(f"{peer.describe()} refused to answer: {r.text()}", "server", peer.rank)
+                pos_sizes = pos
+                pos += P.RESP_SIZE.size * n
+                if small:
+                    for j in range(per):
+                        (nbytes,) = P.RESP_SIZE.unpack_from(raw, pos_sizes + 8 * j)
+                        dst = pend.pulls[s * per + j]
+                        if nbytes > dst.numel() * dst.element_size():
+                            raise ProtocolError(f"{peer.describe()} sent {nbytes} bytes for a smaller pull tensor")
+                        if nbytes:
+                            src = torch.from_numpy(raw[pos : pos + nbytes])
+                            view = byte_view(dst)[:nbytes]
+                            view.copy_(src if view.device.type == "cpu" else src.to(view.device))
+                        pos += nbytes
+                traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, t_done, 0])
+            except StepMeshError as e:
+                error = error or e
+            finally:
+                self._resp_pools[len(raw)].put(buf)
+        if pend.hbuf is not None:
+            self._req_pool.put(pend.hbuf)
+        if error is not None:
+            raise error
+        t_end = time.monotonic_ns()
+        for tr in traces:
+            tr[7] = t_end
+        return traces
+
+    def _remember(self, handle: int, trace: list[int]) -> None:
+        self._traces[handle] = trace
+        while len(self._traces) > _TRACE_KEEP:
+            self._traces.popitem(last=False)
+
+    # ------------------------------------------------------------- helpers
+    def get_all_handlers(self, handle: int) -> list[int]:
+        """The handle followed by one sub-handle per server (StepMesh's shape).
+
+        Raises:
+            ArgumentError: the handle was never issued by this worker.
+        """
+        if not isinstance(handle, int) or handle < 1 or handle >= self._next_handle:
+            raise ArgumentError(f"handle {handle!r} was never returned by push_pull")
+        return [handle + i for i in range(len(self.servers) + 1)]
+
+    def fetch_trace(self, handle: int) -> list[int]:
+        """Eight nanosecond stamps of a completed push_pull (or of one server's part).
+
+        Request {start, postsend, postrecv, process}, response {start, postsend,
+        postrecv, process}. The main handle reports the server that answered last.
+
+        Raises:
+            ArgumentError: no trace for that handle (not waited for yet, or too old).
+        """
+        trace = self._traces.get(handle)
+        if trace is None:
+            raise ArgumentError(f"no trace for handle {handle!r}: wait() for it first (the last {_TRACE_KEEP} are kept)")
+        return list(trace)
+
+    def on_peer_dead(self, node_id: int, text: str) -> None:
+        pass  # wait() and push_pull() consult self.dead

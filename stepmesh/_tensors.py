@@ -1,0 +1,71 @@
+"""torch tensors as UCX buffers: dtype codes, byte views, validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import ArgumentError
+from .transport import wrap
+
+# Wire codes of dtypes; append only (codes are part of the protocol).
+_DTYPE_NAMES = (
+    "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int32",
+    "int64", "uint8", "int8", "int16", "float64", "bool", "complex64", "complex128",
+    "uint16", "uint32", "uint64", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+)
+DTYPE_CODE: dict[torch.dtype, int] = {}
+CODE_DTYPE: dict[int, torch.dtype] = {}
+for _code, _name in enumerate(_DTYPE_NAMES):
+    _dt = getattr(torch, _name, None)
+    if isinstance(_dt, torch.dtype):
+        DTYPE_CODE[_dt] = _code
+        CODE_DTYPE[_code] = _dt
+ITEMSIZE: dict[int, int] = {c: torch.empty(0, dtype=d).element_size() for c, d in CODE_DTYPE.items()}
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as a flat uint8 tensor (no copy)."""
+    flat = t.reshape(-1)
+    return flat if flat.dtype is torch.uint8 else flat.view(torch.uint8)
+
+
+def as_buffer(t: torch.Tensor) -> Any:
+    """A UCX buffer over the tensor's memory (host via numpy, device via CUDA array interface)."""
+    b = byte_view(t)
+    return wrap(b.numpy() if b.device.type == "cpu" else b)
+
+
+def check_tensors(name: str, tensors: Any) -> list[torch.Tensor]:
+    """Validate a list argument of contiguous tensors with known dtypes.
+
+    Raises:
+        ArgumentError: naming ``name`` and the offending element.
+    """
+    if not isinstance(tensors, (list, tuple)):
+        raise ArgumentError(f"{name} must be a list of torch.Tensor, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_contiguous():
+            raise ArgumentError(f"{name}[{i}] is not contiguous (call .contiguous() first)")
+        if t.dtype not in DTYPE_CODE:
+            raise ArgumentError(f"{name}[{i}] has dtype {t.dtype}, which stepmesh cannot send")
+    return list(tensors)
+
+
+def check_keys(name: str, keys: Any, count: int, count_name: str) -> list[int]:
+    """Validate a list of int64 keys whose length must equal ``count``.
+
+    Raises:
+        ArgumentError: naming ``name``.
+    """
+    if not isinstance(keys, (list, tuple)):
+        raise ArgumentError(f"{name} must be a list of int, got {type(keys).__name__}")
+    if len(keys) != count:
+        raise ArgumentError(f"{name} has {len(keys)} keys but {count_name} has {count} tensors")
+    for i, k in enumerate(keys):
+        if isinstance(k, bool) or not isinstance(k, int) or not -(2**63) <= k < 2**63:
+            raise ArgumentError(f"{name}[{i}] = {k!r} is not an int64 key")
+    return list(keys)
