@@ -289,7 +289,7 @@ class AFTensorWorker(Node):
                     )
                 pos = P.RESP_FIXED.size
                 if status != P.STATUS_OK:
-                    r = P.Reader(raw[pos:], "response error")
+                    r = P.Reader(raw[pos + P.RESP_SIZE.size * n :], "response error")
                     raise PeerError(f"{peer.describe()} refused to answer: {r.text()}", "server", peer.rank)
                 pos_sizes = pos
                 pos += P.RESP_SIZE.size * n

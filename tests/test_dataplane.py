@@ -1,0 +1,345 @@
+"""push_pull / get_batch / respond between real processes over UCX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stepmesh as f
+from stepmesh.testing import NodeContext, run_mesh
+
+from .conftest import FAST
+
+SMALL = 64  # elements: travels inline with the header
+LARGE = 300_000  # elements: travels by rendezvous into the destination
+
+
+def _mesh(target, **kw):
+    kw.setdefault("env", FAST)
+    kw.setdefault("timeout", 90)
+    results = run_mesh(target, **kw)
+    assert results.pop("scheduler") is None
+    return results
+
+
+# ------------------------------------------------------------- the seed's test
+def _seed_sum(ctx: NodeContext) -> int:
+    """StepMesh's first test: push 3 tensors, pull 1, the server answers their sum."""
+    f.init()
+    checked = 0
+    if ctx.role == "worker":
+        for n in (SMALL, LARGE):
+            push = [torch.rand(n) for _ in range(3)]
+            pull = [torch.zeros(n)]
+            h = f.push_pull(push, [0, 1, 2], pull, [3])
+            f.wait(h)
+            assert torch.allclose(pull[0], push[0] + push[1] + push[2])
+            checked += 1
+    else:
+        for _ in range(2):
+            (handle, tensors, keys), = f.get_batch()
+            assert keys == [0, 1, 2]
+            f.respond([tensors[0] + tensors[1] + tensors[2]], handle)
+            checked += 1
+    f.stop()
+    return checked
+
+
+@pytest.mark.timeout(120)
+def test_seed_sum():
+    assert _mesh(_seed_sum) == {"server-0-0": 2, "worker-0-0": 2}
+
+
+# ----------------------------------------------------------------- M x N
+def _mxn(ctx: NodeContext) -> int:
+    f.init()
+    node = f._node
+    servers = node.config.num_servers
+    rounds = 0
+    for n in (SMALL, LARGE):
+        if ctx.role == "worker":
+            mark = torch.full((n,), float(ctx.rank))
+            pulls = [torch.zeros(n) for _ in range(servers * 2)]
+            keys = [1000 * s + j for s in range(servers) for j in range(2)]
+            h = f.push_pull([mark, torch.arange(n, dtype=torch.float32)], [7, 8], pulls, keys)
+            f.wait(h)
+            for s in range(servers):
+                for j in range(2):
+                    expect = mark + torch.arange(n) + 100 * s + 10 * j
+                    assert torch.equal(pulls[s * 2 + j], expect), (s, j, pulls[s * 2 + j][:3])
+            assert len(f.get_all_handlers(h)) == servers + 1
+            assert all(len(f.fetch_trace(x)) == 8 for x in f.get_all_handlers(h))
+        else:
+            batch = f.get_batch()
+            assert len(batch) == node.config.num_workers
+            for w, (handle, tensors, keys) in enumerate(batch):
+                assert keys == [7, 8]
+                assert torch.all(tensors[0] == w), "batch not in worker-rank order"
+                base = tensors[0] + tensors[1] + 100 * ctx.rank
+                f.respond([base, base + 10], handle)
+        rounds += 1
+    f.stop()
+    return rounds
+
+
+@pytest.mark.timeout(150)
+def test_two_workers_three_servers_route_every_answer():
+    results = _mesh(_mxn, num_workers=2, num_servers=3, timeout=120)
+    assert set(results.values()) == {2} and len(results) == 5
+
+
+# ---------------------------------------------------------- stages in flight
+def _stages(ctx: NodeContext) -> int:
+    f.init()
+    n_stages, rounds = 3, 4
+    if ctx.role == "worker":
+        buf = torch.arange(LARGE, dtype=torch.float32)
+        for r in range(rounds):
+            handles, pulls = [], []
+            for s in range(n_stages):
+                length = [LARGE, 17, LARGE // 3][s]  # dynamic: slices of one buffer
+                out = torch.full((length,), -1.0)
+                pulls.append((out, buf[:length] * 2 + s))
+                handles.append(f.push_pull([buf[:length]], [s], [out], [100 + s]))
+            for h, (out, expect) in zip(reversed(handles), reversed(pulls)):
+                f.wait(h)
+                assert torch.equal(out, expect)
+    else:
+        for r in range(rounds):
+            batches = [f.get_batch() for _ in range(n_stages)]
+            for batch in reversed(batches):  # answer out of order
+                (handle, (t,), (key,)), = batch
+                assert t.shape[0] == [LARGE, 17, LARGE // 3][key]
+                f.respond([t * 2 + key], handle)
+    f.stop()
+    return rounds
+
+
+@pytest.mark.timeout(120)
+def test_three_stages_in_flight_answered_out_of_order():
+    assert set(_mesh(_stages).values()) == {4}
+
+
+# ------------------------------------------------------------ dynamic sizes
+def _short_and_long(ctx: NodeContext) -> str:
+    f.init()
+    result = "ok"
+    if ctx.role == "worker":
+        for n in (SMALL, LARGE):
+            out = torch.full((n,), -7.0)
+            f.wait(f.push_pull([torch.ones(4)], [1], [out], [2]))
+            half = n // 2
+            assert torch.all(out[:half] == 3.0) and torch.all(out[half:] == -7.0), "short answer"
+            h = f.push_pull([torch.ones(4)], [1], [out], [2])
+            with pytest.raises(f.PeerError, match="holds only"):
+                f.wait(h)
+            # the mesh still works afterwards
+            f.wait(f.push_pull([torch.ones(4)], [1], [out], [2]))
+            assert torch.all(out[:half] == 3.0)
+    else:
+        for n in (SMALL, LARGE):
+            (h, _, _), = f.get_batch()
+            f.respond([torch.full((n // 2,), 3.0)], h)
+            (h, _, _), = f.get_batch()
+            with pytest.raises(f.ArgumentError, match=r"tensors\[0\] has"):
+                f.respond([torch.zeros(n + 1)], h)
+            (h, _, _), = f.get_batch()
+            f.respond([torch.full((n // 2,), 3.0)], h)
+    f.stop()
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_short_answers_write_a_prefix_and_long_ones_fail_clearly():
+    assert set(_mesh(_short_and_long).values()) == {"ok"}
+
+
+# ------------------------------------------------------------------- dtypes
+DTYPES = [
+    torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
+    torch.float8_e5m2, torch.int32, torch.int64, torch.uint8,
+]
+
+
+def _payload(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (n * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(-1, 2) if n % 2 == 0 else raw.view(dtype)
+
+
+def _dtypes(ctx: NodeContext) -> int:
+    f.init()
+    count = 0
+    for n in (SMALL, LARGE):
+        if ctx.role == "worker":
+            push = [_payload(dt, n, i) for i, dt in enumerate(DTYPES)]
+            pull = [torch.empty_like(t) for t in push]
+            f.wait(f.push_pull(push, list(range(len(push))), pull, list(range(len(push)))))
+            for t, p in zip(push, pull):
+                assert p.dtype == t.dtype and p.shape == t.shape
+                assert torch.equal(p.view(torch.uint8), t.view(torch.uint8)), t.dtype
+                count += 1
+        else:
+            (h, tensors, keys), = f.get_batch()
+            for t, dt in zip(tensors, DTYPES):
+                assert t.dtype == dt and t.shape == (n // 2, 2)
+            f.respond(tensors, h)
+            count += len(tensors)
+    f.stop()
+    return count
+
+
+@pytest.mark.timeout(120)
+def test_every_dtype_survives_bit_exact():
+    assert set(_mesh(_dtypes).values()) == {2 * len(DTYPES)}
+
+
+# ------------------------------------------------------- registered buffers
+def _registered(ctx: NodeContext) -> list[bool]:
+    f.init()
+    inside = []
+    keys = [5, 6]
+    if ctx.role == "server":
+        n_workers = f._node.num_workers
+        pool = torch.zeros(n_workers * len(keys) * LARGE * 4, dtype=torch.uint8)
+        f.register_recv_buffer(pool, list(range(n_workers)), keys)
+        lo, hi = pool.data_ptr(), pool.data_ptr() + pool.numel()
+    f.barrier()
+    for n in (SMALL, LARGE):
+        if ctx.role == "worker":
+            push = [torch.full((n,), float(ctx.rank + 1)), torch.full((n,), 2.0)]
+            out = [torch.zeros(n)]
+            f.wait(f.push_pull(push, keys, out, [0]))
+            assert torch.all(out[0] == 3.0 + ctx.rank)
+        else:
+            for w, (h, tensors, ks) in enumerate(f.get_batch()):
+                for t, k in zip(tensors, ks):
+                    chunk = (w * len(keys) + keys.index(k)) * LARGE * 4
+                    inside.append(t.data_ptr() == lo + chunk and t.data_ptr() + t.numel() * 4 <= hi)
+                assert torch.all(tensors[0] == w + 1)
+                f.respond([tensors[0] + tensors[1]], h)
+    f.stop()
+    return inside
+
+
+@pytest.mark.timeout(120)
+def test_registered_buffers_receive_pushes_in_place():
+    results = _mesh(_registered, num_workers=2, num_servers=1)
+    assert results["server-0-0"] == [True] * 8
+
+
+# -------------------------------------------------------------- respond_vec
+def _vec(ctx: NodeContext) -> bool:
+    f.init()
+    rows = [3, 5]
+    if ctx.role == "worker":
+        out = torch.zeros(8, 4)
+        f.wait(f.push_pull([torch.zeros(rows[ctx.rank], 4)], [0], [out], [1]))
+        n = rows[ctx.rank]
+        expect = torch.arange(sum(rows[: ctx.rank]), sum(rows[: ctx.rank]) + n, dtype=torch.float32)
+        assert torch.equal(out[:n, 0], expect), out
+        assert torch.all(out[n:] == 0)
+    else:
+        batch = f.get_batch()
+        ret = torch.arange(8, dtype=torch.float32).repeat_interleave(4).reshape(8, 4)
+        with pytest.raises(f.ArgumentError, match="handles"):
+            f.respond_vec(ret, [t[0] for _, t, _ in batch], [batch[0][0]])
+        f.respond_vec(ret, [t[0] for _, t, _ in batch], [h for h, _, _ in batch])
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_respond_vec_gives_each_worker_its_own_rows():
+    assert all(_mesh(_vec, num_workers=2, num_servers=1).values())
+
+
+# ------------------------------------------------------------- full topology
+def _full(ctx: NodeContext) -> int:
+    f.init()
+    node = f._node
+    if ctx.role == "worker":
+        assert node.num_servers == 2
+        pulls = [torch.zeros(4), torch.zeros(4)]
+        f.wait(f.push_pull([torch.full((4,), float(ctx.group))], [0], pulls, [0, 0]))
+        assert [int(p[0]) for p in pulls] == [ctx.group + 10, ctx.group + 20]
+        result = node.num_servers
+    else:
+        batch = f.get_batch()
+        assert [int(t[0][0]) for _, t, _ in batch] == [0, 1]
+        for h, (t,), _ in batch:
+            f.respond([t + 10 * (ctx.group + 1)], h)
+        result = len(batch)
+    f.stop()
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_full_topology_any_worker_reaches_any_server():
+    env = dict(FAST, STEPMESH_TOPOLOGY="full")
+    assert set(_mesh(_full, group_size=2, env=env).values()) == {2}
+
+
+# ------------------------------------------------------------------ bad input
+def _bad_input(ctx: NodeContext) -> int:
+    f.init()
+    raised = 0
+    if ctx.role == "worker":
+        ok = [torch.ones(4)]
+        out = [torch.zeros(4)]
+        bad_calls = [
+            ("push_tensors", lambda: f.push_pull([torch.ones(4, 4).t()], [0], out, [0])),
+            ("push_tensors", lambda: f.push_pull(torch.ones(4), [0], out, [0])),
+            ("push_keys", lambda: f.push_pull(ok, [0, 1], out, [0])),
+            ("push_keys", lambda: f.push_pull(ok, ["a"], out, [0])),
+            ("pull_keys", lambda: f.push_pull(ok, [0], out, [])),
+            ("pull_tensors", lambda: f.push_pull(ok, [0], [torch.zeros(4)] * 300, list(range(300)))),
+            ("push_tensors", lambda: f.push_pull([torch.zeros(1)] * 65, list(range(65)), out, [0])),
+            ("pull_tensors", lambda: f.push_pull(ok, [0], [torch.zeros(4, 2).t()] * 2, [0, 1])),
+            ("need_event", lambda: f.push_pull(ok, [0], out, [0], need_event="yes")),
+            ("handle", lambda: f.wait(12345)),
+            ("handle", lambda: f.get_all_handlers(-1)),
+            ("handle", lambda: f.fetch_trace(12345)),
+        ]
+        for name, call in bad_calls:
+            with pytest.raises(f.ArgumentError, match=name):
+                call()
+            raised += 1
+        with pytest.raises(f.StepMeshError, match="server call"):
+            f.get_batch()
+        # nothing was sent: the server sees exactly one request, this one
+        h = f.push_pull(ok, [0], out, [0])
+        f.wait(h)
+        with pytest.raises(f.ArgumentError, match="handle"):
+            f.wait(h)  # already waited for
+        assert torch.all(out[0] == 1.0)
+    else:
+        with pytest.raises(f.StepMeshError, match="worker call"):
+            f.push_pull([], [], [], [])
+        with pytest.raises(f.ArgumentError, match="worker_ranks"):
+            f.register_recv_buffer(torch.zeros(16), [5], [0])
+        with pytest.raises(f.ArgumentError, match="split evenly"):
+            f.register_recv_buffer(torch.zeros(3, dtype=torch.uint8), [0], [0, 1])
+        (h, tensors, keys), = f.get_batch(timeout_ms=20000)
+        with pytest.raises(f.ArgumentError, match="tensors"):
+            f.respond([tensors[0], tensors[0]], h)
+        with pytest.raises(f.ArgumentError, match="handle"):
+            f.respond(tensors, h + 99)
+        f.respond(tensors, h)
+        assert f.get_batch(timeout_ms=300) == []  # no stray request arrived
+        raised = 5
+    f.stop()
+    return raised
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_raises_before_anything_is_sent():
+    results = _mesh(_bad_input)
+    assert results == {"server-0-0": 5, "worker-0-0": 12}
+
+
+def test_calls_before_init_are_clear_errors():
+    with pytest.raises(f.StepMeshError, match="before stepmesh.init"):
+        f.push_pull([], [], [], [])
+    with pytest.raises(f.StepMeshError, match="before stepmesh.init"):
+        f.get_batch()
