@@ -256,3 +256,139 @@ def run_mesh(target: Callable[[NodeContext], Any], **kwargs: Any) -> dict[str, A
     """
     expect_failure = kwargs.pop("expect_failure", False)
     return spawn_mesh(target, **kwargs).join(expect_failure=expect_failure)
+
+
+# --------------------------------------------------------------------------
+# Command-line helpers: run a command (``stepmesh launch`` ...) as a real
+# process, and never leave it or anything it started behind.
+
+import signal as _signal  # noqa: E402 - appended section
+import subprocess as _subprocess  # noqa: E402
+import sys as _sys  # noqa: E402
+
+
+def cli_command(*args: str) -> list[str]:
+    """``[python, -m, stepmesh.cli, *args]`` with the running interpreter."""
+    return [_sys.executable, "-m", "stepmesh.cli", *args]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Pids of every live process in session ``sid`` (Linux ``/proc``; [] elsewhere)."""
+    out: list[int] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        # fields: state ppid pgrp session ...
+        if len(fields) > 3 and fields[0] not in ("Z", "X") and int(fields[3]) == sid:
+            out.append(int(name))
+    return out
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (started by us with a new session), by pid."""
+    try:
+        os.killpg(sid, _signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Wait up to ``timeout`` s for every pid to go; returns those still alive."""
+    end = time.monotonic() + timeout
+    alive = [p for p in pids if pid_alive(p)]
+    while alive and time.monotonic() < end:
+        time.sleep(0.05)
+        alive = [p for p in alive if pid_alive(p)]
+    return alive
+
+
+def start_command(
+    args: list[str], env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None
+) -> _subprocess.Popen:
+    """Start ``args`` in a new session (so :func:`kill_session` can reap everything it starts).
+
+    ``env`` is added to this process's environment. Output is captured as text by default.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return _subprocess.Popen(
+        args,
+        env=full_env,
+        stdin=_subprocess.DEVNULL,
+        stdout=_subprocess.PIPE if stdout is None else stdout,
+        stderr=_subprocess.PIPE if stderr is None else stderr,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_command(
+    args: list[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    allow_leftovers: bool = False,
+) -> _subprocess.CompletedProcess:
+    """Run ``args`` to completion in a new session and return its exit status and output.
+
+    ``env`` is added to this process's environment. At the ``timeout`` (seconds)
+    the whole session is killed and an AssertionError carries the output so far.
+    Processes still alive in its session after it exited are killed and, unless
+    ``allow_leftovers``, reported as an AssertionError too.
+    """
+    proc = start_command(args, env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except _subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except _subprocess.TimeoutExpired:
+            out, err = "", "(output unavailable: pipes still open after the kill)"
+        raise AssertionError(
+            f"command did not finish within {timeout} s and was killed: {args!r}\n"
+            f"--- stdout ---\n{(out or '')[-_OUTPUT_TAIL:]}\n--- stderr ---\n{(err or '')[-_OUTPUT_TAIL:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+            proc.wait(5)
+    leftovers = wait_gone(session_pids(proc.pid), timeout=2.0)
+    if leftovers:
+        kill_session(proc.pid)
+        if not allow_leftovers:
+            raise AssertionError(
+                f"{args!r} exited with {proc.returncode} but left processes running: {leftovers}\n"
+                f"--- stdout ---\n{out[-_OUTPUT_TAIL:]}\n--- stderr ---\n{err[-_OUTPUT_TAIL:]}"
+            )
+    return _subprocess.CompletedProcess(args, proc.returncode, out, err)
