@@ -22,6 +22,8 @@ TOPOLOGIES = ("group", "full")
 _TRUE = ("1", "true", "yes", "on", "y")
 _FALSE = ("0", "false", "no", "off", "n", "")
 _BACKEND_ALIASES = {"CPU": "cpu", "GPU": "cuda"}
+# Node ids travel in 12 bits of every tag (see protocol.make_tag).
+_MAX_NODES = 4095
 # On fewer cores than this, busy-polling progress starves the peers sharing them.
 _POLLING_MIN_CORES = 8
 
@@ -83,32 +85,44 @@ class Config:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         if self.role is not None and self.role not in ROLES:
             _fail("role", self.role, f"one of {', '.join(ROLES)}")
-        for name, low in (
-            ("num_workers", 1),
-            ("num_servers", 1),
-            ("group_size", 1),
-            ("rank_offset", 0),
-            ("gpu", 0),
-            ("cpu_start_offset", 0),
-            ("init_timeout_ms", 1),
-            ("barrier_timeout_ms", 1),
-            ("stop_timeout_ms", 1),
-            ("heartbeat_interval_ms", 10),
-            ("heartbeat_timeout_ms", 10),
+        for name, low, high in (
+            ("num_workers", 1, _MAX_NODES),
+            ("num_servers", 1, _MAX_NODES),
+            ("group_size", 1, _MAX_NODES),
+            ("rank_offset", 0, _MAX_NODES),
+            ("gpu", 0, _MAX_NODES),
+            ("cpu_start_offset", 0, None),
+            ("init_timeout_ms", 1, None),
+            ("barrier_timeout_ms", 1, None),
+            ("stop_timeout_ms", 1, None),
+            ("heartbeat_interval_ms", 10, None),
+            ("heartbeat_timeout_ms", 10, None),
         ):
-            _check_int(name, getattr(self, name), low)
+            _check_int(name, getattr(self, name), low, high)
+        if self.expected_nodes > _MAX_NODES:
+            _fail(
+                "group_size",
+                self.group_size,
+                f"(DMLC_NUM_WORKER + DMLC_NUM_SERVER) x DMLC_GROUP_SIZE <= {_MAX_NODES}",
+            )
         if self.node_rank is not None:
-            _check_int("node_rank", self.node_rank, 0)
+            _check_int("node_rank", self.node_rank, 0, _MAX_NODES)
+        for name in ("bind_cpu_core", "enable_rdma"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "enable_rdma" and value is None):
+                _fail(name, value, "a bool (1, 0, true, false)")
         if self.root_port is not None:
             _check_int("root_port", self.root_port, 0, 65535)
             if self.root_port == 0 and self.role not in (None, "scheduler"):
                 _fail("root_port", 0, "a port from 1 to 65535 (0 is only for the scheduler)")
-        if not isinstance(self.verbose, int) or self.verbose not in (0, 1, 2):
+        if isinstance(self.verbose, bool) or not isinstance(self.verbose, int) or self.verbose not in (0, 1, 2):
             _fail("verbose", self.verbose, "0, 1 or 2")
         if not self.root_uri or not isinstance(self.root_uri, str):
             _fail("root_uri", self.root_uri, "a host name or IP address")
         if self.backend is not None:
-            set_("backend", _BACKEND_ALIASES.get(self.backend, self.backend.lower()))
+            if not isinstance(self.backend, str) or not self.backend.strip().replace("_", "").replace("-", "").isalnum():
+                _fail("backend", self.backend, "CPU, GPU, cpu, cuda, rocm or the name of an installed backend")
+            set_("backend", _BACKEND_ALIASES.get(self.backend, self.backend.strip().lower()))
         if self.progress is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
             set_("progress", "polling" if cores >= _POLLING_MIN_CORES else "blocking")
@@ -125,6 +139,8 @@ class Config:
         if self.transports is not None:
             if isinstance(self.transports, str):
                 set_("transports", _split(self.transports))
+            elif isinstance(self.transports, (list, tuple)):
+                set_("transports", tuple(self.transports))
             if not self.transports or not all(isinstance(t, str) and t for t in self.transports):
                 _fail("transports", self.transports, "a comma-separated list of UCX transports")
         if self.auth_token is not None and not self.auth_token:

@@ -90,6 +90,8 @@ class Node:
         self._started = True
         cfg = self.config
         deadline = time.monotonic() + cfg.init_timeout_ms / 1000
+        if cfg.bind_cpu_core:
+            self._bind_core()
         self.data = Transport(cfg.ucx_options(), cfg.progress)
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
@@ -105,6 +107,13 @@ class Node:
             self._teardown()
             raise
         log.info("%s rank %d of group %d joined (node %d)", self.role, self.rank, self.group, self.node_id)
+
+    def _bind_core(self) -> None:
+        """Pin this process to core ``STEPMESH_CPU_START_OFFSET`` (modulo the cores it may use)."""
+        allowed = sorted(os.sched_getaffinity(0))
+        core = allowed[self.config.cpu_start_offset % len(allowed)]
+        os.sched_setaffinity(0, {core})
+        log.info("%s bound to CPU core %d", self.role, core)
 
     def _connect_scheduler(self, deadline: float) -> None:
         """Connect and register, retrying while the scheduler is not up yet."""

@@ -109,6 +109,8 @@ class Scheduler:
                 f"(DMLC_PS_ROOT_PORT): {e}"
             ) from e
         self.port = int(self._listener.port)
+        # The init timeout runs from here: a scheduler nobody joins fails clearly
+        # instead of waiting forever (raise STEPMESH_INIT_TIMEOUT_MS to wait longer).
         self._first_seen = time.monotonic()
         self._loop = EventLoop(self._transport, self._waker)
         self._thread = threading.Thread(target=self._run, name="stepmesh-scheduler", daemon=True)

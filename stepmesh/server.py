@@ -294,12 +294,14 @@ class AFTensorServer(Node):
         for i, (h, n) in enumerate(zip(handles, rows)):
             part = [buf[off : off + n]]
             r, ts = self._validate(part, h, f"ret_buffer rows for handles[{i}]")
-            problem = self._too_big(r, ts, f"ret_buffer rows for handles[{i}]")
-            if problem is not None:
-                raise ArgumentError(problem)
-            plans.append((r, ts))
+            plans.append((r, ts, self._too_big(r, ts, f"ret_buffer rows for handles[{i}]")))
             off += n
-        for r, ts in plans:
+        problems = [p for _, _, p in plans if p is not None]
+        if problems:  # every worker learns why, none gets a partial answer
+            for r, _, p in plans:
+                self._reject(r, p or f"another answer of the same respond_vec was refused: {problems[0]}")
+            raise ArgumentError(problems[0])
+        for r, ts, _ in plans:
             self._send(r, ts)
 
     def _response(self, r: _Request, status: int, sizes: list[int], text: str = "") -> tuple[np.ndarray, Any, int]:

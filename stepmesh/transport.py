@@ -93,8 +93,8 @@ class Transport:
         return bytes(self.worker.address)
 
     def transports(self) -> str:
-        """What UCX says about this worker (transports and devices), for ``stepmesh info``."""
-        return self.worker.info
+        """What UCX says about this context (transports and devices), for ``stepmesh info``."""
+        return self.context.info
 
     def connect(self, address: bytes) -> Any:
         """An endpoint to a peer's worker address (UCX picks shm, CUDA-IPC, RDMA or TCP).
@@ -220,13 +220,14 @@ class ControlChannel:
         return out
 
     def close(self) -> None:
+        """Stop receiving. Sends still in flight stay referenced (and their buffers
+        alive) until the endpoint itself goes away with this object."""
         self.alive = False
         try:
             self.endpoint.remove_close_callback()
         except Exception:
             pass
         self._recv = None
-        self._pending.clear()
 
 
 class Waker:

@@ -1,0 +1,541 @@
+"""Latency benchmark: stepmesh push_pull against its floors, interleaved in one run.
+
+Contenders, each a set of processes that stay alive for the whole run and are
+driven round by round (A B A B ...), so that machine drift hits all alike:
+
+- ``stepmesh``: a real mesh (scheduler, servers, workers) doing push_pull.
+- ``ucxx``: raw ucxx tag ping-pong of the same bytes (one message each way,
+  endpoints from worker addresses, the receive pre-posted): the floor for
+  anything on UCX.
+- ``gloo``: torch.distributed send/recv of the same bytes (``nccl`` on CUDA).
+
+Processes not in their round block on a pipe, so they take no CPU from the
+contender being measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["TensorSpec", "Workload", "PRESETS", "BenchOptions", "BenchResult", "run_bench", "summarize"]
+
+_SPAWN = mp.get_context("spawn")
+_READY_TIMEOUT_S = 120.0
+_ROUND_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # a torch dtype name: "bfloat16", "float8_e4m3fn", "int32", ...
+
+    @property
+    def nbytes(self) -> int:
+        import torch
+
+        return math.prod(self.shape) * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+
+    def make(self, device: str, fill: int = 0) -> Any:
+        import torch
+
+        dt = getattr(torch, self.dtype)
+        t = torch.full(self.shape, fill % 100, dtype=torch.int32).to(dt) if dt.is_floating_point else torch.full(self.shape, fill % 100, dtype=dt)
+        return t.to(device)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    push: tuple[TensorSpec, ...]  # every worker pushes these to every server
+    pull: tuple[TensorSpec, ...]  # every server answers these to every worker
+    workers: int = 1
+    servers: int = 1
+
+    @property
+    def push_bytes(self) -> int:
+        return sum(t.nbytes for t in self.push)
+
+    @property
+    def pull_bytes(self) -> int:
+        return sum(t.nbytes for t in self.pull)
+
+
+PRESETS: dict[str, Workload] = {
+    "small": Workload("small", (TensorSpec((8192,), "uint8"),), (TensorSpec((8192,), "uint8"),)),
+    "stepmesh-1x1": Workload(
+        "stepmesh-1x1",
+        (TensorSpec((64, 7168), "bfloat16"), TensorSpec((1,), "int32")),
+        (TensorSpec((64, 7168), "bfloat16"), TensorSpec((1,), "int32")),
+    ),
+    "2a2f": Workload(
+        "2a2f",
+        (TensorSpec((128, 7168), "float8_e4m3fn"),),
+        (TensorSpec((128, 7168), "bfloat16"),),
+        workers=2,
+        servers=2,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    workload: Workload
+    stages: int = 1
+    iters: int = 1000
+    warmup: int = 100
+    rounds: int = 10
+    progress: str = "polling"
+    device: str = "cpu"
+    pin: bool = True
+    contenders: tuple[str, ...] = ("stepmesh", "ucxx", "gloo")
+    traces: bool = True
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    latencies_us: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    ops: int = 0
+    note: str = ""
+
+    def stats(self) -> dict[str, float]:
+        lat = sorted(self.latencies_us)
+        if not lat:
+            return {}
+
+        def q(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))]
+
+        return {
+            "p50_us": statistics.median(lat),
+            "p90_us": q(0.90),
+            "p99_us": q(0.99),
+            "max_us": lat[-1],
+            "mean_us": statistics.fmean(lat),
+            "ops_per_s": self.ops / self.seconds if self.seconds else 0.0,
+            "samples": len(lat),
+        }
+
+
+@dataclass
+class BenchResult:
+    options: BenchOptions
+    contenders: dict[str, ContenderResult]
+    traces: dict[str, dict[str, float]]  # server -> stage -> median us
+
+    def to_json(self) -> dict[str, Any]:
+        base = self.contenders.get("stepmesh")
+        out: dict[str, Any] = {
+            "schema": "stepmesh-bench/1",
+            "workload": asdict(self.options.workload),
+            "options": {k: v for k, v in asdict(self.options).items() if k != "workload"},
+            "contenders": {},
+            "trace_breakdown_us": self.traces,
+        }
+        for name, c in self.contenders.items():
+            st = c.stats()
+            entry: dict[str, Any] = {"stats": st, "note": c.note, "latencies_us": c.latencies_us}
+            if base is not None and st and base.stats() and name != "stepmesh":
+                entry["stepmesh_p50_ratio"] = base.stats()["p50_us"] / st["p50_us"]
+            out["contenders"][name] = entry
+        return out
+
+
+# --------------------------------------------------------------- children
+def _pin(core: int | None) -> None:
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {allowed[core % len(allowed)]})
+
+
+def _serve_commands(conn: Any, step: Callable[[int], Any]) -> None:
+    """Answer ("run", n) commands with step(n) until ("stop",)."""
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        conn.send(step(msg[1]))
+
+
+def _stepmesh_node(ctx: Any) -> None:
+    import torch
+
+    import stepmesh as f
+
+    opts: BenchOptions = ctx.args["options"]
+    conn = ctx.args["conns"][f"{ctx.role}-{ctx.group}-{ctx.rank}"]
+    wl = opts.workload
+    dev = opts.device
+    f.init()
+    node = f._node
+    if ctx.role == "server":
+        answers = [t.make(dev, 7) for t in wl.pull]
+        workers = list(range(node.num_workers))
+        for i, t in enumerate(wl.push):  # one registered chunk per (worker, stage) of each key
+            pool = torch.empty(t.nbytes * len(workers) * opts.stages, dtype=torch.uint8, device=dev)
+            f.register_recv_buffer(pool, workers, [i + 1000 * s for s in range(opts.stages)])
+
+        def serve(n: int) -> str:
+            for _ in range(n):
+                for handle, _tensors, _keys in f.get_batch():
+                    f.respond(answers, handle)
+            return "done"
+
+        conn.send("ready")
+        _serve_commands(conn, serve)
+    else:
+        servers = node.num_servers
+        stages = [
+            (
+                [t.make(dev, i) for i, t in enumerate(wl.push)],
+                [k + 1000 * s for k in range(len(wl.push))],
+                [t.make(dev) for _ in range(servers) for t in wl.pull],
+                [k + 1000 * s for _ in range(servers) for k in range(len(wl.pull))],
+            )
+            for s in range(opts.stages)
+        ]
+
+        def run(n: int) -> dict[str, Any]:
+            lat: list[int] = []
+            traces: list[list[list[int]]] = []
+            t_begin = time.perf_counter_ns()
+            done = 0
+            while done < n:
+                k = min(opts.stages, n - done)
+                handles = []
+                for s in range(k):
+                    push, pkeys, pull, qkeys = stages[s]
+                    t0 = time.perf_counter_ns()
+                    handles.append((f.push_pull(push, pkeys, pull, qkeys), t0))
+                for h, t0 in handles:
+                    f.wait(h)
+                    lat.append(time.perf_counter_ns() - t0)
+                if opts.traces:
+                    for h, _ in handles:
+                        traces.append([f.fetch_trace(x) for x in f.get_all_handlers(h)[1:]])
+                done += k
+            return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9, "traces": traces}
+
+        conn.send("ready")
+        _serve_commands(conn, run)
+    f.stop()
+
+
+def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
+    _pin(core)
+    from . import transport as T
+
+    wl = opts.workload
+    tp = T.Transport({}, opts.progress)
+    conn.send(tp.address)
+    ep = tp.connect(conn.recv())
+    import torch
+
+    send_t = torch.zeros(wl.push_bytes if role == "client" else wl.pull_bytes, dtype=torch.uint8, device=opts.device)
+    recv_t = torch.zeros(wl.pull_bytes if role == "client" else wl.push_bytes, dtype=torch.uint8, device=opts.device)
+    from ._tensors import as_buffer
+
+    send_b, recv_b = as_buffer(send_t), as_buffer(recv_t)
+    out_tag, in_tag = (tp.tag(1), tp.tag(2)) if role == "client" else (tp.tag(2), tp.tag(1))
+    forever = time.monotonic() + 3600
+
+    def one() -> None:
+        if role == "client":
+            r = ep.tag_recv(recv_b, in_tag)
+            s = ep.tag_send(send_b, out_tag)
+        else:
+            r = ep.tag_recv(recv_b, in_tag)
+            tp.progress_until(lambda: r.completed, forever)
+            s = ep.tag_send(send_b, out_tag)
+        tp.progress_until(lambda: r.completed and s.completed, forever)
+
+    one()  # wire-up
+
+    def run(n: int) -> dict[str, Any]:
+        lat = []
+        t_begin = time.perf_counter_ns()
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            one()
+            lat.append(time.perf_counter_ns() - t0)
+        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
+
+    conn.send("ready")
+    _serve_commands(conn, run)
+    tp.close()
+
+
+def _dist_child(role: str, opts: BenchOptions, conn: Any, core: int | None, store: str) -> None:
+    _pin(core)
+    import torch
+    import torch.distributed as dist
+
+    wl = opts.workload
+    backend = "nccl" if opts.device.startswith("cuda") else "gloo"
+    rank = 0 if role == "client" else 1
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=2)
+    send_t = torch.zeros(wl.push_bytes if rank == 0 else wl.pull_bytes, dtype=torch.uint8, device=opts.device)
+    recv_t = torch.zeros(wl.pull_bytes if rank == 0 else wl.push_bytes, dtype=torch.uint8, device=opts.device)
+    sync = torch.cuda.synchronize if opts.device.startswith("cuda") else (lambda: None)
+
+    def one() -> None:
+        if rank == 0:
+            dist.send(send_t, 1)
+            dist.recv(recv_t, 1)
+        else:
+            dist.recv(recv_t, 0)
+            dist.send(send_t, 0)
+        sync()
+
+    one()
+
+    def run(n: int) -> dict[str, Any]:
+        lat = []
+        t_begin = time.perf_counter_ns()
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            one()
+            lat.append(time.perf_counter_ns() - t0)
+        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
+
+    conn.send("ready")
+    _serve_commands(conn, run)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------- driver
+@dataclass
+class _Contender:
+    name: str
+    drivers: list[Any]  # connections that measure (their results are kept)
+    helpers: list[Any]  # connections that only answer
+    processes: list[Any]
+    per_round: Callable[[int], int]  # iterations -> commands for helpers
+    mesh: Any = None
+
+
+def _recv(conn: Any, timeout: float, what: str) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"bench: no answer from {what} within {timeout:.0f} s")
+    return conn.recv()
+
+
+def _start_pair(name: str, target: Callable[..., None], opts: BenchOptions, *extra: Any) -> _Contender:
+    cores = (0, 1) if opts.pin else (None, None)
+    conns, procs = [], []
+    for role, core in zip(("client", "server"), cores):
+        mine, theirs = _SPAWN.Pipe()
+        p = _SPAWN.Process(target=target, args=(role, opts, theirs, core, *extra), daemon=True, name=f"{name}-{role}")
+        p.start()
+        conns.append(mine)
+        procs.append(p)
+    if name == "ucxx":  # exchange worker addresses
+        a = _recv(conns[0], _READY_TIMEOUT_S, "ucxx client")
+        b = _recv(conns[1], _READY_TIMEOUT_S, "ucxx server")
+        conns[0].send(b)
+        conns[1].send(a)
+    return _Contender(name, [conns[0]], [conns[1]], procs, lambda n: n)
+
+
+def _start_stepmesh(opts: BenchOptions) -> _Contender:
+    from .testing import spawn_mesh
+
+    wl = opts.workload
+    names = [f"server-0-{r}" for r in range(wl.servers)] + [f"worker-0-{r}" for r in range(wl.workers)]
+    pipes = {n: _SPAWN.Pipe() for n in names}
+    env = {"STEPMESH_PROGRESS": opts.progress, "UCX_WARN_UNUSED_ENV_VARS": "n"}
+
+    def node_env(role: str, rank: int, group: int) -> dict[str, str]:
+        if not opts.pin:
+            return {}
+        core = rank if role == "worker" else wl.workers + rank
+        return {"STEPMESH_BIND_CPU_CORE": "1", "STEPMESH_CPU_START_OFFSET": str(core)}
+
+    mesh = spawn_mesh(
+        _stepmesh_node,
+        num_workers=wl.workers,
+        num_servers=wl.servers,
+        timeout=24 * 3600,
+        env=env,
+        node_env=node_env,
+        args={"options": opts, "conns": {n: p[1] for n, p in pipes.items()}},
+    )
+    drivers = [pipes[n][0] for n in names if n.startswith("worker")]
+    helpers = [pipes[n][0] for n in names if n.startswith("server")]
+    c = _Contender("stepmesh", drivers, helpers, [], lambda n: n, mesh)
+    return c
+
+
+def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None) -> BenchResult:
+    """Run every contender, ``opts.rounds`` rounds each, interleaved.
+
+    Args:
+        on_round: called after every contender's round (for a progress bar).
+
+    Raises:
+        TimeoutError: a contender stopped answering.
+        stepmesh.testing.MeshError: a mesh process failed.
+    """
+    results = {name: ContenderResult(name) for name in opts.contenders}
+    contenders: list[_Contender] = []
+    tmp = tempfile.TemporaryDirectory(prefix="stepmesh-bench-")
+    try:
+        for name in opts.contenders:
+            if name == "stepmesh":
+                contenders.append(_start_stepmesh(opts))
+            elif name == "ucxx":
+                contenders.append(_start_pair("ucxx", _ucxx_child, opts))
+            elif name in ("gloo", "torch"):
+                contenders.append(_start_pair(name, _dist_child, opts, os.path.join(tmp.name, f"{name}.store")))
+            elif name == "nixl":
+                results[name].note = "not run: NIXL is not installed" if not _has("nixl") else "not run: NIXL driver not implemented yet"
+            else:
+                raise ValueError(f"unknown contender {name!r}")
+        for c in contenders:
+            for conn in c.drivers + c.helpers:
+                _recv(conn, _READY_TIMEOUT_S, f"{c.name} start-up")
+        per_round = max(1, opts.iters // opts.rounds)
+        for r in range(opts.rounds + 1):  # round 0 is the warm-up
+            n = opts.warmup if r == 0 else per_round
+            for c in contenders:
+                for conn in c.helpers:
+                    conn.send(("run", n))
+                for conn in c.drivers:
+                    conn.send(("run", n))
+                outs = [_recv(conn, _ROUND_TIMEOUT_S, c.name) for conn in c.drivers]
+                for conn in c.helpers:
+                    _recv(conn, _ROUND_TIMEOUT_S, c.name)
+                if r == 0:
+                    continue
+                res = results[c.name]
+                first = outs[0]
+                res.latencies_us.extend(x / 1000 for x in first["lat"])
+                res.seconds += first["seconds"]
+                res.ops += len(first["lat"])
+                if "traces" in first:
+                    res.__dict__.setdefault("_traces", []).extend(first["traces"])
+                if on_round is not None:
+                    on_round(1)
+        for c in contenders:
+            for conn in c.drivers + c.helpers:
+                conn.send(("stop",))
+        for c in contenders:
+            if c.mesh is not None:
+                c.mesh.join()
+            for p in c.processes:
+                p.join(timeout=30)
+    finally:
+        for c in contenders:
+            if c.mesh is not None:
+                c.mesh.kill()
+            for p in c.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join(timeout=5)
+        tmp.cleanup()
+    traces = _breakdown(results["stepmesh"].__dict__.pop("_traces", [])) if "stepmesh" in results else {}
+    return BenchResult(opts, results, traces)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+_STAGES = (
+    ("request send", 0, 1),
+    ("request network", 1, 2),
+    ("server queue+compute", 2, 4),
+    ("response send", 4, 5),
+    ("response network+wait", 5, 6),
+)
+
+
+def _breakdown(traces: list[list[list[int]]]) -> dict[str, dict[str, float]]:
+    """Median microseconds of each stage of the round trip, per server."""
+    out: dict[str, dict[str, float]] = {}
+    if not traces:
+        return out
+    for s in range(len(traces[0])):
+        out[f"server {s}"] = {
+            name: statistics.median((op[s][b] - op[s][a]) / 1000 for op in traces) for name, a, b in _STAGES
+        }
+    return out
+
+
+def summarize(result: BenchResult) -> str:
+    """A plain-text table of every contender (and the trace breakdown)."""
+    base = result.contenders.get("stepmesh")
+    bstats = base.stats() if base else {}
+    wl = result.options.workload
+    lines = [
+        f"workload {wl.name}: {wl.workers} worker(s) x {wl.servers} server(s), push {wl.push_bytes} B, "
+        f"pull {wl.pull_bytes} B per server, {result.options.stages} stage(s) in flight, "
+        f"progress {result.options.progress}, device {result.options.device}",
+        f"{'contender':<10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'max us':>9} {'ops/s':>9} {'stepmesh/x p50':>15}",
+    ]
+    for name, c in result.contenders.items():
+        st = c.stats()
+        if not st:
+            lines.append(f"{name:<10} {c.note or 'no data'}")
+            continue
+        ratio = f"{bstats['p50_us'] / st['p50_us']:.2f}" if bstats and name != "stepmesh" else "-"
+        lines.append(
+            f"{name:<10} {st['p50_us']:9.1f} {st['p90_us']:9.1f} {st['p99_us']:9.1f} {st['max_us']:9.1f} "
+            f"{st['ops_per_s']:9.0f} {ratio:>15}"
+        )
+    if result.traces:
+        lines.append("stepmesh round trip by stage (median us):")
+        names = [n for n, _, _ in _STAGES]
+        lines.append(f"{'':<10}" + "".join(f"{n:>24}" for n in names))
+        for server, stages in result.traces.items():
+            lines.append(f"{server:<10}" + "".join(f"{stages[n]:24.1f}" for n in names))
+    return "\n".join(lines)
+
+
+def write_json(result: BenchResult, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(result.to_json(), fh, indent=1)
+
+
+def plot(result: BenchResult, path: str) -> None:
+    """Latency CDF of every contender (needs matplotlib).
+
+    Raises:
+        RuntimeError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, c in result.contenders.items():
+        lat = sorted(c.latencies_us)
+        if not lat:
+            continue
+        ys = [(i + 1) / len(lat) for i in range(len(lat))]
+        ax.plot(lat, ys, label=f"{name} (p50 {statistics.median(lat):.1f} us)")
+    wl = result.options.workload
+    ax.set_xscale("log")
+    ax.set_xlabel("round trip (us, log scale)")
+    ax.set_ylabel("fraction of round trips")
+    ax.set_title(f"{wl.name}: {wl.workers}x{wl.servers}, {result.options.stages} stage(s), {result.options.progress}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
