@@ -106,11 +106,11 @@ def run_server(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128, help="max tokens per micro-batch")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--inter", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--inter", type=int, default=512)
     args = p.parse_args()
     torch.set_num_threads(1)
     f.init()
