@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -31,10 +33,48 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype is torch.uint8 else flat.view(torch.uint8)
 
 
+class _DeviceBytes:
+    """Just enough ``__cuda_array_interface__`` for UCX to see device memory as bytes."""
+
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "strides": None, "version": 3,
+        }
+
+
+_BUFFERS: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
+_BUFFERS_KEEP = 1024
+
+
+def memory_buffer(ptr: int, nbytes: int, device: bool) -> Any:
+    """A UCX buffer over an address range, cached: the hot path reuses its buffers.
+
+    The wrapper holds no reference to the memory's owner: the caller keeps the
+    tensor alive for as long as UCX uses it (every request keeps its tensors).
+    """
+    key = (ptr, nbytes, device)
+    buf = _BUFFERS.get(key)
+    if buf is None:
+        obj = _DeviceBytes(ptr, nbytes) if device else (ctypes.c_uint8 * nbytes).from_address(ptr)
+        buf = _BUFFERS[key] = wrap(obj)
+        if len(_BUFFERS) > _BUFFERS_KEEP:
+            _BUFFERS.popitem(last=False)
+    return buf
+
+
 def as_buffer(t: torch.Tensor) -> Any:
-    """A UCX buffer over the tensor's memory (host via numpy, device via CUDA array interface)."""
-    b = byte_view(t)
-    return wrap(b.numpy() if b.device.type == "cpu" else b)
+    """A UCX buffer over a contiguous tensor's memory, host or device, without copying."""
+    return memory_buffer(t.data_ptr(), t.nbytes, t.is_cuda)
+
+
+def copy_bytes(dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int, nbytes: int) -> None:
+    """Copy raw bytes between contiguous tensors (host: memmove; device: a copy-engine copy)."""
+    if not (dst.is_cuda or src.is_cuda):
+        ctypes.memmove(dst.data_ptr() + dst_offset, src.data_ptr() + src_offset, nbytes)
+    else:
+        byte_view(dst)[dst_offset : dst_offset + nbytes].copy_(byte_view(src)[src_offset : src_offset + nbytes])
 
 
 def check_tensors(name: str, tensors: Any) -> list[torch.Tensor]:
@@ -69,3 +109,31 @@ def check_keys(name: str, keys: Any, count: int, count_name: str) -> list[int]:
         if isinstance(k, bool) or not isinstance(k, int) or not -(2**63) <= k < 2**63:
             raise ArgumentError(f"{name}[{i}] = {k!r} is not an int64 key")
     return list(keys)
+
+
+class HostBuffer:
+    """A reusable host byte buffer: as a tensor, as numpy (for struct), and for UCX."""
+
+    __slots__ = ("tensor", "raw", "ptr", "ucx", "pool")
+
+    def __init__(self, size: int, pool: BufferPool | None = None) -> None:
+        self.tensor = torch.empty(size, dtype=torch.uint8)
+        self.raw = self.tensor.numpy()
+        self.ptr = self.tensor.data_ptr()
+        self.ucx = memory_buffer(self.ptr, size, False)
+        self.pool = pool
+
+    def release(self) -> None:
+        if self.pool is not None:
+            self.pool.free.append(self)
+
+
+class BufferPool:
+    """Reusable host byte buffers of one size (allocated on first use, then recycled)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free: list[HostBuffer] = []
+
+    def get(self) -> HostBuffer:
+        return self.free.pop() if self.free else HostBuffer(self.size, self)

@@ -370,6 +370,23 @@ STATUS_OK = 0
 STATUS_REJECTED = 1
 
 
+_TENSOR_STRUCTS = [struct.Struct(f"<qBBQ{n}q") for n in range(MAX_NDIM + 1)]
+_SIZE_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def tensor_struct(ndim: int) -> struct.Struct:
+    """key, dtype code, ndim, nbytes and the ``ndim`` dimensions of one push tensor."""
+    return _TENSOR_STRUCTS[ndim]
+
+
+def response_sizes(n: int) -> struct.Struct:
+    """The ``n`` answer sizes that follow a response's fixed part."""
+    st = _SIZE_STRUCTS.get(n)
+    if st is None:
+        st = _SIZE_STRUCTS[n] = struct.Struct(f"<{n}Q")
+    return st
+
+
 def request_header_size(shapes: list[tuple[int, ...]], n_pulls: int) -> int:
     return (
         REQ_FIXED.size

@@ -18,10 +18,20 @@ import numpy as np
 import torch
 
 from . import protocol as P
-from ._tensors import CODE_DTYPE, ITEMSIZE, as_buffer, byte_view, check_keys, check_tensors
-from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
+from ._tensors import (
+    CODE_DTYPE,
+    ITEMSIZE,
+    BufferPool,
+    byte_view,
+    HostBuffer,
+    as_buffer,
+    check_keys,
+    check_tensors,
+    copy_bytes,
+    memory_buffer,
+)
+from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError
 from .node import Node
-from .transport import wrap
 
 __all__ = ["AFTensorServer"]
 
@@ -49,11 +59,12 @@ class _Request:
 
 
 class _Slot:
-    __slots__ = ("raw", "arr", "req")
+    """One posted receive for a request header (and its inline payload)."""
+
+    __slots__ = ("buf", "req")
 
     def __init__(self) -> None:
-        self.raw = np.empty(_SLOT, dtype=np.uint8)
-        self.arr = wrap(self.raw)
+        self.buf = HostBuffer(_SLOT)
         self.req: Any = None
 
 
@@ -78,7 +89,8 @@ class AFTensorServer(Node):
         self._next_handle = 1
         self._sends: list[tuple[Any, Any]] = []
         self._registered: dict[tuple[int, int], torch.Tensor] = {}
-        self._resp_free: list[tuple[np.ndarray, Any]] = []
+        self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
+        self._mask: Any = None
 
     def start(self) -> None:
         super().start()
@@ -86,6 +98,8 @@ class AFTensorServer(Node):
         self.workers = [p for p in self.peers if p.role is P.Role.WORKER]
         self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
         self._eps = [self.endpoints[p.node_id] for p in self.workers]
+        assert self.data is not None
+        self._mask = self.data.tag_mask(P.TAG_MASK_KIND_NODE)
         self._ready = [deque() for _ in self.workers]
         self._rings = []
         for w, peer in enumerate(self.workers):
@@ -103,7 +117,7 @@ class AFTensorServer(Node):
     def _post(self, w: int, slot: _Slot) -> None:
         assert self.data is not None
         tag = self.data.tag(P.make_tag(P.TAG_REQUEST, self.workers[w].node_id))
-        slot.req = self._eps[w].tag_recv(slot.arr, tag, self.data.tag_mask(P.TAG_MASK_KIND_NODE))
+        slot.req = self._eps[w].tag_recv(slot.buf.ucx, tag, self._mask)
 
     # ------------------------------------------------------------- receive
     def _pump(self) -> None:
@@ -128,14 +142,12 @@ class AFTensorServer(Node):
                 else:
                     still.append(r)
             self._arriving = still
-        if self._sends:
-            self._sends = [s for s in self._sends if not s[0].completed]
 
     def _take(self, w: int, slot: _Slot) -> None:
         peer = self.workers[w]
         try:
             slot.req.check_error()
-            hdr = P.decode_request(memoryview(slot.raw), _SLOT, ITEMSIZE)
+            hdr = P.decode_request(slot.buf.raw, _SLOT, ITEMSIZE)
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
         if hdr.n_servers != len(self._expected_servers()):
@@ -147,10 +159,9 @@ class AFTensorServer(Node):
         r = _Request(w, hdr.seq, tensors, [m.key for m in hdr.tensors], hdr.pulls_for(self.server_index))
         if hdr.flags & P.FLAG_INLINE:
             pos = hdr.size
-            src = torch.from_numpy(slot.raw)
             for t, m in zip(tensors, hdr.tensors):
                 if m.nbytes:
-                    byte_view(t).copy_(src[pos : pos + m.nbytes])
+                    copy_bytes(t, 0, slot.buf.tensor, pos, m.nbytes)
                 pos += m.nbytes
             r.t_recv = time.monotonic_ns()
             self._ready[w].append(r)
@@ -304,73 +315,61 @@ class AFTensorServer(Node):
         for r, ts, _ in plans:
             self._send(r, ts)
 
-    def _response(self, r: _Request, status: int, sizes: list[int], text: str = "") -> tuple[np.ndarray, Any, int]:
-        buf = self._resp_free.pop() if self._resp_free else self._new_resp_buf()
-        raw = buf[0]
-        P.RESP_FIXED.pack_into(
-            raw, 0, P.DATA_VERSION, 0, status, len(r.pulls), r.seq, r.t_recv, r.t_proc,
-            time.monotonic_ns(), time.monotonic_ns(),
-        )
+    def _response(self, r: _Request, status: int, sizes: list[int], text: str = "") -> tuple[HostBuffer, int]:
+        buf = self._resp_pool.get()
+        raw = buf.raw
+        now = time.monotonic_ns()
+        P.RESP_FIXED.pack_into(raw, 0, P.DATA_VERSION, 0, status, len(r.pulls), r.seq, r.t_recv, r.t_proc, now, now)
         pos = P.RESP_FIXED.size
-        for n in sizes:
-            P.RESP_SIZE.pack_into(raw, pos, n)
-            pos += P.RESP_SIZE.size
+        P.response_sizes(len(sizes)).pack_into(raw, pos, *sizes)
+        pos += P.RESP_SIZE.size * len(sizes)
         if text:
-            w = P.Writer().text(text[: P.MAX_STRING])
-            raw[pos : pos + len(w.buf)] = np.frombuffer(bytes(w.buf), dtype=np.uint8)
-            pos += len(w.buf)
-        return raw, buf, pos
-
-    def _new_resp_buf(self) -> tuple[np.ndarray, Any]:
-        raw = np.empty(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX, dtype=np.uint8)
-        return raw, wrap(raw)
+            encoded = bytes(P.Writer().text(text[: P.MAX_STRING]).buf)
+            raw[pos : pos + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+            pos += len(encoded)
+        return buf, pos
 
     def _send(self, r: _Request, ts: list[torch.Tensor]) -> None:
-        assert self.data is not None
         self._check_workers()
         del self._handles[r.handle]
-        sizes = [t.numel() * t.element_size() for t in ts]
+        sizes = [t.nbytes for t in ts]
         small = P.response_inline([cap for _, cap in r.pulls])
-        raw, buf, pos = self._response(r, P.STATUS_OK, sizes)
+        buf, pos = self._response(r, P.STATUS_OK, sizes)
         if small:
-            dst = torch.from_numpy(raw)
             for t, n in zip(ts, sizes):
                 if n:
-                    src = byte_view(t)
-                    dst[pos : pos + n].copy_(src if src.device.type == "cpu" else src.cpu())
+                    copy_bytes(buf.tensor, pos, t, 0, n)
                 pos += n
-        self._post_response(r, raw, buf, pos, [] if small else ts)
+        self._post_response(r, buf, pos, [] if small else ts)
 
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
         del self._handles[r.handle]
-        raw, buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), text)
+        buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), text)
         small = P.response_inline([cap for _, cap in r.pulls])
         empty = [] if small else [torch.empty(0, dtype=torch.uint8) for _ in r.pulls]
-        self._post_response(r, raw, buf, pos, empty)
+        self._post_response(r, buf, pos, empty)
 
-    def _post_response(self, r: _Request, raw: np.ndarray, buf: tuple[np.ndarray, Any], length: int, payloads: list[torch.Tensor]) -> None:
+    def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: list[torch.Tensor]) -> None:
+        """Send the response header (then large answers); keep all alive until sent."""
         assert self.data is not None
-        data = self.data
+        tag = self.data.tag
         ep = self._eps[r.worker]
         me = self.node_id
-        header = wrap(raw[:length])
-        req = ep.tag_send(header, data.tag(P.make_tag(P.TAG_RESPONSE, me, r.seq)))
-        self._sends.append((req, (header, buf, self._resp_free)))
+        if self._sends:
+            self._reap_sends()
+        header = memory_buffer(buf.ptr, length, False)
+        self._sends.append((ep.tag_send(header, tag(P.make_tag(P.TAG_RESPONSE, me, r.seq))), buf))
         for j, t in enumerate(payloads):
-            arr = as_buffer(t)
-            self._sends.append((ep.tag_send(arr, data.tag(P.make_tag(P.TAG_PULL, me, r.seq, j))), (arr, t)))
-        self._pump_sends()
+            self._sends.append((ep.tag_send(as_buffer(t), tag(P.make_tag(P.TAG_PULL, me, r.seq, j))), t))
 
-    def _pump_sends(self) -> None:
+    def _reap_sends(self) -> None:
         keep = []
-        for s in self._sends:
-            if s[0].completed:
-                extra = s[1]
-                if len(extra) == 3:  # a response header buffer goes back to the pool
-                    extra[2].append(extra[1])
-            else:
-                keep.append(s)
+        for req, owner in self._sends:
+            if not req.completed:
+                keep.append((req, owner))
+            elif isinstance(owner, HostBuffer):
+                owner.release()
         self._sends = keep
 
     # ------------------------------------------------------ registered memory

@@ -14,14 +14,12 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import protocol as P
-from ._tensors import DTYPE_CODE, as_buffer, byte_view, check_keys, check_tensors
+from ._tensors import DTYPE_CODE, BufferPool, HostBuffer, as_buffer, check_keys, check_tensors, copy_bytes, memory_buffer
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
-from .transport import wrap
 
 __all__ = ["AFTensorWorker"]
 
@@ -39,29 +37,12 @@ class _Pending:
         self.per_server = per_server
         self.reqs: list[Any] = []
         self.keep: list[Any] = []
-        self.hbuf: tuple[np.ndarray, Any] | None = None
-        self.resp: list[tuple[np.ndarray, Any]] = []
+        self.hbuf: HostBuffer | None = None
+        self.resp: list[HostBuffer] = []
         self.pulls: list[torch.Tensor] = []
         self.inline: list[bool] = []
         self.t_start = 0
         self.t_sent = 0
-
-
-class _Pool:
-    """Reusable host byte buffers of one size, each with its UCX wrapper."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free: list[tuple[np.ndarray, Any]] = []
-
-    def get(self) -> tuple[np.ndarray, Any]:
-        if self._free:
-            return self._free.pop()
-        arr = np.empty(self.size, dtype=np.uint8)
-        return arr, wrap(arr)
-
-    def put(self, item: tuple[np.ndarray, Any]) -> None:
-        self._free.append(item)
 
 
 class AFTensorWorker(Node):
@@ -79,8 +60,8 @@ class AFTensorWorker(Node):
         self._next_handle = 1
         self._pending: dict[int, _Pending] = {}
         self._traces: OrderedDict[int, list[int]] = OrderedDict()
-        self._req_pool = _Pool(P.HEADER_MAX + P.INLINE_MAX)
-        self._resp_pools: dict[int, _Pool] = {}
+        self._req_pool = BufferPool(P.HEADER_MAX + P.INLINE_MAX)
+        self._resp_pools: dict[int, BufferPool] = {}
         self.servers: list[P.Peer] = []
         self._server_eps: list[Any] = []
         self._server_ids: set[int] = set()
@@ -147,7 +128,8 @@ class AFTensorWorker(Node):
 
         t_start = time.monotonic_ns()
         per = len(pulls) // n_servers
-        sizes = [t.numel() * t.element_size() for t in push]
+        sizes = [t.nbytes for t in push]
+        caps = [t.nbytes for t in pulls]
         inline = sum(sizes) <= P.INLINE_MAX
         seq = self._seq = (self._seq + 1) & P.SEQ_MASK
         handle = self._next_handle
@@ -158,51 +140,47 @@ class AFTensorWorker(Node):
         tag = data.tag
         reqs = pend.reqs
         keep = pend.keep
+        keep.append(push)
 
-        # 1. post every receive for the answers
+        # 1. post every receive for the answers before anything is sent
+        resp_size = P.response_header_size(per)
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
-            caps = [t.numel() * t.element_size() for t in pulls[s * per : (s + 1) * per]]
-            small = P.response_inline(caps)
-            size = P.response_header_size(per) + (P.INLINE_MAX if small else 0)
+            small = P.response_inline(caps[s * per : (s + 1) * per])
+            size = resp_size + (P.INLINE_MAX if small else 0)
             pool = self._resp_pools.get(size)
             if pool is None:
-                pool = self._resp_pools[size] = _Pool(size)
+                pool = self._resp_pools[size] = BufferPool(size)
             buf = pool.get()
             pend.resp.append(buf)
             pend.inline.append(small)
-            reqs.append(ep.tag_recv(buf[1], tag(P.make_tag(P.TAG_RESPONSE, peer.node_id, seq))))
+            sid = peer.node_id
+            reqs.append(ep.tag_recv(buf.ucx, tag(P.make_tag(P.TAG_RESPONSE, sid, seq))))
             if not small:
                 for j in range(per):
-                    arr = as_buffer(pulls[s * per + j])
-                    keep.append(arr)
-                    reqs.append(ep.tag_recv(arr, tag(P.make_tag(P.TAG_PULL, peer.node_id, seq, j))))
+                    reqs.append(ep.tag_recv(as_buffer(pulls[s * per + j]), tag(P.make_tag(P.TAG_PULL, sid, seq, j))))
 
         # 2. the request header, with the payload when small
         hbuf = pend.hbuf = self._req_pool.get()
-        raw = hbuf[0]
+        raw = hbuf.raw
         P.REQ_FIXED.pack_into(raw, 0, P.DATA_VERSION, P.FLAG_INLINE if inline else 0, len(push), n_servers, per, seq)
         pos = P.REQ_FIXED.size
         for t, key, shape, nbytes in zip(push, keys, shapes, sizes):
-            P.REQ_TENSOR.pack_into(raw, pos, key, DTYPE_CODE[t.dtype], len(shape), nbytes)
-            pos += P.REQ_TENSOR.size
-            if shape:
-                np.copyto(raw[pos : pos + 8 * len(shape)].view(np.int64), shape)
-                pos += 8 * len(shape)
-        for t, key in zip(pulls, pkeys):
-            P.REQ_PULL.pack_into(raw, pos, key, t.numel() * t.element_size())
+            st = P.tensor_struct(len(shape))
+            st.pack_into(raw, pos, key, DTYPE_CODE[t.dtype], len(shape), nbytes, *shape)
+            pos += st.size
+        pack_pull = P.REQ_PULL.pack_into
+        for key, cap in zip(pkeys, caps):
+            pack_pull(raw, pos, key, cap)
             pos += P.REQ_PULL.size
         if inline:
-            dst = torch.from_numpy(raw)
             for t, nbytes in zip(push, sizes):
                 if nbytes:
-                    src = byte_view(t)
-                    dst[pos : pos + nbytes].copy_(src if src.device.type == "cpu" else src.cpu())
+                    copy_bytes(hbuf.tensor, pos, t, 0, nbytes)
                 pos += nbytes
-        header = wrap(raw[:pos])
-        keep.append(header)
-        push_arrs = [] if inline else [as_buffer(t) for t in push]
-        keep.extend(push_arrs)
-        keep.append(push)
+            push_arrs = []
+        else:
+            push_arrs = [as_buffer(t) for t in push]
+        header = memory_buffer(hbuf.ptr, pos, False)
 
         # 3. send to every server
         me = self.node_id
@@ -242,7 +220,16 @@ class AFTensorWorker(Node):
         data = self.data
         assert data is not None
         deadline = time.monotonic() + timeout_ms / 1000
-        done = lambda: all(r.completed for r in reqs)  # noqa: E731
+        first = [0]  # requests before this index are known complete
+        n = len(reqs)
+
+        def done() -> bool:
+            i = first[0]
+            while i < n and reqs[i].completed:
+                i += 1
+            first[0] = i
+            return i == n
+
         if not done() and not data.progress_until(done, deadline, self._check_servers):
             waiting = [
                 self.servers[s].describe()
@@ -278,7 +265,7 @@ class AFTensorWorker(Node):
         traces = []
         error: StepMeshError | None = None
         for s, (buf, small) in enumerate(zip(pend.resp, pend.inline)):
-            raw = buf[0]
+            raw = buf.raw
             peer = self.servers[s]
             try:
                 version, flags, status, n, seq, t_recv, t_proc, t_resp, t_rsent = P.RESP_FIXED.unpack_from(raw, 0)
@@ -291,26 +278,23 @@ class AFTensorWorker(Node):
                 if status != P.STATUS_OK:
                     r = P.Reader(raw[pos + P.RESP_SIZE.size * n :], "response error")
                     raise PeerError(f"{peer.describe()} refused to answer: {r.text()}", "server", peer.rank)
-                pos_sizes = pos
-                pos += P.RESP_SIZE.size * n
                 if small:
-                    for j in range(per):
-                        (nbytes,) = P.RESP_SIZE.unpack_from(raw, pos_sizes + 8 * j)
+                    sizes = P.response_sizes(n).unpack_from(raw, pos)
+                    pos += P.RESP_SIZE.size * n
+                    for j, nbytes in enumerate(sizes):
                         dst = pend.pulls[s * per + j]
-                        if nbytes > dst.numel() * dst.element_size():
+                        if nbytes > dst.nbytes or pos + nbytes > len(raw):
                             raise ProtocolError(f"{peer.describe()} sent {nbytes} bytes for a smaller pull tensor")
                         if nbytes:
-                            src = torch.from_numpy(raw[pos : pos + nbytes])
-                            view = byte_view(dst)[:nbytes]
-                            view.copy_(src if view.device.type == "cpu" else src.to(view.device))
+                            copy_bytes(dst, 0, buf.tensor, pos, nbytes)
                         pos += nbytes
                 traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, t_done, 0])
             except StepMeshError as e:
                 error = error or e
             finally:
-                self._resp_pools[len(raw)].put(buf)
+                buf.release()
         if pend.hbuf is not None:
-            self._req_pool.put(pend.hbuf)
+            pend.hbuf.release()
         if error is not None:
             raise error
         t_end = time.monotonic_ns()
