@@ -358,6 +358,7 @@ FLAG_INLINE = 1
 
 # version, flags, n_push, n_servers, pulls per server, seq
 REQ_FIXED = struct.Struct("<BBHHHI")
+SEQ_OFFSET = 8
 # key, dtype code, ndim, nbytes
 REQ_TENSOR = struct.Struct("<qBBQ")
 REQ_DIM = struct.Struct("<q")
