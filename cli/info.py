@@ -69,20 +69,20 @@ def _versions() -> dict[str, str | None]:
         import torch
 
         out["torch"] = str(torch.__version__)
-    except Exception as e:  # noqa: BLE001 - reported, not raised
+    except Exception as e:
         out["torch"] = f"not available ({_error(e)})"
     try:
         import numpy
 
         out["numpy"] = str(numpy.__version__)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["numpy"] = f"not available ({_error(e)})"
     out["ucxx"] = _dist_version("ucxx-cu12", "ucxx-cu13", "ucxx", "ucxx-cu11") or "not installed"
     try:
         from stepmesh.transport import ucx_version
 
         out["ucx"] = ucx_version()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["ucx"] = f"not available ({_error(e)})"
     return out
 
@@ -99,7 +99,7 @@ def _ucx() -> dict[str, Any]:
             transport.close()
         info["error"] = None
         return info
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"components": [], "resources": [], "transports": [], "cuda_support": False, "error": _error(e)}
 
 
@@ -113,7 +113,7 @@ def _devices() -> dict[str, Any]:
             out["count"] = int(torch.cuda.device_count())
             out["names"] = [str(torch.cuda.get_device_name(i)) for i in range(out["count"])]
         out["torch_cuda"] = getattr(torch.version, "cuda", None)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["error"] = _error(e)
     return out
 
@@ -123,7 +123,7 @@ def _config() -> dict[str, Any]:
         from stepmesh.config import Config
 
         cfg = Config.from_env()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"error": _error(e)}
     return {
         "error": None,

@@ -254,3 +254,8 @@ def launch(
         verbose=verbose,
     )
     sys.exit(Launcher(spec).run())
+
+
+from .bench import bench  # noqa: E402 - registered after the group is defined
+
+main.add_command(bench)

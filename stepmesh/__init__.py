@@ -72,6 +72,8 @@ def init(config: Config | None = None) -> None:
     cfg = config if config is not None else Config.from_env()
     if cfg.role is None:
         raise ConfigError("DMLC_ROLE (role) is not set: expected one of scheduler, server, worker")
+    if cfg.verbose:
+        _verbose_logging(cfg.verbose)
     node: Scheduler | AFTensorWorker | AFTensorServer
     if cfg.role == "scheduler":
         node = Scheduler(cfg)
@@ -83,6 +85,18 @@ def init(config: Config | None = None) -> None:
         node = AFTensorWorker(cfg)
         node.start()
     _node = node
+
+
+def _verbose_logging(level: int) -> None:
+    """PS_VERBOSE: 1 = INFO, 2 = DEBUG on the ``stepmesh`` loggers; stderr if nothing else is set up."""
+    import logging
+
+    logger = logging.getLogger("stepmesh")
+    logger.setLevel(logging.DEBUG if level >= 2 else logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s"))
+        logger.addHandler(handler)
 
 
 def stop() -> None:

@@ -82,7 +82,7 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         if self.role is not None and self.role not in ROLES:
             _fail("role", self.role, f"one of {', '.join(ROLES)}")
         for name, low, high in (
@@ -203,6 +203,8 @@ class Config:
             opts["TLS"] = "^rc,rc_x,dc,dc_x,ud,ud_x,ib"
         if self.net_devices is not None:
             opts["NET_DEVICES"] = self.net_devices
+        elif self.interface and self.interface.lower() != "auto":
+            opts["NET_DEVICES"] = self.interface
         return opts
 
     @staticmethod

@@ -41,7 +41,7 @@ class PeerError(StepMeshError, ConnectionError):
         self.rank = rank
 
 
-class TimeoutError(StepMeshError, _builtin_TimeoutError):  # noqa: A001 - deliberate
+class TimeoutError(StepMeshError, _builtin_TimeoutError):
     """A bounded wait ran out. Also a builtin ``TimeoutError``."""
 
 

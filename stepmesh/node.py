@@ -37,6 +37,7 @@ _ERRORS: dict[int, type[StepMeshError]] = {
     P.ErrorCode.PEER: PeerError,
 }
 _CONNECT_RETRY_S = 0.2
+_VERDICT_GRACE_S = 2.0
 
 
 class Node:
@@ -165,9 +166,11 @@ class Node:
         assert self._welcome is not None
         self.node_id = self._welcome.node_id
         self.rank = self._welcome.rank
+        # The scheduler times the mesh out itself and says who is missing; give
+        # its verdict a moment to arrive before falling back to our own.
         self._wait_for(
             lambda: self._book is not None,
-            deadline,
+            deadline + _VERDICT_GRACE_S,
             f"the rest of the mesh ({cfg.num_workers} workers x {cfg.num_servers} servers "
             f"x {cfg.group_size} groups) to register",
         )
@@ -312,7 +315,9 @@ class Node:
             return
         self._barrier(scope, _deadline, timeout_ms or self.config.barrier_timeout_ms, _what)
 
-    def _barrier(self, scope: int, deadline: float | None, timeout_ms: int, what: str) -> None:
+    def _barrier(
+        self, scope: int, deadline: float | None, timeout_ms: int, what: str, progress_data: bool = False
+    ) -> None:
         if self._channel is None or self._stopped:
             raise StepMeshError(f"{self.role} is not running: call init() first")
         if deadline is None:
@@ -320,7 +325,13 @@ class Node:
         seq = self._barrier_seq.get(scope, 0)
         self._barrier_seq[scope] = seq + 1
         self._send_control(P.encode_barrier(seq, scope))
-        self._wait_for(lambda: (scope, seq) in self._releases, deadline, what)
+        released = lambda: (scope, seq) in self._releases
+        if progress_data and self.data is not None:
+            # Keep the data path moving: a peer may still be reading our last answer.
+            if not self.data.progress_until(released, deadline, self.check_alive, slice_ms=5):
+                raise TimeoutError(f"{self.role} rank {self.rank}: timed out waiting for {what}")
+        else:
+            self._wait_for(released, deadline, what)
         release = self._releases.pop((scope, seq))
         if release.code:
             raise _ERRORS.get(release.code, StepMeshError)(f"{what}: {release.text}")
@@ -335,7 +346,7 @@ class Node:
             return
         try:
             if self._channel is not None and self._fatal is None:
-                self._barrier(P.SCOPE_STOP, None, self.config.stop_timeout_ms, "the stop barrier")
+                self._barrier(P.SCOPE_STOP, None, self.config.stop_timeout_ms, "the stop barrier", progress_data=True)
         finally:
             self._teardown()
 

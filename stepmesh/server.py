@@ -22,9 +22,9 @@ from ._tensors import (
     CODE_DTYPE,
     ITEMSIZE,
     BufferPool,
-    byte_view,
     HostBuffer,
     as_buffer,
+    byte_view,
     check_keys,
     check_tensors,
     copy_bytes,
@@ -109,7 +109,7 @@ class AFTensorServer(Node):
         self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
         self._ready = [deque() for _ in self.workers]
         self._rings = []
-        for w, peer in enumerate(self.workers):
+        for w in range(len(self.workers)):
             ring: deque[_Slot] = deque()
             for _ in range(RING_DEPTH):
                 slot = _Slot()
@@ -194,12 +194,13 @@ class AFTensorServer(Node):
         dtype = CODE_DTYPE[m.dtype]
         chunk = self._registered.get((w, m.key))
         if chunk is not None:
-            if m.nbytes <= chunk.numel():
+            if m.nbytes <= chunk.numel() and chunk.data_ptr() % ITEMSIZE[m.dtype] == 0:
                 view = self._views[(w, m)] = chunk[: m.nbytes].view(dtype).view(m.shape)
                 return view
             log.warning(
-                "push of %d bytes for key %d from worker %d exceeds its registered chunk of %d bytes; allocating",
-                m.nbytes, m.key, w, chunk.numel(),
+                "push of %d bytes of %s for key %d from worker %d does not fit its registered chunk "
+                "(%d bytes at an offset of %d); allocating",
+                m.nbytes, dtype, m.key, w, chunk.numel(), chunk.data_ptr() % 64,
             )
         return torch.empty(m.shape, dtype=dtype)
 
@@ -309,6 +310,9 @@ class AFTensorServer(Node):
             raise ArgumentError(
                 f"handles must be a list as long as tensors_vec ({len(vec)}), got {handles!r}"
             )
+        ints = [h for h in handles if isinstance(h, int)]
+        if len(set(ints)) != len(ints):
+            raise ArgumentError(f"handles has duplicates: {list(handles)!r}; each request is answered once")
         rows = [t.shape[0] if t.dim() else 1 for t in vec]
         if buf.dim() == 0 or sum(rows) > buf.shape[0]:
             raise ArgumentError(

@@ -128,11 +128,17 @@ class Transport:
             time.sleep(_THREAD_WAIT_S if timeout_ms else 0)
 
     def progress_until(
-        self, done: Callable[[], bool], deadline: float, check: Callable[[], None] | None = None
+        self,
+        done: Callable[[], bool],
+        deadline: float,
+        check: Callable[[], None] | None = None,
+        slice_ms: int = _BLOCKING_SLICE_MS,
     ) -> bool:
         """Progress until ``done()`` or the monotonic ``deadline``; False on timeout.
 
         ``check`` runs between progress steps and may raise (a dead peer, say).
+        In blocking mode the worker sleeps at most ``slice_ms`` between checks,
+        which bounds how late a ``done`` that no UCX event signals is noticed.
         """
         worker = self.worker
         mode = self.mode
@@ -145,7 +151,7 @@ class Transport:
             if mode == "polling":
                 worker.progress()
             elif mode == "blocking":
-                ms = max(0, min(_BLOCKING_SLICE_MS, int((deadline - now) * 1000) + 1))
+                ms = max(0, min(slice_ms, int((deadline - now) * 1000) + 1))
                 worker.progress_worker_event(ms)
             else:
                 time.sleep(_THREAD_WAIT_S)

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 
 from . import protocol as P
-from ._tensors import DTYPE_CODE, BufferPool, HostBuffer, as_buffer, check_keys, check_tensors, copy_bytes, memory_buffer
+from ._tensors import (
+    DTYPE_CODE,
+    BufferPool,
+    HostBuffer,
+    as_buffer,
+    check_keys,
+    check_tensors,
+    copy_bytes,
+    memory_buffer,
+)
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
@@ -29,7 +38,9 @@ _TRACE_KEEP = 4096
 class _Pending:
     """One push_pull in flight: its UCX requests and every buffer they use."""
 
-    __slots__ = ("handle", "seq", "reqs", "keep", "hbuf", "resp", "pulls", "per_server", "inline", "t_start", "t_sent")
+    __slots__ = (
+        "handle", "seq", "reqs", "keep", "hbuf", "resp", "pulls", "per_server", "inline", "bounds", "t_start", "t_sent",
+    )
 
     def __init__(self, handle: int, seq: int, per_server: int) -> None:
         self.handle = handle
@@ -41,6 +52,7 @@ class _Pending:
         self.resp: list[HostBuffer] = []
         self.pulls: list[torch.Tensor] = []
         self.inline: list[bool] = []
+        self.bounds: list[tuple[int, int]] = []  # reqs[a:b] are server s's receives
         self.t_start = 0
         self.t_sent = 0
 
@@ -154,10 +166,12 @@ class AFTensorWorker(Node):
             pend.resp.append(buf)
             pend.inline.append(small)
             sid = peer.node_id
+            first = len(reqs)
             reqs.append(ep.tag_recv(buf.ucx, tag(P.make_tag(P.TAG_RESPONSE, sid, seq))))
             if not small:
                 for j in range(per):
                     reqs.append(ep.tag_recv(as_buffer(pulls[s * per + j]), tag(P.make_tag(P.TAG_PULL, sid, seq, j))))
+            pend.bounds.append((first, len(reqs)))
 
         # 2. the request header, with the payload when small
         hbuf = pend.hbuf = self._req_pool.get()
@@ -220,10 +234,25 @@ class AFTensorWorker(Node):
         data = self.data
         assert data is not None
         deadline = time.monotonic() + timeout_ms / 1000
-        first = [0]  # requests before this index are known complete
+        bounds = pend.bounds
+        arrived = [0] * len(bounds)  # when each server's answer was seen complete
+        waiting = list(range(len(bounds)))
+        first = [bounds[-1][1]]  # sends before this index are known complete
         n = len(reqs)
 
         def done() -> bool:
+            if waiting:
+                for s in tuple(waiting):
+                    a, b = bounds[s]
+                    while a < b and reqs[a].completed:
+                        a += 1
+                    if a == b:
+                        arrived[s] = time.monotonic_ns()
+                        waiting.remove(s)
+                    else:
+                        bounds[s] = (a, b)
+                if waiting:
+                    return False
             i = first[0]
             while i < n and reqs[i].completed:
                 i += 1
@@ -231,36 +260,24 @@ class AFTensorWorker(Node):
             return i == n
 
         if not done() and not data.progress_until(done, deadline, self._check_servers):
-            waiting = [
-                self.servers[s].describe()
-                for s in range(len(self.servers))
-                if not reqs[self._resp_index(pend, s)].completed
-            ]
+            who = ", ".join(self.servers[s].describe() for s in waiting)
             raise TimeoutError(
                 f"push_pull handle {handle} not complete after {timeout_ms} ms; "
-                f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
+                f"no response yet from: {who or 'none (sends still in flight)'}"
             )
-        t_done = time.monotonic_ns()
         del self._pending[handle]
         try:
             for r in reqs:
                 r.check_error()
         except Exception as e:
             raise ProtocolError(f"push_pull handle {handle}: UCX reported {type(e).__name__}: {e}") from e
-        traces = self._finish(pend, t_done)
+        traces = self._finish(pend, arrived)
         for s, trace in enumerate(traces):
             self._remember(handle + 1 + s, trace)
         last = max(traces, key=lambda tr: tr[6]) if traces else [pend.t_start, pend.t_sent] + [0] * 6
         self._remember(handle, last)
 
-    @staticmethod
-    def _resp_index(pend: _Pending, s: int) -> int:
-        index = 0
-        for i in range(s):
-            index += 1 if pend.inline[i] else 1 + pend.per_server
-        return index
-
-    def _finish(self, pend: _Pending, t_done: int) -> list[list[int]]:
+    def _finish(self, pend: _Pending, arrived: list[int]) -> list[list[int]]:
         per = pend.per_server
         traces = []
         error: StepMeshError | None = None
@@ -288,7 +305,7 @@ class AFTensorWorker(Node):
                         if nbytes:
                             copy_bytes(dst, 0, buf.tensor, pos, nbytes)
                         pos += nbytes
-                traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, t_done, 0])
+                traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, arrived[s], 0])
             except StepMeshError as e:
                 error = error or e
             finally:

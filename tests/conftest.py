@@ -1,4 +1,6 @@
-import os
+
+import subprocess
+import sys
 
 import pytest
 
@@ -14,3 +16,16 @@ FAST = {
 @pytest.fixture
 def fast_env() -> dict[str, str]:
     return dict(FAST)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_imports() -> None:
+    """Import torch and ucxx once before any mesh starts.
+
+    On a fresh install the first import compiles every module and loads UCX's
+    libraries from cold storage; nodes of one mesh doing that at once start
+    seconds apart, which tests with short init timeouts would read as a
+    missing node.
+    """
+    code = "import torch, stepmesh.transport as t; t._ucx()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

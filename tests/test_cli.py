@@ -12,8 +12,8 @@ import time
 
 import pytest
 from click.testing import CliRunner
-
 from stepmesh.cli import main
+
 from stepmesh.testing import cli_command, kill_session, run_command, start_command, wait_gone
 
 # Every child of these tests sees this; no stray DMLC_* from the caller's shell.

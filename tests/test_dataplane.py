@@ -68,7 +68,9 @@ def _mxn(ctx: NodeContext) -> int:
                     expect = mark + torch.arange(n) + 100 * s + 10 * j
                     assert torch.equal(pulls[s * 2 + j], expect), (s, j, pulls[s * 2 + j][:3])
             assert len(f.get_all_handlers(h)) == servers + 1
-            assert all(len(f.fetch_trace(x)) == 8 for x in f.get_all_handlers(h))
+            main, *subs = (f.fetch_trace(x) for x in f.get_all_handlers(h))
+            assert all(len(tr) == 8 for tr in subs) and main == max(subs, key=lambda tr: tr[6])
+            assert all(tr[0] <= tr[1] <= tr[6] <= tr[7] for tr in subs)
         else:
             batch = f.get_batch()
             assert len(batch) == node.config.num_workers
@@ -94,7 +96,7 @@ def _stages(ctx: NodeContext) -> int:
     n_stages, rounds = 3, 4
     if ctx.role == "worker":
         buf = torch.arange(LARGE, dtype=torch.float32)
-        for r in range(rounds):
+        for _ in range(rounds):
             handles, pulls = [], []
             for s in range(n_stages):
                 length = [LARGE, 17, LARGE // 3][s]  # dynamic: slices of one buffer
@@ -105,7 +107,7 @@ def _stages(ctx: NodeContext) -> int:
                 f.wait(h)
                 assert torch.equal(out, expect)
     else:
-        for r in range(rounds):
+        for _ in range(rounds):
             batches = [f.get_batch() for _ in range(n_stages)]
             for batch in reversed(batches):  # answer out of order
                 (handle, (t,), (key,)), = batch
@@ -228,6 +230,29 @@ def test_registered_buffers_receive_pushes_in_place():
     assert results["server-0-0"] == [True] * 8
 
 
+def _misaligned(ctx: NodeContext) -> bool:
+    """Chunks whose offsets do not suit the dtype: the push still arrives, in fresh memory."""
+    f.init()
+    if ctx.role == "server":
+        pool = torch.zeros(2 * (LARGE * 4 + 2), dtype=torch.uint8)  # chunk 1 starts 2 bytes off
+        f.register_recv_buffer(pool, [0], [5, 6])
+    f.barrier()
+    if ctx.role == "worker":
+        out = [torch.zeros(LARGE)]
+        f.wait(f.push_pull([torch.full((LARGE,), 1.5), torch.full((LARGE,), 2.0)], [5, 6], out, [0]))
+        assert torch.all(out[0] == 3.5)
+    else:
+        (h, (a, b), _), = f.get_batch()
+        f.respond([a + b], h)
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_registered_chunks_that_do_not_suit_the_dtype_fall_back_to_allocation():
+    assert all(_mesh(_misaligned).values())
+
+
 # -------------------------------------------------------------- respond_vec
 def _vec(ctx: NodeContext) -> bool:
     f.init()
@@ -244,6 +269,8 @@ def _vec(ctx: NodeContext) -> bool:
         ret = torch.arange(8, dtype=torch.float32).repeat_interleave(4).reshape(8, 4)
         with pytest.raises(f.ArgumentError, match="handles"):
             f.respond_vec(ret, [t[0] for _, t, _ in batch], [batch[0][0]])
+        with pytest.raises(f.ArgumentError, match="duplicates"):
+            f.respond_vec(ret, [t[0] for _, t, _ in batch], [batch[0][0]] * 2)
         f.respond_vec(ret, [t[0] for _, t, _ in batch], [h for h, _, _ in batch])
     f.stop()
     return True
@@ -278,6 +305,26 @@ def _full(ctx: NodeContext) -> int:
 def test_full_topology_any_worker_reaches_any_server():
     env = dict(FAST, STEPMESH_TOPOLOGY="full")
     assert set(_mesh(_full, group_size=2, env=env).values()) == {2}
+
+
+# ------------------------------------------------- answer in flight at stop
+def _answer_then_stop(ctx: NodeContext) -> bool:
+    """A server that stops right after a large respond() still delivers it."""
+    f.init()
+    if ctx.role == "worker":
+        out = [torch.zeros(LARGE)]
+        f.wait(f.push_pull([torch.ones(LARGE)], [0], out, [0]), timeout_ms=20000)
+        assert torch.all(out[0] == 2.0)
+    else:
+        (h, (t,), _), = f.get_batch()
+        f.respond([t * 2], h)
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_answer_in_flight_when_the_server_stops_is_delivered():
+    assert all(_mesh(_answer_then_stop).values())
 
 
 # ------------------------------------------------------------------ bad input

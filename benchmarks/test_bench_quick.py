@@ -1,0 +1,59 @@
+"""``stepmesh bench`` in a quick mode: the harness works end to end (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepmesh.testing import cli_command, run_command
+
+QUICK = ["--iters", "40", "--warmup", "5", "--rounds", "2", "--no-pin"]
+
+
+@pytest.mark.timeout(240)
+def test_bench_small_writes_table_json_with_every_contender(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_command(
+        cli_command("bench", "--preset", "small", "--progress", "blocking", *QUICK, "--json", str(out)),
+        timeout=200,
+    )
+    assert r.returncode == 0, r.stderr
+    for name in ("stepmesh", "ucxx", "gloo"):
+        assert any(line.startswith(name) for line in r.stdout.splitlines()), r.stdout
+    assert "nixl" in r.stdout and "not run" in r.stdout  # said, not silently dropped
+    assert "round trip by stage" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["schema"] == "stepmesh-bench/1"
+    assert data["workload"]["name"] == "small"
+    for name in ("stepmesh", "ucxx", "gloo"):
+        entry = data["contenders"][name]
+        assert entry["stats"]["samples"] == 40 and len(entry["latencies_us"]) == 40
+        assert 0 < entry["stats"]["p50_us"] <= entry["stats"]["p99_us"] <= entry["stats"]["max_us"]
+    assert data["contenders"]["ucxx"]["stepmesh_p50_ratio"] > 0
+    stages = data["trace_breakdown_us"]["server 0"]
+    assert set(stages) >= {"request send", "request network", "response send"}
+
+
+@pytest.mark.timeout(240)
+def test_bench_three_stages_two_by_two(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_command(
+        cli_command(
+            "bench", "--preset", "2a2f", "--stages", "3", "--contenders", "stepmesh,ucxx",
+            "--progress", "blocking", *QUICK, "--json", str(out),
+        ),
+        timeout=200,
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["workload"]["workers"] == 2 and data["workload"]["servers"] == 2
+    assert data["options"]["stages"] == 3
+    assert set(data["trace_breakdown_us"]) == {"server 0", "server 1"}
+
+
+def test_bench_rejects_bad_options_by_name():
+    r = run_command(cli_command("bench", "--push", "64xq:bfloat16"), timeout=60)
+    assert r.returncode == 2 and "--push" in r.stderr and "64xq" in r.stderr
+    r = run_command(cli_command("bench", "--contenders", "ucxx"), timeout=60)
+    assert r.returncode == 2 and "--contenders" in r.stderr

@@ -1,0 +1,148 @@
+"""``stepmesh bench``: push_pull round trips next to raw ucxx and torch.distributed, interleaved."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import click
+
+__all__ = ["bench"]
+
+_CONTENDERS = ("stepmesh", "ucxx", "gloo", "nixl")
+
+
+def _parse_specs(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``64x7168:bfloat16,1:int32`` -> TensorSpec tuple."""
+    if value is None:
+        return None
+    import torch
+
+    from stepmesh.bench import TensorSpec
+
+    specs = []
+    for part in value.split(","):
+        shape_s, _, dtype = part.strip().partition(":")
+        dtype = dtype or "uint8"
+        try:
+            shape = tuple(int(x) for x in shape_s.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{part!r}: shape must be like 64x7168 (got {shape_s!r})") from None
+        if not shape or any(d < 1 for d in shape):
+            raise click.BadParameter(f"{part!r}: every dimension must be >= 1")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise click.BadParameter(f"{part!r}: {dtype!r} is not a torch dtype (bfloat16, float8_e4m3fn, int32, ...)")
+        specs.append(TensorSpec(shape, dtype))
+    return tuple(specs)
+
+
+def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if n not in _CONTENDERS]
+    if bad or "stepmesh" not in names:
+        raise click.BadParameter(f"{value!r}: a comma list of {', '.join(_CONTENDERS)} that includes stepmesh")
+    return names
+
+
+@click.command()
+@click.option("--preset", type=click.Choice(["small", "stepmesh-1x1", "2a2f"]), default="stepmesh-1x1", show_default=True,
+              help="small: 8 KiB each way; stepmesh-1x1: 64x7168 bf16 + int32 count each way; "
+                   "2a2f: 2 workers x 2 servers, 128x7168 fp8 push, 128x7168 bf16 pull.")
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=None, help="Workers (default: the preset's).")
+@click.option("--servers", "-s", type=click.IntRange(min=1), default=None, help="Servers (default: the preset's).")
+@click.option("--stages", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="push_pulls in flight per worker (StepMesh runs 3 micro-batch stages).")
+@click.option("--push", callback=_parse_specs, default=None, metavar="SHAPE:DTYPE,...",
+              help="Push tensors instead of the preset's, e.g. 64x7168:bfloat16,1:int32.")
+@click.option("--pull", callback=_parse_specs, default=None, metavar="SHAPE:DTYPE,...",
+              help="Pull tensors per server instead of the preset's.")
+@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True, help="Measured round trips per contender.")
+@click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True, help="Unmeasured round trips first.")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Interleaved rounds (A B A B ...) the iterations are split into.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--progress", "progress_mode", type=click.Choice(["polling", "blocking", "thread"]), default="polling",
+              show_default=True, help="UCX progress mode of every contender.")
+@click.option("--pin/--no-pin", default=True, show_default=True, help="Pin each process to its own core.")
+@click.option("--contenders", callback=_parse_contenders, default="stepmesh,ucxx,gloo,nixl", show_default=True,
+              help="What to measure (nixl runs only where it is installed).")
+@click.option("--traces/--no-traces", default=True, show_default=True,
+              help="Collect fetch_trace stamps for the per-stage breakdown (costs a little per call).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write every figure and sample here (schema stepmesh-bench/1, see docs/performance.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a latency CDF of every contender here (PNG; needs matplotlib).")
+def bench(
+    preset: str,
+    workers: int | None,
+    servers: int | None,
+    stages: int,
+    push: Any,
+    pull: Any,
+    iters: int,
+    warmup: int,
+    rounds: int,
+    device: str,
+    progress_mode: str,
+    pin: bool,
+    contenders: tuple[str, ...],
+    traces: bool,
+    json_path: str | None,
+    plot_path: str | None,
+) -> None:
+    """Measure push_pull round trips on a real local mesh against the floors, in one run.
+
+    Starts a scheduler, the servers and the workers (as `stepmesh launch` does),
+    plus a raw ucxx ping-pong pair and a torch.distributed pair moving the same
+    bytes, and drives them in interleaved rounds so that machine drift hits all
+    alike. Prints p50/p90/p99/max, ops/s and stepmesh's ratio to each baseline,
+    then the per-server breakdown of the round trip.
+    """
+    from dataclasses import replace
+
+    from stepmesh import bench as B
+
+    wl = B.PRESETS[preset]
+    name = preset if push is None and pull is None and workers is None and servers is None else f"{preset}+custom"
+    wl = replace(
+        wl,
+        name=name,
+        push=push or wl.push,
+        pull=pull or wl.pull,
+        workers=workers or wl.workers,
+        servers=servers or wl.servers,
+    )
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda: no CUDA device is visible to torch here")
+    opts = B.BenchOptions(
+        workload=wl, stages=stages, iters=iters, warmup=warmup, rounds=rounds, progress=progress_mode,
+        device=device, pin=pin, contenders=contenders, traces=traces,
+    )
+    runnable = [c for c in contenders if c != "nixl" or B._has("nixl")]
+    total = rounds * len(runnable)
+    click.echo(
+        f"stepmesh bench: {wl.name}, {wl.workers} worker(s) x {wl.servers} server(s), {stages} stage(s), "
+        f"{iters} iterations in {rounds} rounds, {progress_mode} progress, {device}",
+        err=True,
+    )
+    try:
+        with click.progressbar(length=total, label="measuring", file=sys.stderr, show_eta=True) as bar:
+            result = B.run_bench(opts, on_round=bar.update)
+    except Exception as e:  # a child's failure arrives with its output
+        raise click.ClickException(f"benchmark failed: {e}") from e
+    click.echo(B.summarize(result))
+    if json_path:
+        B.write_json(result, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        try:
+            B.plot(result, plot_path)
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"wrote {plot_path}", err=True)
+    if math.isnan(result.contenders["stepmesh"].stats().get("p50_us", math.nan)):
+        raise click.ClickException("stepmesh produced no samples")
