@@ -183,6 +183,19 @@ def _base_env(num_workers: int, num_servers: int, group_size: int, env: Mapping[
     return out
 
 
+def _context() -> Any:
+    """A fork server with torch and stepmesh imported, where the platform has one.
+
+    Every child then starts from a warm interpreter instead of importing torch
+    again (about 2 s of CPU each); UCX is never initialised before the fork.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "stepmesh", "stepmesh.testing"])
+    return ctx
+
+
 def spawn_mesh(
     target: Callable[[NodeContext], Any],
     num_workers: int = 1,
@@ -207,7 +220,7 @@ def spawn_mesh(
     Raises:
         MeshError: the scheduler did not report its port in time.
     """
-    spawn = mp.get_context("spawn")
+    spawn = _context()
     mesh = Mesh(queue=spawn.Queue(), deadline=time.monotonic() + timeout)
     mesh.tmpdir = tempfile.TemporaryDirectory(prefix="stepmesh-mesh-")
     base = _base_env(num_workers, num_servers, group_size, env)

@@ -286,10 +286,12 @@ class EventLoop:
         self._epoll.register(waker.fileno(), select.EPOLLIN)
 
     def run_once(self, timeout_s: float) -> None:
+        """Progress; sleep only if that did nothing (what it did may need handling first)."""
         worker = self.transport.worker
+        progressed = False
         while worker.progress_once():
-            pass
-        if worker.arm():
+            progressed = True
+        if not progressed and worker.arm():
             self._epoll.poll(max(0.0, timeout_s))
             while worker.progress_once():
                 pass
