@@ -93,7 +93,10 @@ class Node:
         deadline = time.monotonic() + cfg.init_timeout_ms / 1000
         if cfg.bind_cpu_core:
             self._bind_core()
-        self.data = Transport(cfg.ucx_options(), cfg.progress)
+        # A request or response with its inline payload goes eagerly in one
+        # message; ucxx's 8 KiB default rendezvous threshold would add a round trip.
+        options = {"RNDV_THRESH": str(P.HEADER_MAX + P.INLINE_MAX), **cfg.ucx_options()}
+        self.data = Transport(options, cfg.progress)
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
         self._running = True

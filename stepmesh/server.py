@@ -10,8 +10,10 @@ is registered for (worker, key), a fresh tensor otherwise.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import deque
+from ctypes import memmove
 from typing import Any
 
 import numpy as np
@@ -38,13 +40,14 @@ __all__ = ["AFTensorServer"]
 log = logging.getLogger("stepmesh.server")
 
 RING_DEPTH = 4
+_SEQ = struct.Struct("<I")
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
 
 
 class _Request:
     """A request from one worker, from its header until the server answers it."""
 
-    __slots__ = ("worker", "seq", "tensors", "keys", "pulls", "reqs", "t_recv", "t_proc", "handle")
+    __slots__ = ("handle", "keys", "pulls", "reqs", "seq", "small", "t_proc", "t_recv", "tensors", "worker")
 
     def __init__(self, worker: int, seq: int, tensors: list[torch.Tensor], keys: list[int], pulls: tuple) -> None:
         self.worker = worker
@@ -52,10 +55,27 @@ class _Request:
         self.tensors = tensors
         self.keys = keys
         self.pulls = pulls  # ((key, capacity), ...) for this server
+        self.small = False  # answers travel inside the response header
         self.reqs: list[Any] = []
         self.t_recv = 0
         self.t_proc = 0
         self.handle = 0
+
+
+class _Layout:
+    """A decoded request header, kept to recognise the next one laid out the same."""
+
+    __slots__ = ("hdr", "head", "keys", "pulls", "push_tag", "size", "small", "tail")
+
+    def __init__(self, head: bytes, hdr: P.RequestHeader, tail: bytes, pulls: tuple) -> None:
+        self.head = head
+        self.hdr = hdr
+        self.tail = tail
+        self.size = hdr.size
+        self.keys = [m.key for m in hdr.tensors]
+        self.pulls = pulls
+        self.small = P.response_inline([cap for _, cap in pulls])
+        self.push_tag = 0
 
 
 class _Slot:
@@ -91,6 +111,9 @@ class AFTensorServer(Node):
         self._registered: dict[tuple[int, int], torch.Tensor] = {}
         self._views: dict[tuple[int, P.TensorMeta], torch.Tensor] = {}
         self._last_header: list[Any] = []
+        self._Tag: Any = None
+        self._resp_tag = 0
+        self._pull_tag = 0
         self._ring_tags: list[Any] = []
         self._n_servers = 0
         self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
@@ -105,6 +128,9 @@ class AFTensorServer(Node):
         assert self.data is not None
         self._mask = self.data.tag_mask(P.TAG_MASK_KIND_NODE)
         self._ring_tags = [self.data.tag(P.make_tag(P.TAG_REQUEST, p.node_id)) for p in self.workers]
+        self._Tag = self.data.api.UCXXTag
+        self._resp_tag = P.make_tag(P.TAG_RESPONSE, self.node_id)
+        self._pull_tag = P.make_tag(P.TAG_PULL, self.node_id)
         self._last_header = [None] * len(self.workers)
         self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
         self._ready = [deque() for _ in self.workers]
@@ -156,35 +182,48 @@ class AFTensorServer(Node):
             last = self._last_header[w]
             # A header laid out like the last one from this worker (only the
             # sequence differs) needs no decoding: StepMesh traffic repeats.
-            if last is not None and raw[: P.SEQ_OFFSET].tobytes() == last[0] and raw[P.SEQ_OFFSET + 4 : last[1]].tobytes() == last[2]:
-                hdr = last[3]
-                seq = int.from_bytes(raw[P.SEQ_OFFSET : P.SEQ_OFFSET + 4].tobytes(), "little")
+            if (
+                last is not None
+                and raw[: P.SEQ_OFFSET].tobytes() == last.head
+                and raw[P.SEQ_OFFSET + 4 : last.size].tobytes() == last.tail
+            ):
+                seq = _SEQ.unpack_from(raw, P.SEQ_OFFSET)[0]
             else:
                 hdr = P.decode_request(raw, _SLOT, ITEMSIZE)
-                seq = hdr.seq
                 if hdr.n_servers != self._n_servers:
                     raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
-                self._last_header[w] = (
-                    raw[: P.SEQ_OFFSET].tobytes(), hdr.size, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(), hdr,
+                seq = hdr.seq
+                last = self._last_header[w] = _Layout(
+                    raw[: P.SEQ_OFFSET].tobytes(), hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(),
+                    hdr.pulls_for(self.server_index),
                 )
+                last.push_tag = P.make_tag(P.TAG_PUSH, peer.node_id)
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
+        hdr = last.hdr
         tensors = [self._destination(w, m) for m in hdr.tensors]
-        r = _Request(w, seq, tensors, [m.key for m in hdr.tensors], hdr.pulls_for(self.server_index))
+        r = _Request(w, seq, tensors, last.keys, last.pulls)
+        r.small = last.small
         if hdr.flags & P.FLAG_INLINE:
             pos = hdr.size
+            src = slot.buf.ptr
             for t, m in zip(tensors, hdr.tensors):
-                if m.nbytes:
-                    copy_bytes(t, 0, slot.buf.tensor, pos, m.nbytes)
-                pos += m.nbytes
+                n = m.nbytes
+                if n:
+                    if t.is_cuda:
+                        copy_bytes(t, 0, slot.buf.tensor, pos, n)
+                    else:
+                        memmove(t.data_ptr(), src + pos, n)
+                pos += n
             r.t_recv = time.monotonic_ns()
             self._ready[w].append(r)
             return
         assert self.data is not None
         ep = self._eps[w]
+        Tag = self._Tag
+        base = last.push_tag | (seq << P.SEQ_SHIFT)
         for i, t in enumerate(tensors):  # r.tensors keeps the memory alive
-            tag = self.data.tag(P.make_tag(P.TAG_PUSH, peer.node_id, seq, i))
-            r.reqs.append(ep.tag_recv(as_buffer(t), tag))
+            r.reqs.append(ep.tag_recv(as_buffer(t), Tag(base | i)))
         self._arriving.append(r)
 
     def _destination(self, w: int, m: P.TensorMeta) -> torch.Tensor:
@@ -266,7 +305,7 @@ class AFTensorServer(Node):
 
     def _too_big(self, r: _Request, ts: list[torch.Tensor], name: str) -> str | None:
         for j, (t, (key, cap)) in enumerate(zip(ts, r.pulls)):
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.nbytes
             if nbytes > cap:
                 return (
                     f"{name}[{j}] has {nbytes} bytes but the worker's pull tensor for key {key} "
@@ -348,38 +387,44 @@ class AFTensorServer(Node):
         return buf, pos
 
     def _send(self, r: _Request, ts: list[torch.Tensor]) -> None:
-        self._check_workers()
+        if self._fatal is not None or self.dead:
+            self._check_workers()
         del self._handles[r.handle]
         sizes = [t.nbytes for t in ts]
-        small = P.response_inline([cap for _, cap in r.pulls])
         buf, pos = self._response(r, P.STATUS_OK, sizes)
-        if small:
+        if r.small:
+            base = buf.ptr
             for t, n in zip(ts, sizes):
                 if n:
-                    copy_bytes(buf.tensor, pos, t, 0, n)
+                    if t.is_cuda:
+                        copy_bytes(buf.tensor, pos, t, 0, n)
+                    else:
+                        memmove(base + pos, t.data_ptr(), n)
                 pos += n
-        self._post_response(r, buf, pos, [] if small else ts)
+            self._post_response(r, buf, pos, ())
+        else:
+            self._post_response(r, buf, pos, ts)
 
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
         del self._handles[r.handle]
         buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), text)
-        small = P.response_inline([cap for _, cap in r.pulls])
-        empty = [] if small else [torch.empty(0, dtype=torch.uint8) for _ in r.pulls]
+        empty = [] if r.small else [torch.empty(0, dtype=torch.uint8) for _ in r.pulls]
         self._post_response(r, buf, pos, empty)
 
-    def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: list[torch.Tensor]) -> None:
+    def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: Any) -> None:
         """Send the response header (then large answers); keep all alive until sent."""
-        assert self.data is not None
-        tag = self.data.tag
         ep = self._eps[r.worker]
-        me = self.node_id
+        Tag = self._Tag
         if self._sends:
             self._reap_sends()
+        bits = r.seq << P.SEQ_SHIFT
         header = memory_buffer(buf.ptr, length, False)
-        self._sends.append((ep.tag_send(header, tag(P.make_tag(P.TAG_RESPONSE, me, r.seq))), buf))
-        for j, t in enumerate(payloads):
-            self._sends.append((ep.tag_send(as_buffer(t), tag(P.make_tag(P.TAG_PULL, me, r.seq, j))), t))
+        self._sends.append((ep.tag_send(header, Tag(self._resp_tag | bits)), buf))
+        if payloads:
+            pull = self._pull_tag | bits
+            for j, t in enumerate(payloads):
+                self._sends.append((ep.tag_send(as_buffer(t), Tag(pull | j)), t))
 
     def _reap_sends(self) -> None:
         keep = []

@@ -213,7 +213,9 @@ class ControlChannel:
         """Messages received since the last call (empty if none)."""
         self._reap()
         out: list[bytes] = []
-        while self.alive and self._recv.completed:
+        # Messages that arrived before the endpoint closed are still delivered:
+        # the scheduler's last word (a release, an error) often comes with the close.
+        while self._recv is not None and self._recv.completed:
             req = self._recv
             try:
                 req.check_error()
@@ -222,7 +224,11 @@ class ControlChannel:
                 break
             buf = req.recv_buffer
             out.append(bytes(buf) if buf is not None else b"")
-            self._recv = self.endpoint.am_recv()
+            try:
+                self._recv = self.endpoint.am_recv()
+            except Exception:  # the endpoint is gone: nothing more will arrive
+                self._recv = None
+                self.alive = False
         return out
 
     def close(self) -> None:

@@ -10,10 +10,13 @@ data lands directly in the caller's tensors.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import OrderedDict
+from ctypes import memmove
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import protocol as P
@@ -33,6 +36,17 @@ from .node import Node
 __all__ = ["AFTensorWorker"]
 
 _TRACE_KEEP = 4096
+_PLANS_KEEP = 256
+_SEQ = struct.Struct("<I")
+
+
+class _Plan:
+    """What a push_pull signature (buffers, shapes, dtypes, keys) needs, built once."""
+
+    __slots__ = (
+        "copies", "event", "hlen", "inline", "length", "n_servers", "per", "pulls", "push_sends",
+        "recvs", "req_tag", "small", "template",
+    )
 
 
 class _Pending:
@@ -71,18 +85,22 @@ class AFTensorWorker(Node):
         self._seq = 0
         self._next_handle = 1
         self._pending: dict[int, _Pending] = {}
-        self._traces: OrderedDict[int, list[int]] = OrderedDict()
+        self._traces: OrderedDict[int, list[list[int]]] = OrderedDict()
         self._req_pool = BufferPool(P.HEADER_MAX + P.INLINE_MAX)
         self._resp_pools: dict[int, BufferPool] = {}
         self.servers: list[P.Peer] = []
         self._server_eps: list[Any] = []
         self._server_ids: set[int] = set()
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._Tag: Any = None
 
     def start(self) -> None:
         super().start()
         self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
         self._server_eps = [self.endpoints[p.node_id] for p in self.servers]
         self._server_ids = {p.node_id for p in self.servers}
+        assert self.data is not None
+        self._Tag = self.data.api.UCXXTag
 
     @property
     def num_servers(self) -> int:
@@ -111,6 +129,92 @@ class AFTensorWorker(Node):
         data = self.data
         if data is None or self._stopped or not self.servers:
             raise StepMeshError("push_pull() on a worker that is not running: call init() first")
+        # StepMesh traffic repeats the same buffers, shapes and keys every layer:
+        # everything that depends only on those is built once per signature.
+        try:
+            sig = (
+                tuple(push_keys),
+                tuple(pull_keys),
+                need_event,
+                *[(t.data_ptr(), t.shape, t.dtype, t.is_contiguous(), t.device) for t in push_tensors],
+                None,
+                *[(t.data_ptr(), t.shape, t.dtype, t.is_contiguous(), t.device) for t in pull_tensors],
+            )
+            plan = self._plans.get(sig)
+        except (TypeError, AttributeError):  # not lists of tensors: the slow path names the problem
+            sig, plan = None, None
+        if plan is None:
+            plan = self._plan(push_tensors, push_keys, pull_tensors, pull_keys, need_event)
+            if sig is not None:
+                self._plans[sig] = plan
+                if len(self._plans) > _PLANS_KEEP:
+                    self._plans.popitem(last=False)
+        if self._fatal is not None or self.dead:
+            self._check_servers()
+        if plan.event is not None:
+            plan.event()
+        t_start = time.monotonic_ns()
+        seq = self._seq = (self._seq + 1) & P.SEQ_MASK
+        bits = seq << P.SEQ_SHIFT
+        handle = self._next_handle
+        self._next_handle += plan.n_servers + 1
+        pend = _Pending(handle, seq, plan.per)
+        pend.t_start = t_start
+        pend.pulls = plan.pulls
+        pend.keep = push_tensors  # alive until complete
+        reqs = pend.reqs
+        bounds = pend.bounds
+        resp = pend.resp
+        Tag = self._Tag
+
+        # 1. post every receive for the answers before anything is sent
+        for ep, pool, resp_tag, pull_recvs in plan.recvs:
+            buf = pool.get()
+            resp.append(buf)
+            first = len(reqs)
+            reqs.append(ep.tag_recv(buf.ucx, Tag(resp_tag | bits)))
+            for ubuf, tag in pull_recvs:
+                reqs.append(ep.tag_recv(ubuf, Tag(tag | bits)))
+            bounds.append((first, len(reqs)))
+        pend.inline = plan.small
+
+        # 2. the request header, with the payload when small
+        hbuf = pend.hbuf = self._req_pool.get()
+        raw = hbuf.raw
+        raw[: plan.hlen] = plan.template
+        _SEQ.pack_into(raw, P.SEQ_OFFSET, seq)
+        if plan.copies is not None:
+            base = hbuf.ptr
+            for off, src, n in plan.copies:
+                memmove(base + off, src, n)
+        elif plan.inline:
+            pos = plan.hlen
+            for t in push_tensors:
+                n = t.nbytes
+                if n:
+                    copy_bytes(hbuf.tensor, pos, t, 0, n)
+                pos += n
+        header = memory_buffer(hbuf.ptr, plan.length, False)
+
+        # 3. send to every server
+        req_tag = Tag(plan.req_tag | bits)
+        push_sends = [(ubuf, Tag(tag | bits)) for ubuf, tag in plan.push_sends]
+        for ep in self._server_eps:
+            reqs.append(ep.tag_send(header, req_tag))
+            for ubuf, tag in push_sends:
+                reqs.append(ep.tag_send(ubuf, tag))
+        pend.t_sent = time.monotonic_ns()
+        self._pending[handle] = pend
+        return handle
+
+    def _plan(
+        self, push_tensors: Any, push_keys: Any, pull_tensors: Any, pull_keys: Any, need_event: Any
+    ) -> _Plan:
+        """Validate a call's arguments and precompute what does not change between calls.
+
+        Raises:
+            ArgumentError: naming the offending argument.
+        """
         push = check_tensors("push_tensors", push_tensors)
         keys = check_keys("push_keys", push_keys, len(push), "push_tensors")
         pulls = check_tensors("pull_tensors", pull_tensors)
@@ -136,77 +240,65 @@ class AFTensorWorker(Node):
             raise ArgumentError(
                 f"push_tensors/pull_tensors describe a {hsize}-byte header, more than {P.HEADER_MAX}"
             )
-        self._check_servers()
-
-        t_start = time.monotonic_ns()
-        per = len(pulls) // n_servers
+        data = self.data
+        assert data is not None
+        plan = _Plan()
+        per = plan.per = len(pulls) // n_servers
+        plan.n_servers = n_servers
+        plan.pulls = pulls
         sizes = [t.nbytes for t in push]
         caps = [t.nbytes for t in pulls]
-        inline = sum(sizes) <= P.INLINE_MAX
-        seq = self._seq = (self._seq + 1) & P.SEQ_MASK
-        handle = self._next_handle
-        self._next_handle += n_servers + 1
-        pend = _Pending(handle, seq, per)
-        pend.t_start = t_start
-        pend.pulls = pulls
-        tag = data.tag
-        reqs = pend.reqs
-        keep = pend.keep
-        keep.append(push)
+        plan.inline = inline = sum(sizes) <= P.INLINE_MAX
+        me = self.node_id
 
-        # 1. post every receive for the answers before anything is sent
         resp_size = P.response_header_size(per)
+        plan.small = []
+        plan.recvs = []
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
             small = P.response_inline(caps[s * per : (s + 1) * per])
             size = resp_size + (P.INLINE_MAX if small else 0)
             pool = self._resp_pools.get(size)
             if pool is None:
                 pool = self._resp_pools[size] = BufferPool(size)
-            buf = pool.get()
-            pend.resp.append(buf)
-            pend.inline.append(small)
             sid = peer.node_id
-            first = len(reqs)
-            reqs.append(ep.tag_recv(buf.ucx, tag(P.make_tag(P.TAG_RESPONSE, sid, seq))))
-            if not small:
-                for j in range(per):
-                    reqs.append(ep.tag_recv(as_buffer(pulls[s * per + j]), tag(P.make_tag(P.TAG_PULL, sid, seq, j))))
-            pend.bounds.append((first, len(reqs)))
+            pull_recvs = [] if small else [
+                (as_buffer(pulls[s * per + j]), P.make_tag(P.TAG_PULL, sid, 0, j)) for j in range(per)
+            ]
+            plan.small.append(small)
+            plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
 
-        # 2. the request header, with the payload when small
-        hbuf = pend.hbuf = self._req_pool.get()
-        raw = hbuf.raw
-        P.REQ_FIXED.pack_into(raw, 0, P.DATA_VERSION, P.FLAG_INLINE if inline else 0, len(push), n_servers, per, seq)
+        template = np.zeros(hsize, dtype=np.uint8)
+        P.REQ_FIXED.pack_into(template, 0, P.DATA_VERSION, P.FLAG_INLINE if inline else 0, len(push), n_servers, per, 0)
         pos = P.REQ_FIXED.size
         for t, key, shape, nbytes in zip(push, keys, shapes, sizes):
             st = P.tensor_struct(len(shape))
-            st.pack_into(raw, pos, key, DTYPE_CODE[t.dtype], len(shape), nbytes, *shape)
+            st.pack_into(template, pos, key, DTYPE_CODE[t.dtype], len(shape), nbytes, *shape)
             pos += st.size
-        pack_pull = P.REQ_PULL.pack_into
         for key, cap in zip(pkeys, caps):
-            pack_pull(raw, pos, key, cap)
+            P.REQ_PULL.pack_into(template, pos, key, cap)
             pos += P.REQ_PULL.size
-        if inline:
-            for t, nbytes in zip(push, sizes):
-                if nbytes:
-                    copy_bytes(hbuf.tensor, pos, t, 0, nbytes)
-                pos += nbytes
-            push_arrs = []
-        else:
-            push_arrs = [as_buffer(t) for t in push]
-        header = memory_buffer(hbuf.ptr, pos, False)
+        plan.template = template
+        plan.hlen = hsize
+        plan.length = hsize + (sum(sizes) if inline else 0)
+        plan.copies = None
+        if inline and not any(t.is_cuda for t in push):
+            plan.copies = []
+            off = hsize
+            for t, n in zip(push, sizes):
+                if n:
+                    plan.copies.append((off, t.data_ptr(), n))
+                off += n
+        plan.push_sends = [] if inline else [
+            (as_buffer(t), P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push)
+        ]
+        plan.req_tag = P.make_tag(P.TAG_REQUEST, me)
+        plan.event = None
+        if need_event and any(t.is_cuda for t in push):
+            from .backends import select
 
-        # 3. send to every server
-        me = self.node_id
-        req_tag = tag(P.make_tag(P.TAG_REQUEST, me, seq))
-        push_tags = [tag(P.make_tag(P.TAG_PUSH, me, seq, i)) for i in range(len(push_arrs))]
-        for ep in self._server_eps:
-            reqs.append(ep.tag_send(header, req_tag))
-            for arr, ptag in zip(push_arrs, push_tags):
-                reqs.append(ep.tag_send(arr, ptag))
-        pend.t_sent = time.monotonic_ns()
-        self._pending[handle] = pend
-        return handle
+            backend = select(None, next(t for t in push if t.is_cuda))
+            plan.event = lambda: backend.wait_event(backend.record_event())
+        return plan
 
     def _check_servers(self) -> None:
         self.check_alive()
@@ -271,11 +363,10 @@ class AFTensorWorker(Node):
                 r.check_error()
         except Exception as e:
             raise ProtocolError(f"push_pull handle {handle}: UCX reported {type(e).__name__}: {e}") from e
-        traces = self._finish(pend, arrived)
-        for s, trace in enumerate(traces):
-            self._remember(handle + 1 + s, trace)
-        last = max(traces, key=lambda tr: tr[6]) if traces else [pend.t_start, pend.t_sent] + [0] * 6
-        self._remember(handle, last)
+        traces = self._traces
+        traces[handle] = self._finish(pend, arrived)
+        if len(traces) > _TRACE_KEEP:
+            traces.popitem(last=False)
 
     def _finish(self, pend: _Pending, arrived: list[int]) -> list[list[int]]:
         per = pend.per_server
@@ -303,7 +394,10 @@ class AFTensorWorker(Node):
                         if nbytes > dst.nbytes or pos + nbytes > len(raw):
                             raise ProtocolError(f"{peer.describe()} sent {nbytes} bytes for a smaller pull tensor")
                         if nbytes:
-                            copy_bytes(dst, 0, buf.tensor, pos, nbytes)
+                            if dst.is_cuda:
+                                copy_bytes(dst, 0, buf.tensor, pos, nbytes)
+                            else:
+                                memmove(dst.data_ptr(), buf.ptr + pos, nbytes)
                         pos += nbytes
                 traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, arrived[s], 0])
             except StepMeshError as e:
@@ -318,11 +412,6 @@ class AFTensorWorker(Node):
         for tr in traces:
             tr[7] = t_end
         return traces
-
-    def _remember(self, handle: int, trace: list[int]) -> None:
-        self._traces[handle] = trace
-        while len(self._traces) > _TRACE_KEEP:
-            self._traces.popitem(last=False)
 
     # ------------------------------------------------------------- helpers
     def get_all_handlers(self, handle: int) -> list[int]:
@@ -344,10 +433,18 @@ class AFTensorWorker(Node):
         Raises:
             ArgumentError: no trace for that handle (not waited for yet, or too old).
         """
-        trace = self._traces.get(handle)
-        if trace is None:
-            raise ArgumentError(f"no trace for handle {handle!r}: wait() for it first (the last {_TRACE_KEEP} are kept)")
-        return list(trace)
+        traces = self._traces
+        if isinstance(handle, int) and not isinstance(handle, bool):
+            per_server = traces.get(handle)
+            if per_server is not None:  # a main handle: the server that answered last
+                return list(max(per_server, key=lambda tr: tr[6]))
+            for s in range(1, len(self.servers) + 1):  # a sub-handle: handle - s is its main one
+                per_server = traces.get(handle - s)
+                if per_server is not None and s <= len(per_server):
+                    return list(per_server[s - 1])
+        raise ArgumentError(
+            f"no trace for handle {handle!r}: wait() for it first (the last {_TRACE_KEEP} push_pulls are kept)"
+        )
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # wait() and push_pull() consult self.dead
