@@ -348,7 +348,7 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
 # header. Small payloads travel in the same message, right after the header
 # ("inline"); large ones follow as their own tag messages, received straight
 # into the destination tensors.
-DATA_VERSION = 1
+DATA_VERSION = 2
 HEADER_MAX = 8192  # bytes reserved for a header in every receive slot
 INLINE_MAX = 16384  # payload bytes that travel inside the header message
 MAX_TENSORS = 64  # push tensors per request
@@ -401,9 +401,21 @@ def response_header_size(n: int) -> int:
     return RESP_FIXED.size + RESP_SIZE.size * n + 4 + MAX_STRING
 
 
-def response_inline(capacities: list[int]) -> bool:
-    """Whether a server's answers travel inside its response header (both sides agree)."""
-    return sum(capacities) <= INLINE_MAX
+def inline_split(sizes: list[int] | tuple[int, ...]) -> tuple[bool, ...]:
+    """Which tensors travel inside the header message (both sides compute the same).
+
+    In order, a tensor is inline while the inline bytes so far plus its own stay
+    within ``INLINE_MAX``: a large hidden state goes by itself (zero-copy,
+    rendezvous), the small count tensor next to it rides with the header.
+    """
+    room = INLINE_MAX
+    out = []
+    for n in sizes:
+        fits = n <= room
+        if fits:
+            room -= n
+        out.append(fits)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -451,7 +463,6 @@ def decode_request(buf: memoryview, length_limit: int, itemsizes: dict[int, int]
         raise ProtocolError(f"request has {n_servers * per_server} pulls, more than {MAX_PULLS}")
     pos = REQ_FIXED.size
     tensors = []
-    total = 0
     for _ in range(n_push):
         if pos + REQ_TENSOR.size > len(buf):
             raise ProtocolError("request header truncated in the tensor list")
@@ -472,13 +483,14 @@ def decode_request(buf: memoryview, length_limit: int, itemsizes: dict[int, int]
             count *= d
         if count * itemsizes[dtype] != nbytes or nbytes > MAX_TENSOR_BYTES:
             raise ProtocolError(f"tensor of shape {shape} does not match its {nbytes} bytes")
-        total += nbytes
+
         tensors.append(TensorMeta(key, dtype, tuple(shape), nbytes))
     n_pulls = n_servers * per_server
     if pos + REQ_PULL.size * n_pulls > len(buf):
         raise ProtocolError("request header truncated in the pull list")
     pulls = tuple(REQ_PULL.unpack_from(buf, pos + i * REQ_PULL.size) for i in range(n_pulls))
     pos += REQ_PULL.size * n_pulls
-    if flags & FLAG_INLINE and pos + total > length_limit:
-        raise ProtocolError(f"inline payload of {total} bytes overruns the {length_limit}-byte slot")
+    inline = sum(t.nbytes for t, fits in zip(tensors, inline_split([t.nbytes for t in tensors])) if fits)
+    if pos + inline > length_limit:
+        raise ProtocolError(f"inline payload of {inline} bytes overruns the {length_limit}-byte slot")
     return RequestHeader(flags, seq, n_servers, per_server, tuple(tensors), pulls, pos)

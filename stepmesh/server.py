@@ -55,7 +55,7 @@ class _Request:
         self.tensors = tensors
         self.keys = keys
         self.pulls = pulls  # ((key, capacity), ...) for this server
-        self.small = False  # answers travel inside the response header
+        self.small: tuple[bool, ...] = ()  # which answers travel inside the response header
         self.reqs: list[Any] = []
         self.t_recv = 0
         self.t_proc = 0
@@ -65,7 +65,7 @@ class _Request:
 class _Layout:
     """A decoded request header, kept to recognise the next one laid out the same."""
 
-    __slots__ = ("hdr", "head", "keys", "pulls", "push_tag", "size", "small", "tail")
+    __slots__ = ("hdr", "head", "keys", "pulls", "push_inline", "push_tag", "size", "small", "tail")
 
     def __init__(self, head: bytes, hdr: P.RequestHeader, tail: bytes, pulls: tuple) -> None:
         self.head = head
@@ -74,7 +74,8 @@ class _Layout:
         self.size = hdr.size
         self.keys = [m.key for m in hdr.tensors]
         self.pulls = pulls
-        self.small = P.response_inline([cap for _, cap in pulls])
+        self.push_inline = P.inline_split([m.nbytes for m in hdr.tensors])
+        self.small = P.inline_split([cap for _, cap in pulls])
         self.push_tag = 0
 
 
@@ -204,27 +205,26 @@ class AFTensorServer(Node):
         tensors = [self._destination(w, m) for m in hdr.tensors]
         r = _Request(w, seq, tensors, last.keys, last.pulls)
         r.small = last.small
-        if hdr.flags & P.FLAG_INLINE:
-            pos = hdr.size
-            src = slot.buf.ptr
-            for t, m in zip(tensors, hdr.tensors):
-                n = m.nbytes
-                if n:
-                    if t.is_cuda:
-                        copy_bytes(t, 0, slot.buf.tensor, pos, n)
-                    else:
-                        memmove(t.data_ptr(), src + pos, n)
-                pos += n
-            r.t_recv = time.monotonic_ns()
-            self._ready[w].append(r)
-            return
-        assert self.data is not None
+        pos = hdr.size
+        src = slot.buf.ptr
         ep = self._eps[w]
         Tag = self._Tag
         base = last.push_tag | (seq << P.SEQ_SHIFT)
-        for i, t in enumerate(tensors):  # r.tensors keeps the memory alive
-            r.reqs.append(ep.tag_recv(as_buffer(t), Tag(base | i)))
-        self._arriving.append(r)
+        for i, (t, m, fits) in enumerate(zip(tensors, hdr.tensors, last.push_inline)):
+            n = m.nbytes
+            if not fits:  # r.tensors keeps the memory alive
+                r.reqs.append(ep.tag_recv(as_buffer(t), Tag(base | i)))
+            elif n:
+                if t.is_cuda:
+                    copy_bytes(t, 0, slot.buf.tensor, pos, n)
+                else:
+                    memmove(t.data_ptr(), src + pos, n)
+                pos += n
+        if r.reqs:
+            self._arriving.append(r)
+        else:
+            r.t_recv = time.monotonic_ns()
+            self._ready[w].append(r)
 
     def _destination(self, w: int, m: P.TensorMeta) -> torch.Tensor:
         view = self._views.get((w, m))
@@ -392,24 +392,24 @@ class AFTensorServer(Node):
         del self._handles[r.handle]
         sizes = [t.nbytes for t in ts]
         buf, pos = self._response(r, P.STATUS_OK, sizes)
-        if r.small:
-            base = buf.ptr
-            for t, n in zip(ts, sizes):
-                if n:
-                    if t.is_cuda:
-                        copy_bytes(buf.tensor, pos, t, 0, n)
-                    else:
-                        memmove(base + pos, t.data_ptr(), n)
+        base = buf.ptr
+        separate = []
+        for j, (t, n, fits) in enumerate(zip(ts, sizes, r.small)):
+            if not fits:
+                separate.append((j, t))
+            elif n:
+                if t.is_cuda:
+                    copy_bytes(buf.tensor, pos, t, 0, n)
+                else:
+                    memmove(base + pos, t.data_ptr(), n)
                 pos += n
-            self._post_response(r, buf, pos, ())
-        else:
-            self._post_response(r, buf, pos, ts)
+        self._post_response(r, buf, pos, separate)
 
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
         del self._handles[r.handle]
         buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), text)
-        empty = [] if r.small else [torch.empty(0, dtype=torch.uint8) for _ in r.pulls]
+        empty = [(j, torch.empty(0, dtype=torch.uint8)) for j, fits in enumerate(r.small) if not fits]
         self._post_response(r, buf, pos, empty)
 
     def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: Any) -> None:
@@ -423,7 +423,7 @@ class AFTensorServer(Node):
         self._sends.append((ep.tag_send(header, Tag(self._resp_tag | bits)), buf))
         if payloads:
             pull = self._pull_tag | bits
-            for j, t in enumerate(payloads):
+            for j, t in payloads:
                 self._sends.append((ep.tag_send(as_buffer(t), Tag(pull | j)), t))
 
     def _reap_sends(self) -> None:

@@ -187,13 +187,14 @@ class AFTensorWorker(Node):
             base = hbuf.ptr
             for off, src, n in plan.copies:
                 memmove(base + off, src, n)
-        elif plan.inline:
+        else:  # device tensors inline: a copy-engine copy each
             pos = plan.hlen
-            for t in push_tensors:
-                n = t.nbytes
-                if n:
-                    copy_bytes(hbuf.tensor, pos, t, 0, n)
-                pos += n
+            for t, fits in zip(push_tensors, plan.inline):
+                if fits:
+                    n = t.nbytes
+                    if n:
+                        copy_bytes(hbuf.tensor, pos, t, 0, n)
+                    pos += n
         header = memory_buffer(hbuf.ptr, plan.length, False)
 
         # 3. send to every server
@@ -248,27 +249,28 @@ class AFTensorWorker(Node):
         plan.pulls = pulls
         sizes = [t.nbytes for t in push]
         caps = [t.nbytes for t in pulls]
-        plan.inline = inline = sum(sizes) <= P.INLINE_MAX
+        plan.inline = inline = P.inline_split(sizes)
         me = self.node_id
 
         resp_size = P.response_header_size(per)
         plan.small = []
         plan.recvs = []
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
-            small = P.response_inline(caps[s * per : (s + 1) * per])
-            size = resp_size + (P.INLINE_MAX if small else 0)
+            mine = caps[s * per : (s + 1) * per]
+            fits = P.inline_split(mine)
+            size = resp_size + sum(c for c, f in zip(mine, fits) if f)
             pool = self._resp_pools.get(size)
             if pool is None:
                 pool = self._resp_pools[size] = BufferPool(size)
             sid = peer.node_id
-            pull_recvs = [] if small else [
-                (as_buffer(pulls[s * per + j]), P.make_tag(P.TAG_PULL, sid, 0, j)) for j in range(per)
+            pull_recvs = [
+                (as_buffer(pulls[s * per + j]), P.make_tag(P.TAG_PULL, sid, 0, j)) for j in range(per) if not fits[j]
             ]
-            plan.small.append(small)
+            plan.small.append(fits)
             plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
 
         template = np.zeros(hsize, dtype=np.uint8)
-        P.REQ_FIXED.pack_into(template, 0, P.DATA_VERSION, P.FLAG_INLINE if inline else 0, len(push), n_servers, per, 0)
+        P.REQ_FIXED.pack_into(template, 0, P.DATA_VERSION, P.FLAG_INLINE, len(push), n_servers, per, 0)
         pos = P.REQ_FIXED.size
         for t, key, shape, nbytes in zip(push, keys, shapes, sizes):
             st = P.tensor_struct(len(shape))
@@ -279,17 +281,18 @@ class AFTensorWorker(Node):
             pos += P.REQ_PULL.size
         plan.template = template
         plan.hlen = hsize
-        plan.length = hsize + (sum(sizes) if inline else 0)
+        plan.length = hsize + sum(n for n, f in zip(sizes, inline) if f)
         plan.copies = None
-        if inline and not any(t.is_cuda for t in push):
+        if not any(t.is_cuda for t, f in zip(push, inline) if f):
             plan.copies = []
             off = hsize
-            for t, n in zip(push, sizes):
-                if n:
-                    plan.copies.append((off, t.data_ptr(), n))
-                off += n
-        plan.push_sends = [] if inline else [
-            (as_buffer(t), P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push)
+            for t, n, f in zip(push, sizes, inline):
+                if f:
+                    if n:
+                        plan.copies.append((off, t.data_ptr(), n))
+                    off += n
+        plan.push_sends = [
+            (as_buffer(t), P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push) if not inline[i]
         ]
         plan.req_tag = P.make_tag(P.TAG_REQUEST, me)
         plan.event = None
@@ -372,7 +375,7 @@ class AFTensorWorker(Node):
         per = pend.per_server
         traces = []
         error: StepMeshError | None = None
-        for s, (buf, small) in enumerate(zip(pend.resp, pend.inline)):
+        for s, (buf, fits) in enumerate(zip(pend.resp, pend.inline)):
             raw = buf.raw
             peer = self.servers[s]
             try:
@@ -386,10 +389,10 @@ class AFTensorWorker(Node):
                 if status != P.STATUS_OK:
                     r = P.Reader(raw[pos + P.RESP_SIZE.size * n :], "response error")
                     raise PeerError(f"{peer.describe()} refused to answer: {r.text()}", "server", peer.rank)
-                if small:
-                    sizes = P.response_sizes(n).unpack_from(raw, pos)
-                    pos += P.RESP_SIZE.size * n
-                    for j, nbytes in enumerate(sizes):
+                sizes = P.response_sizes(n).unpack_from(raw, pos)
+                pos += P.RESP_SIZE.size * n
+                for j, nbytes in enumerate(sizes):
+                    if fits[j]:
                         dst = pend.pulls[s * per + j]
                         if nbytes > dst.nbytes or pos + nbytes > len(raw):
                             raise ProtocolError(f"{peer.describe()} sent {nbytes} bytes for a smaller pull tensor")

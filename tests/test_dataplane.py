@@ -307,6 +307,32 @@ def test_full_topology_any_worker_reaches_any_server():
     assert set(_mesh(_full, group_size=2, env=env).values()) == {2}
 
 
+# ---------------------------------------- large and small tensors together
+def _mixed(ctx: NodeContext) -> bool:
+    """StepMesh's shape: a large hidden state plus a small count tensor each way."""
+    f.init()
+    if ctx.role == "worker":
+        for rows in (64, 17):  # the answer may be shorter than the pull tensor
+            hidden = torch.randn(64, 7168).to(torch.bfloat16)
+            count = torch.tensor([rows], dtype=torch.int32)
+            out, out_count = torch.zeros(64, 7168, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32)
+            f.wait(f.push_pull([hidden[:rows], count], [1, 2], [out, out_count], [3, 4]))
+            assert int(out_count) == rows * 2
+            assert torch.equal(out[:rows], hidden[:rows] * 2) and torch.all(out[rows:] == 0)
+    else:
+        for _ in range(2):
+            (h, (hidden, count), keys), = f.get_batch()
+            assert keys == [1, 2] and hidden.shape == (int(count), 7168)
+            f.respond([hidden * 2, count * 2], h)
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_large_and_small_tensors_in_one_call():
+    assert all(_mesh(_mixed).values())
+
+
 # ------------------------------------------------- answer in flight at stop
 def _answer_then_stop(ctx: NodeContext) -> bool:
     """A server that stops right after a large respond() still delivers it."""
