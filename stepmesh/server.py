@@ -40,6 +40,7 @@ __all__ = ["AFTensorServer"]
 log = logging.getLogger("stepmesh.server")
 
 RING_DEPTH = 4
+_LAYOUTS_KEEP = 16  # recent request layouts remembered per worker
 _SEQ = struct.Struct("<I")
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
 
@@ -111,7 +112,7 @@ class AFTensorServer(Node):
         self._sends: list[tuple[Any, Any]] = []
         self._registered: dict[tuple[int, int], torch.Tensor] = {}
         self._views: dict[tuple[int, P.TensorMeta], torch.Tensor] = {}
-        self._last_header: list[Any] = []
+        self._layouts: list[list[_Layout]] = []
         self._Tag: Any = None
         self._resp_tag = 0
         self._pull_tag = 0
@@ -132,7 +133,7 @@ class AFTensorServer(Node):
         self._Tag = self.data.api.UCXXTag
         self._resp_tag = P.make_tag(P.TAG_RESPONSE, self.node_id)
         self._pull_tag = P.make_tag(P.TAG_PULL, self.node_id)
-        self._last_header = [None] * len(self.workers)
+        self._layouts = [[] for _ in self.workers]
         self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
         self._ready = [deque() for _ in self.workers]
         self._rings = []
@@ -180,25 +181,32 @@ class AFTensorServer(Node):
         raw = slot.buf.raw
         try:
             slot.req.check_error()
-            last = self._last_header[w]
-            # A header laid out like the last one from this worker (only the
-            # sequence differs) needs no decoding: StepMesh traffic repeats.
-            if (
-                last is not None
-                and raw[: P.SEQ_OFFSET].tobytes() == last.head
-                and raw[P.SEQ_OFFSET + 4 : last.size].tobytes() == last.tail
-            ):
+            # A header laid out like a recent one from this worker (only the
+            # sequence differs) needs no decoding: StepMesh traffic repeats,
+            # one layout per micro-batch stage.
+            layouts = self._layouts[w]
+            head = raw[: P.SEQ_OFFSET].tobytes()
+            last = None
+            for i, known in enumerate(layouts):
+                if head == known.head and raw[P.SEQ_OFFSET + 4 : known.size].tobytes() == known.tail:
+                    last = known
+                    if i:
+                        del layouts[i]
+                        layouts.insert(0, known)
+                    break
+            if last is not None:
                 seq = _SEQ.unpack_from(raw, P.SEQ_OFFSET)[0]
             else:
                 hdr = P.decode_request(raw, _SLOT, ITEMSIZE)
                 if hdr.n_servers != self._n_servers:
                     raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
                 seq = hdr.seq
-                last = self._last_header[w] = _Layout(
-                    raw[: P.SEQ_OFFSET].tobytes(), hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(),
-                    hdr.pulls_for(self.server_index),
+                last = _Layout(
+                    head, hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(), hdr.pulls_for(self.server_index)
                 )
                 last.push_tag = P.make_tag(P.TAG_PUSH, peer.node_id)
+                layouts.insert(0, last)
+                del layouts[_LAYOUTS_KEEP:]
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
         hdr = last.hdr
