@@ -146,11 +146,23 @@ def collect() -> dict[str, Any]:
         backend = {"name": "cuda", "reason": "auto: a CUDA device is available"}
     else:
         backend = {"name": "cpu", "reason": "auto: no CUDA device"}
+    ucx = _ucx()
+    found = set(ucx.get("transports") or [])
+    try:
+        from stepmesh import backends
+
+        registered = {
+            name: {"available": ok, "reason": why, "device_transports": sorted(found & set(backends.get(name).ucx_transports))}
+            for name, (ok, why) in backends.available().items()
+        }
+    except Exception as e:
+        registered = {"error": _error(e)}
     return {
         "versions": _versions(),
-        "ucx": _ucx(),
+        "ucx": ucx,
         "devices": devices,
         "backend": backend,
+        "backends": registered,
         "config": config,
     }
 
@@ -197,6 +209,13 @@ def format_text(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines.append("")
     lines.append(f"backend: {report['backend']['name']} ({report['backend']['reason']})")
+    for name, b in report.get("backends", {}).items():
+        if name == "error":
+            lines.append(f"  backends: unknown ({b})")
+            continue
+        state = "usable" if b["available"] else f"not usable: {b['reason']}"
+        tls = ", ".join(b["device_transports"]) or "none"
+        lines.append(f"  {name:<6} {state}; UCX transports for its memory here: {tls}")
     if cfg.get("error"):
         lines.append(f"configuration: invalid environment: {cfg['error']}")
     else:

@@ -241,11 +241,19 @@ def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
     ep = tp.connect(conn.recv())
     import torch
 
-    send_t = torch.zeros(wl.push_bytes if role == "client" else wl.pull_bytes, dtype=torch.uint8, device=opts.device)
-    recv_t = torch.zeros(wl.pull_bytes if role == "client" else wl.push_bytes, dtype=torch.uint8, device=opts.device)
-    from ._tensors import as_buffer
+    n_send = wl.push_bytes if role == "client" else wl.pull_bytes
+    n_recv = wl.pull_bytes if role == "client" else wl.push_bytes
+    if opts.device.startswith("cuda") and _has("cupy"):  # the reference floor: cupy buffers
+        import cupy
 
-    send_b, recv_b = as_buffer(send_t), as_buffer(recv_t)
+        send_t, recv_t = cupy.zeros(n_send, dtype=cupy.uint8), cupy.zeros(n_recv, dtype=cupy.uint8)
+        send_b, recv_b = T.wrap(send_t), T.wrap(recv_t)
+    else:
+        from ._tensors import as_buffer
+
+        send_t = torch.zeros(n_send, dtype=torch.uint8, device=opts.device)
+        recv_t = torch.zeros(n_recv, dtype=torch.uint8, device=opts.device)
+        send_b, recv_b = as_buffer(send_t), as_buffer(recv_t)
     out_tag, in_tag = (tp.tag(1), tp.tag(2)) if role == "client" else (tp.tag(2), tp.tag(1))
     forever = time.monotonic() + 3600
 

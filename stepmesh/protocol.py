@@ -355,7 +355,8 @@ MAX_TENSORS = 64  # push tensors per request
 MAX_NDIM = 8
 MAX_PULLS = 256  # pull tensors per request, all servers together
 MAX_TENSOR_BYTES = 1 << 40
-FLAG_INLINE = 1
+FLAG_INLINE = 1  # small tensors ride inline (inline_split decides which)
+FLAG_DEVICE = 2  # device memory involved: nothing inline, every tensor its own message
 
 # version, flags, n_push, n_servers, pulls per server, seq
 REQ_FIXED = struct.Struct("<BBHHHI")
@@ -401,13 +402,15 @@ def response_header_size(n: int) -> int:
     return RESP_FIXED.size + RESP_SIZE.size * n + 4 + MAX_STRING
 
 
-def inline_split(sizes: list[int] | tuple[int, ...]) -> tuple[bool, ...]:
+def inline_split(sizes: list[int] | tuple[int, ...], allowed: bool = True) -> tuple[bool, ...]:
     """Which tensors travel inside the header message (both sides compute the same).
 
     In order, a tensor is inline while the inline bytes so far plus its own stay
     within ``INLINE_MAX``: a large hidden state goes by itself (zero-copy,
     rendezvous), the small count tensor next to it rides with the header.
     """
+    if not allowed:
+        return (False,) * len(sizes)
     room = INLINE_MAX
     out = []
     for n in sizes:
@@ -490,7 +493,8 @@ def decode_request(buf: memoryview, length_limit: int, itemsizes: dict[int, int]
         raise ProtocolError("request header truncated in the pull list")
     pulls = tuple(REQ_PULL.unpack_from(buf, pos + i * REQ_PULL.size) for i in range(n_pulls))
     pos += REQ_PULL.size * n_pulls
-    inline = sum(t.nbytes for t, fits in zip(tensors, inline_split([t.nbytes for t in tensors])) if fits)
+    fits = inline_split([t.nbytes for t in tensors], not flags & FLAG_DEVICE)
+    inline = sum(t.nbytes for t, f in zip(tensors, fits) if f)
     if pos + inline > length_limit:
         raise ProtocolError(f"inline payload of {inline} bytes overruns the {length_limit}-byte slot")
     return RequestHeader(flags, seq, n_servers, per_server, tuple(tensors), pulls, pos)

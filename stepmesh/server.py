@@ -75,8 +75,9 @@ class _Layout:
         self.size = hdr.size
         self.keys = [m.key for m in hdr.tensors]
         self.pulls = pulls
-        self.push_inline = P.inline_split([m.nbytes for m in hdr.tensors])
-        self.small = P.inline_split([cap for _, cap in pulls])
+        on_host = not hdr.flags & P.FLAG_DEVICE
+        self.push_inline = P.inline_split([m.nbytes for m in hdr.tensors], on_host)
+        self.small = P.inline_split([cap for _, cap in pulls], on_host)
         self.push_tag = 0
 
 
@@ -120,11 +121,18 @@ class AFTensorServer(Node):
         self._n_servers = 0
         self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
         self._mask: Any = None
+        self._device = torch.device("cpu")
 
     def start(self) -> None:
         super().start()
         cfg = self.config
         self.workers = [p for p in self.peers if p.role is P.Role.WORKER]
+        if cfg.backend in ("cuda", "rocm"):  # unregistered pushes land on this process's GPU
+            from .backends import select
+
+            backend = select(cfg.backend)
+            backend.set_device(cfg.gpu)
+            self._device = torch.device("cuda", cfg.gpu)
         self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
         self._eps = [self.endpoints[p.node_id] for p in self.workers]
         assert self.data is not None
@@ -249,7 +257,7 @@ class AFTensorServer(Node):
                 "(%d bytes at an offset of %d); allocating",
                 m.nbytes, dtype, m.key, w, chunk.numel(), chunk.data_ptr() % 64,
             )
-        return torch.empty(m.shape, dtype=dtype)
+        return torch.empty(m.shape, dtype=dtype, device=self._device)
 
     # ------------------------------------------------------------ get_batch
     def get_batch(self, timeout_ms: int | None = None) -> list[tuple[int, list[torch.Tensor], list[int]]]:
@@ -338,7 +346,20 @@ class AFTensorServer(Node):
         if problem is not None:
             self._reject(r, problem)
             raise ArgumentError(problem)
+        if need_event:
+            self._settle(ts)
         self._send(r, ts)
+
+    @staticmethod
+    def _settle(ts: list[torch.Tensor]) -> None:
+        """Wait for the work queued on the current stream that produces device answers."""
+        for t in ts:
+            if t.is_cuda:
+                from .backends import select
+
+                backend = select(None, t)
+                backend.wait_event(backend.record_event(t.device))
+                return
 
     def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: list[torch.Tensor], handles: list[int]) -> None:
         """Answer several requests from one buffer of rows laid back to back.

@@ -249,7 +249,10 @@ class AFTensorWorker(Node):
         plan.pulls = pulls
         sizes = [t.nbytes for t in push]
         caps = [t.nbytes for t in pulls]
-        plan.inline = inline = P.inline_split(sizes)
+        # Device tensors never ride inline: that would need a synchronous copy
+        # through host memory; UCX moves each by its device transports instead.
+        on_host = not any(t.is_cuda for t in push) and not any(t.is_cuda for t in pulls)
+        plan.inline = inline = P.inline_split(sizes, on_host)
         me = self.node_id
 
         resp_size = P.response_header_size(per)
@@ -257,7 +260,7 @@ class AFTensorWorker(Node):
         plan.recvs = []
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
             mine = caps[s * per : (s + 1) * per]
-            fits = P.inline_split(mine)
+            fits = P.inline_split(mine, on_host)
             size = resp_size + sum(c for c, f in zip(mine, fits) if f)
             pool = self._resp_pools.get(size)
             if pool is None:
@@ -270,7 +273,8 @@ class AFTensorWorker(Node):
             plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
 
         template = np.zeros(hsize, dtype=np.uint8)
-        P.REQ_FIXED.pack_into(template, 0, P.DATA_VERSION, P.FLAG_INLINE, len(push), n_servers, per, 0)
+        flags = P.FLAG_INLINE if on_host else P.FLAG_DEVICE
+        P.REQ_FIXED.pack_into(template, 0, P.DATA_VERSION, flags, len(push), n_servers, per, 0)
         pos = P.REQ_FIXED.size
         for t, key, shape, nbytes in zip(push, keys, shapes, sizes):
             st = P.tensor_struct(len(shape))

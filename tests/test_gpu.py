@@ -1,0 +1,110 @@
+"""The data plane with CUDA tensors on both sides (one GPU: every process shares device 0).
+
+Skipped, with the reason, where torch sees no CUDA device; run for real on the
+GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stepmesh as f
+from stepmesh.testing import NodeContext, run_mesh
+
+from .conftest import FAST
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none here"),
+]
+
+SMALL, LARGE = 64, 300_000
+GPU_ENV = dict(FAST, STEPMESH_BACKEND="GPU")
+
+
+def _mesh(target, **kw):
+    kw.setdefault("env", GPU_ENV)
+    kw.setdefault("timeout", 150)
+    results = run_mesh(target, **kw)
+    assert results.pop("scheduler") is None
+    return results
+
+
+def _seed_sum(ctx: NodeContext) -> int:
+    f.init()
+    checked = 0
+    if ctx.role == "worker":
+        for n in (SMALL, LARGE):
+            push = [torch.rand(n, device="cuda") for _ in range(3)]
+            pull = [torch.zeros(n, device="cuda")]
+            f.wait(f.push_pull(push, [0, 1, 2], pull, [3]))
+            assert pull[0].is_cuda and torch.allclose(pull[0], push[0] + push[1] + push[2])
+            checked += 1
+    else:
+        for _ in range(2):
+            (h, tensors, keys), = f.get_batch()
+            assert all(t.is_cuda for t in tensors), [t.device for t in tensors]
+            f.respond([tensors[0] + tensors[1] + tensors[2]], h, need_event=True)
+            checked += 1
+    f.stop()
+    return checked
+
+
+@pytest.mark.timeout(200)
+def test_gpu_seed_sum():
+    assert set(_mesh(_seed_sum).values()) == {2}
+
+
+def _mxn(ctx: NodeContext) -> int:
+    f.init()
+    servers = f._node.config.num_servers
+    for n in (SMALL, LARGE):
+        if ctx.role == "worker":
+            mark = torch.full((n,), float(ctx.rank), device="cuda")
+            pulls = [torch.zeros(n, device="cuda") for _ in range(servers)]
+            f.wait(f.push_pull([mark], [7], pulls, [100 + s for s in range(servers)]))
+            for s in range(servers):
+                assert torch.equal(pulls[s], mark + 10 * s), (s, pulls[s][:3])
+        else:
+            batch = f.get_batch()
+            for w, (h, (t,), _) in enumerate(batch):
+                assert t.is_cuda and torch.all(t == w)
+                f.respond([t + 10 * ctx.rank], h, need_event=True)
+    f.stop()
+    return 2
+
+
+@pytest.mark.timeout(300)
+def test_gpu_two_workers_three_servers():
+    results = _mesh(_mxn, num_workers=2, num_servers=3, timeout=250)
+    assert set(results.values()) == {2} and len(results) == 5
+
+
+def _stages(ctx: NodeContext) -> bool:
+    f.init()
+    lengths = [LARGE, 17, LARGE // 3]
+    if ctx.role == "worker":
+        buf = torch.arange(LARGE, dtype=torch.float32, device="cuda")
+        for _ in range(3):
+            handles = []
+            for s, length in enumerate(lengths):  # slices of one buffer: dynamic shapes
+                out = torch.full((LARGE,), -1.0, device="cuda")
+                handles.append((f.push_pull([buf[:length]], [s], [out], [100 + s]), out, buf[:length] * 2 + s))
+            for h, out, expect in reversed(handles):
+                f.wait(h)
+                assert torch.equal(out[: expect.numel()], expect) and torch.all(out[expect.numel() :] == -1)
+    else:
+        for _ in range(3):
+            batches = [f.get_batch() for _ in lengths]
+            for batch in reversed(batches):  # answered out of order
+                (h, (t,), (key,)), = batch
+                assert t.is_cuda and t.shape[0] == lengths[key]
+                f.respond([t * 2 + key], h, need_event=True)
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(200)
+def test_gpu_three_stages_dynamic_shapes():
+    assert all(_mesh(_stages).values())
