@@ -292,8 +292,9 @@ def _dist_child(role: str, opts: BenchOptions, conn: Any, core: int | None, stor
     backend = "nccl" if opts.device.startswith("cuda") else "gloo"
     rank = 0 if role == "client" else 1
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=2)
-    send_t = torch.zeros(wl.push_bytes if rank == 0 else wl.pull_bytes, dtype=torch.uint8, device=opts.device)
-    recv_t = torch.zeros(wl.pull_bytes if rank == 0 else wl.push_bytes, dtype=torch.uint8, device=opts.device)
+    device = f"cuda:{rank}" if opts.device.startswith("cuda") else opts.device  # NCCL: one GPU per rank
+    send_t = torch.zeros(wl.push_bytes if rank == 0 else wl.pull_bytes, dtype=torch.uint8, device=device)
+    recv_t = torch.zeros(wl.pull_bytes if rank == 0 else wl.push_bytes, dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if opts.device.startswith("cuda") else (lambda: None)
 
     def one() -> None:
@@ -404,7 +405,11 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
             elif name == "ucxx":
                 contenders.append(_start_pair("ucxx", _ucxx_child, opts))
             elif name in ("gloo", "torch"):
-                contenders.append(_start_pair(name, _dist_child, opts, os.path.join(tmp.name, f"{name}.store")))
+                why = _dist_unavailable(opts)
+                if why:
+                    results[name].note = f"not run: {why}"
+                else:
+                    contenders.append(_start_pair(name, _dist_child, opts, os.path.join(tmp.name, f"{name}.store")))
             elif name == "nixl":
                 results[name].note = "not run: NIXL is not installed" if not _has("nixl") else "not run: NIXL driver not implemented yet"
             else:
@@ -453,6 +458,17 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
         tmp.cleanup()
     traces = _breakdown(results["stepmesh"].__dict__.pop("_traces", [])) if "stepmesh" in results else {}
     return BenchResult(opts, results, traces)
+
+
+def _dist_unavailable(opts: BenchOptions) -> str:
+    """Why torch.distributed cannot run this workload here ('' when it can)."""
+    if not opts.device.startswith("cuda"):
+        return ""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return "NCCL needs each rank on its own GPU and only one is visible"
+    return ""
 
 
 def _has(module: str) -> bool:
