@@ -69,6 +69,8 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
               help="What to measure (nixl runs only where it is installed).")
 @click.option("--traces/--no-traces", default=True, show_default=True,
               help="Collect fetch_trace stamps for the per-stage breakdown (costs a little per call).")
+@click.option("--round-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds one round may take before the run fails, showing where each process is stuck.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write every figure and sample here (schema stepmesh-bench/1, see docs/performance.md).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -88,6 +90,7 @@ def bench(
     pin: bool,
     contenders: tuple[str, ...],
     traces: bool,
+    round_timeout: float,
     json_path: str | None,
     plot_path: str | None,
 ) -> None:
@@ -120,7 +123,7 @@ def bench(
             raise click.UsageError("--device cuda: no CUDA device is visible to torch here")
     opts = B.BenchOptions(
         workload=wl, stages=stages, iters=iters, warmup=warmup, rounds=rounds, progress=progress_mode,
-        device=device, pin=pin, contenders=contenders, traces=traces,
+        device=device, pin=pin, contenders=contenders, traces=traces, round_timeout_s=round_timeout,
     )
     runnable = [c for c in contenders if c != "nixl" or B._has("nixl")]
     total = rounds * len(runnable)

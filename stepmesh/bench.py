@@ -30,7 +30,6 @@ __all__ = ["TensorSpec", "Workload", "PRESETS", "BenchOptions", "BenchResult", "
 
 _SPAWN = mp.get_context("spawn")
 _READY_TIMEOUT_S = 120.0
-_ROUND_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,7 @@ class BenchOptions:
     pin: bool = True
     contenders: tuple[str, ...] = ("stepmesh", "ucxx", "gloo")
     traces: bool = True
+    round_timeout_s: float = 300.0
 
 
 @dataclass
@@ -425,9 +425,14 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                     conn.send(("run", n))
                 for conn in c.drivers:
                     conn.send(("run", n))
-                outs = [_recv(conn, _ROUND_TIMEOUT_S, c.name) for conn in c.drivers]
-                for conn in c.helpers:
-                    _recv(conn, _ROUND_TIMEOUT_S, c.name)
+                try:
+                    outs = [_recv(conn, opts.round_timeout_s, c.name) for conn in c.drivers]
+                    for conn in c.helpers:
+                        _recv(conn, opts.round_timeout_s, c.name)
+                except TimeoutError as e:
+                    if c.mesh is not None:  # say where every process is stuck
+                        raise TimeoutError(f"{e}\n{c.mesh.dump_stacks()}") from None
+                    raise
                 if r == 0:
                     continue
                 res = results[c.name]

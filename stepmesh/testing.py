@@ -10,8 +10,10 @@ deadline, or after one of them failed, are killed by pid.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 import time
 import traceback
@@ -66,6 +68,7 @@ def _child_main(
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # Mesh.dump_stacks()
     os.environ.update(ctx.env)
     name = "scheduler" if target is None else f"{ctx.role}-{ctx.group}-{ctx.rank}"
     try:
@@ -127,6 +130,17 @@ class Mesh:
             if tail:
                 parts.append("output:\n" + tail)
         return "\n".join(parts)
+
+    def dump_stacks(self, settle_s: float = 1.0) -> str:
+        """Every live child's Python stacks (written to its output), as a report."""
+        for c in self.children.values():
+            if c.process.is_alive() and c.process.pid:
+                try:
+                    os.kill(c.process.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+        time.sleep(settle_s)
+        return self._report("stacks of every child")
 
     def kill(self) -> None:
         for c in self.children.values():
