@@ -333,9 +333,14 @@ class _Contender:
     mesh: Any = None
 
 
-def _recv(conn: Any, timeout: float, what: str) -> Any:
-    if not conn.poll(timeout):
-        raise TimeoutError(f"bench: no answer from {what} within {timeout:.0f} s")
+def _recv(conn: Any, timeout: float, what: str, mesh: Any = None) -> Any:
+    """The next message on ``conn``; fails early if a process of ``mesh`` died."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+        if mesh is not None:
+            mesh.check()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"bench: no answer from {what} within {timeout:.0f} s")
     return conn.recv()
 
 
@@ -416,7 +421,7 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                 raise ValueError(f"unknown contender {name!r}")
         for c in contenders:
             for conn in c.drivers + c.helpers:
-                _recv(conn, _READY_TIMEOUT_S, f"{c.name} start-up")
+                _recv(conn, _READY_TIMEOUT_S, f"{c.name} start-up", c.mesh)
         per_round = max(1, opts.iters // opts.rounds)
         for r in range(opts.rounds + 1):  # round 0 is the warm-up
             n = opts.warmup if r == 0 else per_round
@@ -426,9 +431,9 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                 for conn in c.drivers:
                     conn.send(("run", n))
                 try:
-                    outs = [_recv(conn, opts.round_timeout_s, c.name) for conn in c.drivers]
+                    outs = [_recv(conn, opts.round_timeout_s, c.name, c.mesh) for conn in c.drivers]
                     for conn in c.helpers:
-                        _recv(conn, opts.round_timeout_s, c.name)
+                        _recv(conn, opts.round_timeout_s, c.name, c.mesh)
                 except TimeoutError as e:
                     if c.mesh is not None:  # say where every process is stuck
                         raise TimeoutError(f"{e}\n{c.mesh.dump_stacks()}") from None

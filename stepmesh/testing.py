@@ -131,6 +131,22 @@ class Mesh:
                 parts.append("output:\n" + tail)
         return "\n".join(parts)
 
+    def check(self) -> None:
+        """Raise if any child failed or exited without reporting (does not wait).
+
+        Raises:
+            MeshError: with every child's error and output.
+        """
+        self._drain(0.0)
+        for c in self.children.values():
+            if not c.process.is_alive() and not c.done and c.error is None:
+                self._drain(0.2)
+                if not c.done and c.error is None:
+                    c.error = f"exited with code {c.process.exitcode} without reporting"
+        failed = [c for c in self.children.values() if c.error]
+        if failed:
+            raise MeshError(self._report(f"{failed[0].name} failed"))
+
     def dump_stacks(self, settle_s: float = 1.0) -> str:
         """Every live child's Python stacks (written to its output), as a report."""
         for c in self.children.values():
