@@ -40,6 +40,7 @@ __all__ = [
     "TimeoutError",
     "barrier",
     "fetch_trace",
+    "flush",
     "get_all_handlers",
     "get_batch",
     "get_nanosecond",
@@ -188,6 +189,11 @@ def respond(tensors: list[Any], handle: int, need_event: bool = False) -> None:
 def respond_vec(ret_buffer: Any, tensors_vec: list[Any], handles: list[int]) -> None:
     """Answer several requests from one buffer; see :meth:`AFTensorServer.respond_vec`."""
     _server("respond_vec").respond_vec(ret_buffer, tensors_vec, handles)
+
+
+def flush(timeout_ms: int = 10000) -> None:
+    """Wait until every answer sent so far is delivered; see :meth:`AFTensorServer.flush`."""
+    _server("flush").flush(timeout_ms)
 
 
 def register_recv_buffer(tensor: Any, worker_ranks: list[int], push_keys: list[int]) -> None:

@@ -189,6 +189,7 @@ def _stepmesh_node(ctx: Any) -> None:
             for _ in range(n):
                 for handle, _tensors, _keys in f.get_batch():
                     f.respond(answers, handle)
+            node.flush()  # the last answers must arrive while this waits for the next round
             return "done"
 
         conn.send("ready")

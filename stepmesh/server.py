@@ -32,7 +32,7 @@ from ._tensors import (
     copy_bytes,
     memory_buffer,
 )
-from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError
+from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
 __all__ = ["AFTensorServer"]
@@ -454,6 +454,29 @@ class AFTensorServer(Node):
             pull = self._pull_tag | bits
             for j, t in payloads:
                 self._sends.append((ep.tag_send(as_buffer(t), Tag(pull | j)), t))
+
+    def flush(self, timeout_ms: int = 10000) -> None:
+        """Wait until every answer sent so far has been delivered.
+
+        UCX moves an answer while this process calls into stepmesh (get_batch,
+        flush, stop); with some transports (CUDA IPC, TCP rendezvous) a large
+        answer does not finish while the server computes or sleeps elsewhere.
+        Call this before long work outside stepmesh.
+
+        Raises:
+            TimeoutError: not delivered within ``timeout_ms``.
+            PeerError: a worker died.
+        """
+        data = self.data
+        if data is None or self._stopped:
+            raise StepMeshError("flush() on a server that is not running: call init() first")
+
+        def done() -> bool:
+            self._reap_sends()
+            return not self._sends
+
+        if not data.progress_until(done, time.monotonic() + timeout_ms / 1000, self._check_workers):
+            raise TimeoutError(f"{len(self._sends)} answer message(s) not delivered after {timeout_ms} ms")
 
     def _reap_sends(self) -> None:
         keep = []
