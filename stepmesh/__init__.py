@@ -21,6 +21,7 @@ from .errors import (
     StepMeshError,
     TimeoutError,
 )
+from .notify import SimpleNotify
 from .scheduler import Scheduler
 from .server import AFTensorServer
 from .worker import AFTensorWorker
@@ -36,6 +37,7 @@ __all__ = [
     "PeerError",
     "ProtocolError",
     "Scheduler",
+    "SimpleNotify",
     "StepMeshError",
     "TimeoutError",
     "barrier",

@@ -108,3 +108,37 @@ def _stages(ctx: NodeContext) -> bool:
 @pytest.mark.timeout(200)
 def test_gpu_three_stages_dynamic_shapes():
     assert all(_mesh(_stages).values())
+
+
+def _notify(ctx: NodeContext) -> bool:
+    """The stream waits for the data, the CPU does not (the server answers late on purpose)."""
+    import time
+
+    f.init()
+    sig = f.SimpleNotify()
+    sig.init()
+    if ctx.role == "worker":
+        push = [torch.full((LARGE,), 3.0, device="cuda")]
+        pull = [torch.zeros(LARGE, device="cuda")]
+        h = f.push_pull(push, [0], pull, [0])
+        t0 = time.monotonic()
+        sig.stream_wait_event(h)
+        after = pull[0] * 1  # queued behind the wait on the current stream
+        returned_in = time.monotonic() - t0
+        sig.wait_event_done()
+        torch.cuda.synchronize()
+        assert returned_in < 0.2, returned_in  # the server sleeps 0.5 s: the CPU did not wait
+        assert torch.all(after == 6.0), after[:4]
+    else:
+        sig.block_now_stream_and_get_batch()
+        ((h, (t,), _),) = sig.get_future_batch_data()
+        torch.cuda.current_stream().synchronize()  # the stream was released by the batch
+        time.sleep(0.5)
+        f.respond([t * 2], h, need_event=True)
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(200)
+def test_gpu_simple_notify_orders_the_stream_not_the_cpu():
+    assert all(_mesh(_notify).values())
