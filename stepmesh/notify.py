@@ -92,6 +92,14 @@ class SimpleNotify:
         import torch
 
         stream = torch.cuda.current_stream().cuda_stream
+        if stream == 0:
+            # A wait on the legacy default stream also holds back every blocking
+            # stream of the process, UCX's own copy streams included: the data
+            # that would release it could never arrive.
+            raise ArgumentError(
+                "SimpleNotify needs a non-default current stream: wrap the call in "
+                "`with torch.cuda.stream(torch.cuda.Stream()):` (CUDA-graph capture streams qualify)"
+            )
         self._driver.check(
             self._driver.wait_value(ctypes.c_void_p(stream), self._dptr, self._count, _CU_STREAM_WAIT_VALUE_EQ),
             "cuStreamWaitValue32",

@@ -117,6 +117,10 @@ def _notify(ctx: NodeContext) -> bool:
     f.init()
     sig = f.SimpleNotify()
     sig.init()
+    with pytest.raises(f.ArgumentError, match="non-default"):
+        sig.block_now_stream()  # on the legacy default stream it would deadlock UCX's copies
+    side = torch.cuda.Stream()
+    torch.cuda.set_stream(side)
     if ctx.role == "worker":
         push = [torch.full((LARGE,), 3.0, device="cuda")]
         pull = [torch.zeros(LARGE, device="cuda")]
