@@ -45,6 +45,19 @@ class _Driver:
             raise StepMeshError(f"{what} failed with CUDA driver error {status}")
 
 
+def _current_device() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def _enter(device: int) -> None:
+    """Make the caller's device current in a helper thread: UCX's CUDA copies use the thread's context."""
+    import torch
+
+    torch.cuda.set_device(device)
+
+
 class SimpleNotify:
     """StepMesh's stream-ordered notification, same methods and meaning.
 
@@ -122,9 +135,11 @@ class SimpleNotify:
         if self._thread is not None and self._thread.is_alive():
             raise ArgumentError("stream_wait_event: the previous one is still pending; call wait_event_done() first")
         self._block_stream()
+        device = _current_device()
 
         def run() -> None:
             try:
+                _enter(device)
                 worker.wait(handle)
             except BaseException as e:  # re-raised by wait_event_done()
                 self._error = e
@@ -154,11 +169,13 @@ class SimpleNotify:
 
         server = _server("block_now_stream_and_get_batch")
         self._block_stream()
+        device = _current_device()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="stepmesh-notify")
 
         def run() -> list:
             try:
+                _enter(device)
                 return server.get_batch()
             finally:
                 self._notify()
