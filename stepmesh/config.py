@@ -78,7 +78,7 @@ class Config:
         default=500, metadata=_env("STEPMESH_HEARTBEAT_INTERVAL_MS")
     )
     heartbeat_timeout_ms: int = field(
-        default=3_000, metadata=_env("STEPMESH_HEARTBEAT_TIMEOUT_MS")
+        default=2_000, metadata=_env("STEPMESH_HEARTBEAT_TIMEOUT_MS")
     )
 
     def __post_init__(self) -> None:

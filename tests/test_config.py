@@ -73,7 +73,7 @@ DEFAULTS = {
     "barrier_timeout_ms": 60_000,
     "stop_timeout_ms": 60_000,
     "heartbeat_interval_ms": 500,
-    "heartbeat_timeout_ms": 3_000,
+    "heartbeat_timeout_ms": 2_000,
 }
 
 
