@@ -68,6 +68,7 @@ class Node:
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition()
         self._welcome: P.Control | None = None
+        self._register_message = b""
         self._book: P.Control | None = None
         self._fatal: StepMeshError | None = None
         self._releases: dict[tuple[int, int], P.Control] = {}
@@ -137,7 +138,7 @@ class Node:
             group_size=cfg.group_size,
             topology=cfg.topology,
         )
-        message = P.encode_register(reg)
+        message = self._register_message = P.encode_register(reg)
         last_error = "no answer"
         while True:
             try:
@@ -253,6 +254,14 @@ class Node:
             elif msg.kind is P.Msg.PEER_DEAD:
                 self.dead[msg.node_id] = msg.text
                 self.on_peer_dead(msg.node_id, msg.text)
+            elif msg.kind is P.Msg.CHALLENGE:
+                token = self.config.auth_token
+                if token is None:
+                    self._fatal = self._fatal or AuthError(
+                        "the scheduler requires authentication: set STEPMESH_AUTH_TOKEN to the mesh's token"
+                    )
+                else:
+                    self._send_control(P.encode_proof(P.auth_proof(token, msg.blob, self._register_message)))
             elif msg.kind is P.Msg.ERROR:
                 if self._fatal is None:
                     self._fatal = _ERRORS.get(msg.code, StepMeshError)(f"scheduler: {msg.text}")

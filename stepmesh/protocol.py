@@ -150,6 +150,8 @@ class Msg(IntEnum):
     HEARTBEAT = 6  # both ways
     ERROR = 7  # scheduler -> node: fatal, with a code
     PEER_DEAD = 8  # scheduler -> node
+    CHALLENGE = 9  # scheduler -> node: prove you know the token (a fresh nonce)
+    PROOF = 10  # node -> scheduler: HMAC-SHA256(token, nonce + the REGISTER message)
 
 
 class Role(IntEnum):
@@ -224,6 +226,27 @@ class Control:
     role: Role = Role.SCHEDULER
     text: str = ""
     peers: tuple[Peer, ...] = field(default_factory=tuple)
+    blob: bytes = b""
+
+
+AUTH_NONCE_BYTES = 32
+AUTH_MAC_BYTES = 32
+
+
+def auth_proof(token: str, nonce: bytes, register_message: bytes) -> bytes:
+    """What a node sends to prove it knows ``token``; the token itself never travels."""
+    import hashlib
+    import hmac
+
+    return hmac.new(token.encode("utf-8"), nonce + register_message, hashlib.sha256).digest()
+
+
+def encode_challenge(nonce: bytes) -> bytes:
+    return bytes(_start(Msg.CHALLENGE).blob(nonce).buf)
+
+
+def encode_proof(mac: bytes) -> bytes:
+    return bytes(_start(Msg.PROOF).blob(mac).buf)
 
 
 def _start(kind: Msg) -> Writer:
@@ -335,6 +358,10 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
         msg = Control(kind)
     elif kind is Msg.ERROR:
         msg = Control(kind, code=r.u16(), text=r.text())
+    elif kind is Msg.CHALLENGE:
+        msg = Control(kind, blob=r.blob(AUTH_NONCE_BYTES))
+    elif kind is Msg.PROOF:
+        msg = Control(kind, blob=r.blob(AUTH_MAC_BYTES))
     else:  # PEER_DEAD
         node_id = r.u16()
         role = _role(r.u8())

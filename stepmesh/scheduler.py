@@ -7,7 +7,9 @@ in a background thread and sleeps in epoll while nothing happens.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ class _Conn:
     opened: float
     node: _Node | None = None
     rejected: bool = False
+    pending: tuple[P.Registration, bytes, bytes] | None = None  # registration, its bytes, nonce
 
 
 @dataclass(eq=False)
@@ -195,13 +198,30 @@ class Scheduler:
             return
         node = conn.node
         if msg.kind is P.Msg.REGISTER:
-            if node is not None:
+            if node is not None or conn.pending is not None:
                 self._reject(conn, P.ErrorCode.PROTOCOL, "registered twice on one connection")
                 return
             assert msg.registration is not None
-            self._register(conn, msg.registration)
+            if self.config.auth_token is None:
+                self._register(conn, msg.registration)
+            else:  # nothing about the mesh is told before the node proves it knows the token
+                nonce = os.urandom(P.AUTH_NONCE_BYTES)
+                conn.pending = (msg.registration, bytes(data), nonce)
+                conn.channel.send(P.encode_challenge(nonce))
+            return
+        if msg.kind is P.Msg.PROOF and node is None and conn.pending is not None:
+            reg, message, nonce = conn.pending
+            conn.pending = None
+            expected = P.auth_proof(self.config.auth_token or "", nonce, message)
+            if hmac.compare_digest(expected, msg.blob):
+                self._register(conn, reg)
+            else:
+                log.warning("refusing %s from pid %d on %s: wrong authentication token", reg.role.label, reg.pid, reg.host)
+                self._reject(conn, P.ErrorCode.AUTH, "authentication failed: STEPMESH_AUTH_TOKEN does not match")
             return
         if node is None:
+            if msg.kind is P.Msg.HEARTBEAT and conn.pending is not None:
+                return  # still proving itself
             self._reject(conn, P.ErrorCode.PROTOCOL, f"{msg.kind.name} before REGISTER")
             return
         node.last_seen = time.monotonic()

@@ -69,7 +69,11 @@ def _child_main(
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # Mesh.dump_stacks()
-    os.environ.update(ctx.env)
+    for key, value in ctx.env.items():  # None: unset it in that child
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     name = "scheduler" if target is None else f"{ctx.role}-{ctx.group}-{ctx.rank}"
     try:
         if target is None:  # the scheduler
