@@ -382,6 +382,7 @@ MAX_TENSORS = 64  # push tensors per request
 MAX_NDIM = 8
 MAX_PULLS = 256  # pull tensors per request, all servers together
 MAX_TENSOR_BYTES = 1 << 40
+MAX_IN_FLIGHT = 1024  # push_pulls one worker may have outstanding
 FLAG_INLINE = 1  # small tensors ride inline (inline_split decides which)
 FLAG_DEVICE = 2  # device memory involved: nothing inline, every tensor its own message
 

@@ -151,6 +151,11 @@ class AFTensorWorker(Node):
                     self._plans.popitem(last=False)
         if self._fatal is not None or self.dead:
             self._check_servers()
+        if len(self._pending) >= P.MAX_IN_FLIGHT:
+            raise ArgumentError(
+                f"push_pull: {len(self._pending)} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); "
+                "wait() for some first"
+            )
         if plan.event is not None:
             plan.event()
         t_start = time.monotonic_ns()
@@ -232,6 +237,10 @@ class AFTensorWorker(Node):
             raise ArgumentError(f"push_tensors has {len(push)} tensors, more than {P.MAX_TENSORS}")
         if len(pulls) > P.MAX_PULLS:
             raise ArgumentError(f"pull_tensors has {len(pulls)} tensors, more than {P.MAX_PULLS}")
+        for name, ts in (("push_tensors", push), ("pull_tensors", pulls)):
+            for i, t in enumerate(ts):
+                if t.nbytes > P.MAX_TENSOR_BYTES:
+                    raise ArgumentError(f"{name}[{i}] has {t.nbytes} bytes, more than {P.MAX_TENSOR_BYTES}")
         for i, t in enumerate(push):
             if t.dim() > P.MAX_NDIM:
                 raise ArgumentError(f"push_tensors[{i}] has {t.dim()} dimensions, more than {P.MAX_NDIM}")
