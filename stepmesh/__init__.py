@@ -114,15 +114,15 @@ def stop() -> None:
         node.stop()
 
 
-def barrier(include_server: bool = True, include_worker: bool = True) -> None:
+def barrier(include_server: bool = True, include_worker: bool = True, timeout_ms: int | None = None) -> None:
     """Wait for every server and/or worker of this node's group.
 
     Raises:
         StepMeshError: not initialised, or called on the scheduler.
-        TimeoutError: ``STEPMESH_BARRIER_TIMEOUT_MS`` passed first.
+        TimeoutError: ``timeout_ms`` (default ``STEPMESH_BARRIER_TIMEOUT_MS``) passed first.
         PeerError: a participant died.
     """
-    _member("barrier").barrier(include_server, include_worker)
+    _member("barrier").barrier(include_server, include_worker, timeout_ms)
 
 
 def get_nanosecond() -> int:

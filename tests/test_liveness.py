@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import stepmesh as f
-from stepmesh.testing import Mesh, NodeContext, spawn_mesh
+from stepmesh.testing import Mesh, NodeContext, run_mesh, spawn_mesh
+
+from .conftest import FAST
 
 BOUND_S = 3.0  # the bound, with the default heartbeat settings
 
@@ -73,3 +75,70 @@ def _join_frozen(mesh: Mesh) -> dict:
         if all(c.done or c.error for c in others):
             break
     return {n: (c.result if c.done else c.error) for n, c in mesh.children.items()}
+
+
+def _scheduler_dies(ctx: NodeContext) -> dict:
+    f.init()
+    if ctx.role == "worker":
+        with open(ctx.args) as fh:
+            os.kill(int(fh.read()), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        f.barrier(timeout_ms=20000)
+        error = None
+    except f.StepMeshError as e:
+        error = f"{type(e).__name__}: {e}"
+    after = time.monotonic() - t0
+    t0 = time.monotonic()
+    f.stop()
+    return {"error": error, "after_s": after, "stop_s": time.monotonic() - t0}
+
+
+@pytest.mark.timeout(90)
+def test_lost_scheduler_is_a_peer_error_within_3_s(tmp_path):
+    pid_file = tmp_path / "scheduler.pid"
+    mesh = spawn_mesh(_scheduler_dies, env={"UCX_WARN_UNUSED_ENV_VARS": "n"}, timeout=60, args=str(pid_file))
+    pid_file.write_text(str(mesh.children["scheduler"].process.pid))
+    try:
+        results = mesh.join(expect_failure=True)
+    finally:
+        mesh.kill()
+    for name in ("server-0-0", "worker-0-0"):
+        r = results[name]
+        assert isinstance(r, dict) and r["error"].startswith("PeerError") and "scheduler" in r["error"], (name, r)
+        assert r["after_s"] < BOUND_S and r["stop_s"] < 5, (name, r)
+
+
+def _lonely_barrier(ctx: NodeContext) -> str:
+    f.init()
+    result = "no barrier"
+    if ctx.rank == 0 and ctx.role == "worker":
+        t0 = time.monotonic()
+        with pytest.raises(f.TimeoutError, match="barrier"):
+            f.barrier(False, True, timeout_ms=800)  # worker 1 never comes
+        result = f"timed out after {time.monotonic() - t0:.1f} s"
+    f.stop()
+    return result
+
+
+@pytest.mark.timeout(90)
+def test_a_barrier_that_never_fills_times_out():
+    results = run_mesh(_lonely_barrier, num_workers=2, env=FAST, timeout=60)
+    assert results["worker-0-0"].startswith("timed out after 0.") or results["worker-0-0"].startswith(
+        "timed out after 1."
+    ), results
+
+
+def test_unreachable_scheduler_is_a_bounded_timeout():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = f.Config(
+        role="worker", root_uri="127.0.0.1", root_port=port, num_workers=1, num_servers=1, init_timeout_ms=1500
+    )
+    t0 = time.monotonic()
+    with pytest.raises(f.TimeoutError, match="cannot reach the scheduler"):
+        f.AFTensorWorker(cfg).start()
+    assert time.monotonic() - t0 < 10
