@@ -69,6 +69,8 @@ class Node:
         self._lock = threading.Condition()
         self._welcome: P.Control | None = None
         self._register_message = b""
+        self._returned: list[P.Peer] = []
+        self._wireups: list[Any] = []
         self._book: P.Control | None = None
         self._fatal: StepMeshError | None = None
         self._releases: dict[tuple[int, int], P.Control] = {}
@@ -107,7 +109,9 @@ class Node:
         try:
             self._register(deadline)
             self._connect_peers(deadline)
-            self.barrier(True, True, _deadline=deadline, _what="the init barrier")
+            assert self._welcome is not None
+            if not self._welcome.code:  # a rejoining node finds the others past that barrier
+                self.barrier(True, True, _deadline=deadline, _what="the init barrier")
         except BaseException:
             self._teardown()
             raise
@@ -251,6 +255,8 @@ class Node:
                 self._book = msg
             elif msg.kind is P.Msg.RELEASE:
                 self._releases[(msg.scope, msg.seq)] = msg
+            elif msg.kind is P.Msg.PEER_BACK:
+                self._returned.extend(msg.peers)  # applied by the caller's thread: _reconnect()
             elif msg.kind is P.Msg.PEER_DEAD:
                 self.dead[msg.node_id] = msg.text
                 self.on_peer_dead(msg.node_id, msg.text)
@@ -271,6 +277,29 @@ class Node:
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         """Hook for subclasses: a node of the mesh died (called on the control thread)."""
+
+    def _reconnect(self) -> None:
+        """Connect to peers that rejoined (on the caller's thread, which owns the data path)."""
+        data = self.data
+        assert data is not None
+        with self._lock:
+            back, self._returned = self._returned, []
+        self._wireups = [w for w in self._wireups if not (w[0].completed and w[1].completed)]
+        for peer in back:
+            ep = data.connect(peer.address)
+            self.endpoints[peer.node_id] = ep
+            token = np.array([self.node_id], dtype=np.uint64)
+            echo = np.zeros(1, dtype=np.uint64)
+            recv = ep.tag_recv(wrap(echo), data.tag(P.make_tag(P.TAG_WIREUP, peer.node_id)))
+            send = ep.tag_send(wrap(token), data.tag(P.make_tag(P.TAG_WIREUP, self.node_id)))
+            self._wireups.append((recv, send, token, echo))
+            self.peers = [peer if p.node_id == peer.node_id else p for p in self.peers]
+            self.dead.pop(peer.node_id, None)
+            log.warning("%s rank %d: %s is back, reconnected", self.role, self.rank, peer.describe())
+            self.on_peer_back(peer)
+
+    def on_peer_back(self, peer: P.Peer) -> None:
+        """Hook for subclasses: a dead peer rejoined and is connected again."""
 
     def _fail(self, error: StepMeshError) -> None:
         with self._lock:

@@ -152,6 +152,7 @@ class Msg(IntEnum):
     PEER_DEAD = 8  # scheduler -> node
     CHALLENGE = 9  # scheduler -> node: prove you know the token (a fresh nonce)
     PROOF = 10  # node -> scheduler: HMAC-SHA256(token, nonce + the REGISTER message)
+    PEER_BACK = 11  # scheduler -> node: a dead peer rejoined under its rank, at a new address
 
 
 class Role(IntEnum):
@@ -262,12 +263,12 @@ def encode_register(r: Registration) -> bytes:
     return bytes(w.buf)
 
 
-def encode_welcome(node_id: int, rank: int) -> bytes:
-    return bytes(_start(Msg.WELCOME).u16(node_id).u32(rank).buf)
+def encode_welcome(node_id: int, rank: int, rejoin: bool = False) -> bytes:
+    return bytes(_start(Msg.WELCOME).u16(node_id).u32(rank).u8(int(rejoin)).buf)
 
 
-def encode_book(peers: list[Peer] | tuple[Peer, ...]) -> bytes:
-    w = _start(Msg.BOOK).u16(len(peers))
+def encode_book(peers: list[Peer] | tuple[Peer, ...], kind: Msg = Msg.BOOK) -> bytes:
+    w = _start(kind).u16(len(peers))
     for p in peers:
         w.u16(p.node_id).u8(p.role).u32(p.rank).u16(p.group).text(p.host).blob(p.address)
     return bytes(w.buf)
@@ -340,8 +341,8 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
         )
         msg = Control(kind, registration=reg)
     elif kind is Msg.WELCOME:
-        msg = Control(kind, node_id=r.u16(), rank=r.u32())
-    elif kind is Msg.BOOK:
+        msg = Control(kind, node_id=r.u16(), rank=r.u32(), code=r.u8())  # code 1: a rejoin
+    elif kind is Msg.BOOK or kind is Msg.PEER_BACK:
         n = r.u16()
         if n > MAX_PEERS:
             raise ProtocolError(f"address book of {n} peers exceeds {MAX_PEERS}")

@@ -245,7 +245,7 @@ class Scheduler:
                     f"(DMLC_NUM_{'WORKER' if reg.role is P.Role.WORKER else 'SERVER'}="
                     f"{self._role_count(reg.role)})"
                 )
-            elif (reg.role, reg.group, rank) in self._by_key:
+            elif (reg.role, reg.group, rank) in self._by_key and not self._may_rejoin(reg.role, reg.group, rank):
                 other = self._by_key[(reg.role, reg.group, rank)]
                 error = (
                     f"duplicate rank: {reg.role.label} rank {rank} of group {reg.group} "
@@ -256,6 +256,9 @@ class Scheduler:
             log.warning("rejecting %s from pid %d: %s", reg.role.label, reg.pid, error)
             self._reject(conn, P.ErrorCode.CONFIG, error)
             return
+        if (reg.role, reg.group, rank) in self._by_key:  # a dead server comes back
+            self._rejoin(conn, reg, rank, now)
+            return
         node = _Node(self._next_id, reg, rank, conn, now)
         self._next_id += 1
         conn.node = node
@@ -264,6 +267,26 @@ class Scheduler:
         self._send(node, P.encode_welcome(node.node_id, rank))
         log.info("registered %s as node %d", node.describe(), node.node_id)
         self._maybe_send_books()
+
+    def _may_rejoin(self, role: P.Role, group: int, rank: int) -> bool:
+        """A server that died after the mesh formed may register again under its rank."""
+        old = self._by_key[(role, group, rank)]
+        return role is P.Role.SERVER and not old.alive and old.booked and not self._stop_passed
+
+    def _rejoin(self, conn: _Conn, reg: P.Registration, rank: int, now: float) -> None:
+        old = self._by_key[(reg.role, reg.group, rank)]
+        node = _Node(old.node_id, reg, rank, conn, now)  # same node id: the peers' tags stay valid
+        node.booked = True
+        conn.node = node
+        self._nodes[node.node_id] = node
+        self._by_key[(reg.role, reg.group, rank)] = node
+        group = None if self.config.topology == "full" else reg.group
+        peers = [n for n in self._group_nodes(group) if n.alive and n.reg.role is not reg.role]
+        self._send(node, P.encode_welcome(node.node_id, rank, rejoin=True))
+        self._send(node, P.encode_book([n.peer for n in peers]))
+        for n in peers:
+            self._send(n, P.encode_book([node.peer], P.Msg.PEER_BACK))
+        log.warning("%s rejoined as node %d", node.describe(), node.node_id)
 
     def _role_count(self, role: P.Role) -> int:
         return self.config.num_workers if role is P.Role.WORKER else self.config.num_servers

@@ -129,6 +129,8 @@ class AFTensorWorker(Node):
         data = self.data
         if data is None or self._stopped or not self.servers:
             raise StepMeshError("push_pull() on a worker that is not running: call init() first")
+        if self._fatal is not None or self.dead:
+            self._check_servers()  # a server that rejoined is reconnected here
         # StepMesh traffic repeats the same buffers, shapes and keys every layer:
         # everything that depends only on those is built once per signature.
         try:
@@ -149,8 +151,6 @@ class AFTensorWorker(Node):
                 self._plans[sig] = plan
                 if len(self._plans) > _PLANS_KEEP:
                     self._plans.popitem(last=False)
-        if self._fatal is not None or self.dead:
-            self._check_servers()
         if len(self._pending) >= P.MAX_IN_FLIGHT:
             raise ArgumentError(
                 f"push_pull: {len(self._pending)} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); "
@@ -317,6 +317,8 @@ class AFTensorWorker(Node):
         return plan
 
     def _check_servers(self) -> None:
+        if self._returned:
+            self._reconnect()
         self.check_alive()
         if self.dead:
             for peer in self.servers:
@@ -464,3 +466,9 @@ class AFTensorWorker(Node):
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # wait() and push_pull() consult self.dead
+
+    def on_peer_back(self, peer: P.Peer) -> None:
+        """A server rejoined: address it at its new endpoint from the next push_pull on."""
+        self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
+        self._server_eps = [self.endpoints[p.node_id] for p in self.servers]
+        self._plans.clear()  # they hold the old endpoints
