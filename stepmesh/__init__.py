@@ -163,9 +163,21 @@ def push_pull(
     return _worker("push_pull").push_pull(push_tensors, push_keys, pull_tensors, pull_keys, need_event)
 
 
-def wait(handle: int, timeout_ms: int = 10000) -> None:
-    """Block until a push_pull completes; see :meth:`AFTensorWorker.wait`."""
-    _worker("wait").wait(handle, timeout_ms)
+def wait(handle: int | None = None, timeout_ms: int = 10000, *, handler: int | None = None) -> None:
+    """Block until a push_pull completes; see :meth:`AFTensorWorker.wait`.
+
+    ``handler=`` is StepMesh's keyword for ``handle``.
+
+    Raises:
+        ArgumentError: no handle given, or both spellings.
+    """
+    _worker("wait").wait(_handle_arg(handle, handler), timeout_ms)
+
+
+def _handle_arg(handle: int | None, handler: int | None) -> int:
+    if (handle is None) == (handler is None):
+        raise ArgumentError("give the handle once: handle=... (or StepMesh's handler=...)")
+    return handle if handle is not None else handler  # type: ignore[return-value]
 
 
 def get_all_handlers(handle: int) -> list[int]:
@@ -183,9 +195,15 @@ def get_batch(timeout_ms: int | None = None) -> list[tuple[int, list[Any], list[
     return _server("get_batch").get_batch(timeout_ms)
 
 
-def respond(tensors: list[Any], handle: int, need_event: bool = False) -> None:
-    """Answer one request; see :meth:`AFTensorServer.respond`."""
-    _server("respond").respond(tensors, handle, need_event)
+def respond(
+    tensors: list[Any], handle: int | None = None, need_event: bool = False, *, handler: int | None = None
+) -> None:
+    """Answer one request; see :meth:`AFTensorServer.respond` (``handler=`` is StepMesh's keyword).
+
+    Raises:
+        ArgumentError: no handle given, or both spellings.
+    """
+    _server("respond").respond(tensors, _handle_arg(handle, handler), need_event)
 
 
 def respond_vec(ret_buffer: Any, tensors_vec: list[Any], handles: list[int]) -> None:

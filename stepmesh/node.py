@@ -96,6 +96,10 @@ class Node:
         deadline = time.monotonic() + cfg.init_timeout_ms / 1000
         if cfg.bind_cpu_core:
             self._bind_core()
+        if cfg.backend not in (None, "cpu"):  # as StepMesh's init: cudaSetDevice(STEPMESH_GPU)
+            from .backends import select
+
+            select(cfg.backend).set_device(cfg.gpu)
         # A request or response with its inline payload goes eagerly in one
         # message; ucxx's 8 KiB default rendezvous threshold would add a round trip.
         options = {"RNDV_THRESH": str(P.HEADER_MAX + P.INLINE_MAX), **cfg.ucx_options()}

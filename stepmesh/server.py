@@ -128,10 +128,6 @@ class AFTensorServer(Node):
         cfg = self.config
         self.workers = [p for p in self.peers if p.role is P.Role.WORKER]
         if cfg.backend in ("cuda", "rocm"):  # unregistered pushes land on this process's GPU
-            from .backends import select
-
-            backend = select(cfg.backend)
-            backend.set_device(cfg.gpu)
             self._device = torch.device("cuda", cfg.gpu)
         self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
         self._eps = [self.endpoints[p.node_id] for p in self.workers]

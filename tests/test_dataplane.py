@@ -388,7 +388,9 @@ def _bad_input(ctx: NodeContext) -> int:
         node._pending = real
         # nothing was sent: the server sees exactly one request, this one
         h = f.push_pull(ok, [0], out, [0])
-        f.wait(h)
+        with pytest.raises(f.ArgumentError, match="handle once"):
+            f.wait(h, handler=h)
+        f.wait(handler=h)  # StepMesh's keyword
         with pytest.raises(f.ArgumentError, match="handle"):
             f.wait(h)  # already waited for
         assert torch.all(out[0] == 1.0)
@@ -404,7 +406,7 @@ def _bad_input(ctx: NodeContext) -> int:
             f.respond([tensors[0], tensors[0]], h)
         with pytest.raises(f.ArgumentError, match="handle"):
             f.respond(tensors, h + 99)
-        f.respond(tensors, h)
+        f.respond(tensors, handler=h)  # StepMesh's keyword
         assert f.get_batch(timeout_ms=300) == []  # no stray request arrived
         raised = 5
     f.stop()
