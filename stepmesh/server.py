@@ -122,6 +122,7 @@ class AFTensorServer(Node):
         self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
         self._mask: Any = None
         self._device = torch.device("cpu")
+        self._deferred: list[tuple[Any, _Request, list[torch.Tensor]]] = []
 
     def start(self) -> None:
         super().start()
@@ -159,6 +160,8 @@ class AFTensorServer(Node):
     # ------------------------------------------------------------- receive
     def _pump(self) -> None:
         """Take in every header that arrived and every payload that completed."""
+        if self._deferred:
+            self._send_deferred()
         for w, ring in enumerate(self._rings):
             while ring[0].req.completed:
                 slot = ring.popleft()
@@ -342,20 +345,35 @@ class AFTensorServer(Node):
         if problem is not None:
             self._reject(r, problem)
             raise ArgumentError(problem)
-        if need_event:
-            self._settle(ts)
-        self._send(r, ts)
+        event = self._event(ts) if need_event else None
+        if event is None or event.query():
+            self._send(r, ts)
+        else:  # the stream is still producing the answer: send it from a later call, never block here
+            del self._handles[r.handle]
+            self._deferred.append((event, r, ts))
 
     @staticmethod
-    def _settle(ts: list[torch.Tensor]) -> None:
-        """Wait for the work queued on the current stream that produces device answers."""
+    def _event(ts: list[torch.Tensor]) -> Any:
+        """An event on the current stream, when device answers are produced there (else None)."""
         for t in ts:
             if t.is_cuda:
                 from .backends import select
 
-                backend = select(None, t)
-                backend.wait_event(backend.record_event(t.device))
-                return
+                return select(None, t).record_event(t.device)
+        return None
+
+    def _send_deferred(self, block: bool = False) -> None:
+        """Send the answers whose stream work has completed (all of them when ``block``)."""
+        still = []
+        for event, r, ts in self._deferred:
+            if block:
+                event.synchronize()
+            if block or event.query():
+                self._handles[r.handle] = r
+                self._send(r, ts)
+            else:
+                still.append((event, r, ts))
+        self._deferred = still
 
     def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: list[torch.Tensor], handles: list[int]) -> None:
         """Answer several requests from one buffer of rows laid back to back.
@@ -468,8 +486,10 @@ class AFTensorServer(Node):
             raise StepMeshError("flush() on a server that is not running: call init() first")
 
         def done() -> bool:
+            if self._deferred:
+                self._send_deferred()
             self._reap_sends()
-            return not self._sends
+            return not self._sends and not self._deferred
 
         if not data.progress_until(done, time.monotonic() + timeout_ms / 1000, self._check_workers):
             raise TimeoutError(f"{len(self._sends)} answer message(s) not delivered after {timeout_ms} ms")
@@ -522,3 +542,13 @@ class AFTensorServer(Node):
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # get_batch() and respond() consult self.dead
+
+    def stop(self) -> None:
+        """Send the answers still waiting for their stream, then the global stop barrier.
+
+        Raises:
+            TimeoutError: the other nodes did not all stop within ``stop_timeout_ms``.
+        """
+        if self._deferred and not self._stopped and self._fatal is None:
+            self._send_deferred(block=True)
+        super().stop()

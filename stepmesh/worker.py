@@ -54,6 +54,7 @@ class _Pending:
 
     __slots__ = (
         "handle", "seq", "reqs", "keep", "hbuf", "resp", "pulls", "per_server", "inline", "bounds", "t_start", "t_sent",
+        "sends", "event",
     )
 
     def __init__(self, handle: int, seq: int, per_server: int) -> None:
@@ -67,6 +68,8 @@ class _Pending:
         self.pulls: list[torch.Tensor] = []
         self.inline: list[bool] = []
         self.bounds: list[tuple[int, int]] = []  # reqs[a:b] are server s's receives
+        self.sends: list[tuple[Any, Any]] | None = None  # (buffer, tag) to post to every server
+        self.event: Any = None  # CUDA event the sends wait for
         self.t_start = 0
         self.t_sent = 0
 
@@ -92,6 +95,7 @@ class AFTensorWorker(Node):
         self._server_eps: list[Any] = []
         self._server_ids: set[int] = set()
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._deferred: list[_Pending] = []
         self._Tag: Any = None
 
     def start(self) -> None:
@@ -131,6 +135,8 @@ class AFTensorWorker(Node):
             raise StepMeshError("push_pull() on a worker that is not running: call init() first")
         if self._fatal is not None or self.dead:
             self._check_servers()  # a server that rejoined is reconnected here
+        if self._deferred:
+            self._send_deferred()
         # StepMesh traffic repeats the same buffers, shapes and keys every layer:
         # everything that depends only on those is built once per signature.
         try:
@@ -156,8 +162,7 @@ class AFTensorWorker(Node):
                 f"push_pull: {len(self._pending)} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); "
                 "wait() for some first"
             )
-        if plan.event is not None:
-            plan.event()
+        event = plan.event() if plan.event is not None else None
         t_start = time.monotonic_ns()
         seq = self._seq = (self._seq + 1) & P.SEQ_MASK
         bits = seq << P.SEQ_SHIFT
@@ -202,16 +207,35 @@ class AFTensorWorker(Node):
                     pos += n
         header = memory_buffer(hbuf.ptr, plan.length, False)
 
-        # 3. send to every server
+        # 3. send to every server (device data: once the caller's stream has produced it)
         req_tag = Tag(plan.req_tag | bits)
-        push_sends = [(ubuf, Tag(tag | bits)) for ubuf, tag in plan.push_sends]
-        for ep in self._server_eps:
-            reqs.append(ep.tag_send(header, req_tag))
-            for ubuf, tag in push_sends:
-                reqs.append(ep.tag_send(ubuf, tag))
-        pend.t_sent = time.monotonic_ns()
+        pend.sends = [(header, req_tag)] + [(ubuf, Tag(tag | bits)) for ubuf, tag in plan.push_sends]
         self._pending[handle] = pend
+        if event is None or event.query():
+            self._send(pend)
+        else:  # the stream is still busy: post the sends from a later call, never block here
+            pend.event = event
+            self._deferred.append(pend)
         return handle
+
+    def _send(self, pend: _Pending) -> None:
+        reqs = pend.reqs
+        for ep in self._server_eps:
+            for ubuf, tag in pend.sends:
+                reqs.append(ep.tag_send(ubuf, tag))
+        pend.sends = None
+        pend.event = None
+        pend.t_sent = time.monotonic_ns()
+
+    def _send_deferred(self) -> None:
+        """Post the sends of push_pulls whose CUDA event has completed since."""
+        still = []
+        for pend in self._deferred:
+            if pend.event.query():
+                self._send(pend)
+            else:
+                still.append(pend)
+        self._deferred = still
 
     def _plan(
         self, push_tensors: Any, push_keys: Any, pull_tensors: Any, pull_keys: Any, need_event: Any
@@ -313,7 +337,7 @@ class AFTensorWorker(Node):
             from .backends import select
 
             backend = select(None, next(t for t in push if t.is_cuda))
-            plan.event = lambda: backend.wait_event(backend.record_event())
+            plan.event = backend.record_event
         return plan
 
     def _check_servers(self) -> None:
@@ -348,9 +372,10 @@ class AFTensorWorker(Node):
         arrived = [0] * len(bounds)  # when each server's answer was seen complete
         waiting = list(range(len(bounds)))
         first = [bounds[-1][1]]  # sends before this index are known complete
-        n = len(reqs)
 
         def done() -> bool:
+            if self._deferred:
+                self._send_deferred()
             if waiting:
                 for s in tuple(waiting):
                     a, b = bounds[s]
@@ -363,7 +388,10 @@ class AFTensorWorker(Node):
                         bounds[s] = (a, b)
                 if waiting:
                     return False
+            if pend.sends is not None:  # still waiting for the caller's stream
+                return False
             i = first[0]
+            n = len(reqs)
             while i < n and reqs[i].completed:
                 i += 1
             first[0] = i
