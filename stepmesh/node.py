@@ -107,7 +107,11 @@ class Node:
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
         self._running = True
-        self._connect_scheduler(deadline)
+        try:
+            self._connect_scheduler(deadline)
+        except BaseException:
+            self._teardown()  # nothing may stay open when init() fails
+            raise
         self._thread = threading.Thread(target=self._run, name=f"stepmesh-{self.role}-control", daemon=True)
         self._thread.start()
         try:
