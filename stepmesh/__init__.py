@@ -8,7 +8,7 @@ unless a :class:`Config` is passed to :func:`init`.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .config import Config
@@ -23,8 +23,23 @@ from .errors import (
 )
 from .notify import SimpleNotify
 from .scheduler import Scheduler
-from .server import AFTensorServer
-from .worker import AFTensorWorker
+
+if TYPE_CHECKING:
+    from .server import AFTensorServer
+    from .worker import AFTensorWorker
+
+
+def __getattr__(name: str) -> Any:
+    """The worker and server classes import torch: only when first used (the scheduler never does)."""
+    if name == "AFTensorWorker":
+        from .worker import AFTensorWorker
+
+        return AFTensorWorker
+    if name == "AFTensorServer":
+        from .server import AFTensorServer
+
+        return AFTensorServer
+    raise AttributeError(f"module 'stepmesh' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -82,9 +97,13 @@ def init(config: Config | None = None) -> None:
         node = Scheduler(cfg)
         node.start()
     elif cfg.role == "server":
+        from .server import AFTensorServer
+
         node = AFTensorServer(cfg)
         node.start()
     else:
+        from .worker import AFTensorWorker
+
         node = AFTensorWorker(cfg)
         node.start()
     _node = node
@@ -140,14 +159,14 @@ def _member(call: str) -> AFTensorWorker | AFTensorServer:
 
 def _worker(call: str) -> AFTensorWorker:
     node = _member(call)
-    if not isinstance(node, AFTensorWorker):
+    if node.role != "worker":
         raise StepMeshError(f"stepmesh.{call}() is a worker call; this process is a {node.role}")
     return node
 
 
 def _server(call: str) -> AFTensorServer:
     node = _member(call)
-    if not isinstance(node, AFTensorServer):
+    if node.role != "server":
         raise StepMeshError(f"stepmesh.{call}() is a server call; this process is a {node.role}")
     return node
 
