@@ -141,15 +141,19 @@ class Mesh:
         Raises:
             MeshError: with every child's error and output.
         """
-        self._drain(0.0)
-        for c in self.children.values():
-            if not c.process.is_alive() and not c.done and c.error is None:
-                self._drain(0.2)
-                if not c.done and c.error is None:
-                    c.error = f"exited with code {c.process.exitcode} without reporting"
-        failed = [c for c in self.children.values() if c.error]
+        failed = self._collect(0.0)
         if failed:
             raise MeshError(self._report(f"{failed[0].name} failed"))
+
+    def _collect(self, block_s: float) -> list[_Child]:
+        """Take in the children's reports; a child that exited silently counts as failed."""
+        self._drain(block_s)
+        for c in self.children.values():
+            if not c.process.is_alive() and not c.done and c.error is None:
+                self._drain(0.2)  # its last words may still be in the queue
+                if not c.done and c.error is None:
+                    c.error = f"exited with code {c.process.exitcode} without reporting"
+        return [c for c in self.children.values() if c.error]
 
     def dump_stacks(self, settle_s: float = 1.0) -> str:
         """Every live child's Python stacks (written to its output), as a report."""
@@ -181,13 +185,7 @@ class Mesh:
         """
         try:
             while True:
-                self._drain(0.05)
-                for c in self.children.values():
-                    if not c.process.is_alive() and not c.done and c.error is None:
-                        self._drain(0.2)  # its last words may still be in the queue
-                        if not c.done and c.error is None:
-                            c.error = f"exited with code {c.process.exitcode} without reporting"
-                failed = [c for c in self.children.values() if c.error]
+                failed = self._collect(0.05)
                 if failed and not expect_failure:
                     raise MeshError(self._report(f"{failed[0].name} failed"))
                 if all(c.done or c.error for c in self.children.values()) and all(
