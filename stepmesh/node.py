@@ -198,25 +198,30 @@ class Node:
         """Endpoints to every peer from its worker address, then one ping each way."""
         data = self.data
         assert data is not None
+        pings = []
         for peer in self.peers:
             self.endpoints[peer.node_id] = data.connect(peer.address)
-        token = np.zeros(len(self.peers), dtype=np.uint64)
-        echo = np.zeros(len(self.peers), dtype=np.uint64)
-        reqs = []
-        for i, peer in enumerate(self.peers):
-            ep = self.endpoints[peer.node_id]
-            reqs.append(ep.tag_recv(wrap(echo[i : i + 1]), data.tag(P.make_tag(P.TAG_WIREUP, peer.node_id))))
-            token[i] = self.node_id
-            reqs.append(ep.tag_send(wrap(token[i : i + 1]), data.tag(P.make_tag(P.TAG_WIREUP, self.node_id))))
-        ok = data.progress_until(lambda: all(r.completed for r in reqs), deadline, self.check_alive)
+            pings.append(self._ping(peer))
+        ok = data.progress_until(lambda: all(r.completed and s.completed for r, s, _, _ in pings), deadline, self.check_alive)
         if not ok:
-            missing = [p.describe() for i, p in enumerate(self.peers) if not reqs[2 * i].completed]
+            missing = [p.describe() for p, (r, _, _, _) in zip(self.peers, pings) if not r.completed]
             raise TimeoutError(f"{self.role}: no data-path wire-up from {', '.join(missing)}")
-        for r in reqs:
-            r.check_error()
-        for i, peer in enumerate(self.peers):
-            if int(echo[i]) != peer.node_id:
-                raise ProtocolError(f"wire-up from {peer.describe()} carried node id {int(echo[i])}")
+        for peer, (recv, send, _, echo) in zip(self.peers, pings):
+            recv.check_error()
+            send.check_error()
+            if int(echo[0]) != peer.node_id:
+                raise ProtocolError(f"wire-up from {peer.describe()} carried node id {int(echo[0])}")
+
+    def _ping(self, peer: P.Peer) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+        """One wire-up message each way with ``peer``: (receive, send, our token, its echo)."""
+        data = self.data
+        assert data is not None
+        ep = self.endpoints[peer.node_id]
+        token = np.array([self.node_id], dtype=np.uint64)
+        echo = np.zeros(1, dtype=np.uint64)
+        recv = ep.tag_recv(wrap(echo), data.tag(P.make_tag(P.TAG_WIREUP, peer.node_id)))
+        send = ep.tag_send(wrap(token), data.tag(P.make_tag(P.TAG_WIREUP, self.node_id)))
+        return recv, send, token, echo
 
     # ---------------------------------------------------------- control loop
     def _run(self) -> None:
@@ -294,13 +299,8 @@ class Node:
             back, self._returned = self._returned, []
         self._wireups = [w for w in self._wireups if not (w[0].completed and w[1].completed)]
         for peer in back:
-            ep = data.connect(peer.address)
-            self.endpoints[peer.node_id] = ep
-            token = np.array([self.node_id], dtype=np.uint64)
-            echo = np.zeros(1, dtype=np.uint64)
-            recv = ep.tag_recv(wrap(echo), data.tag(P.make_tag(P.TAG_WIREUP, peer.node_id)))
-            send = ep.tag_send(wrap(token), data.tag(P.make_tag(P.TAG_WIREUP, self.node_id)))
-            self._wireups.append((recv, send, token, echo))
+            self.endpoints[peer.node_id] = data.connect(peer.address)
+            self._wireups.append(self._ping(peer))  # the rejoining node waits for it
             self.peers = [peer if p.node_id == peer.node_id else p for p in self.peers]
             self.dead.pop(peer.node_id, None)
             log.warning("%s rank %d: %s is back, reconnected", self.role, self.rank, peer.describe())
