@@ -123,6 +123,20 @@ class HostBuffer:
         self.ucx = memory_buffer(self.ptr, size, False)
         self.pool = pool
 
+    def put(self, pos: int, t: torch.Tensor, nbytes: int) -> None:
+        """Copy the first ``nbytes`` of ``t`` into this buffer at ``pos``."""
+        if t.is_cuda:
+            copy_bytes(self.tensor, pos, t, 0, nbytes)
+        else:
+            ctypes.memmove(self.ptr + pos, t.data_ptr(), nbytes)
+
+    def take(self, pos: int, t: torch.Tensor, nbytes: int) -> None:
+        """Copy ``nbytes`` of this buffer from ``pos`` into the start of ``t``."""
+        if t.is_cuda:
+            copy_bytes(t, 0, self.tensor, pos, nbytes)
+        else:
+            ctypes.memmove(t.data_ptr(), self.ptr + pos, nbytes)
+
     def release(self) -> None:
         if self.pool is not None:
             self.pool.free.append(self)

@@ -13,7 +13,6 @@ import logging
 import struct
 import time
 from collections import deque
-from ctypes import memmove
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,6 @@ from ._tensors import (
     byte_view,
     check_keys,
     check_tensors,
-    copy_bytes,
     memory_buffer,
 )
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
@@ -68,7 +66,7 @@ class _Layout:
 
     __slots__ = ("hdr", "head", "keys", "pulls", "push_inline", "push_tag", "size", "small", "tail")
 
-    def __init__(self, head: bytes, hdr: P.RequestHeader, tail: bytes, pulls: tuple) -> None:
+    def __init__(self, head: bytes, hdr: P.RequestHeader, tail: bytes, pulls: tuple, sender: int) -> None:
         self.head = head
         self.hdr = hdr
         self.tail = tail
@@ -78,7 +76,7 @@ class _Layout:
         on_host = not hdr.flags & P.FLAG_DEVICE
         self.push_inline = P.inline_split([m.nbytes for m in hdr.tensors], on_host)
         self.small = P.inline_split([cap for _, cap in pulls], on_host)
-        self.push_tag = 0
+        self.push_tag = P.make_tag(P.TAG_PUSH, sender)  # the sequence is OR-ed in per request
 
 
 class _Slot:
@@ -209,9 +207,8 @@ class AFTensorServer(Node):
                     raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
                 seq = hdr.seq
                 last = _Layout(
-                    head, hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(), hdr.pulls_for(self.server_index)
+                    head, hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(), hdr.pulls_for(self.server_index), peer.node_id
                 )
-                last.push_tag = P.make_tag(P.TAG_PUSH, peer.node_id)
                 layouts.insert(0, last)
                 del layouts[_LAYOUTS_KEEP:]
         except Exception as e:
@@ -221,7 +218,6 @@ class AFTensorServer(Node):
         r = _Request(w, seq, tensors, last.keys, last.pulls)
         r.small = last.small
         pos = hdr.size
-        src = slot.buf.ptr
         ep = self._eps[w]
         Tag = self._Tag
         base = last.push_tag | (seq << P.SEQ_SHIFT)
@@ -230,10 +226,7 @@ class AFTensorServer(Node):
             if not fits:  # r.tensors keeps the memory alive
                 r.reqs.append(ep.tag_recv(as_buffer(t), Tag(base | i)))
             elif n:
-                if t.is_cuda:
-                    copy_bytes(t, 0, slot.buf.tensor, pos, n)
-                else:
-                    memmove(t.data_ptr(), src + pos, n)
+                slot.buf.take(pos, t, n)
                 pos += n
         if r.reqs:
             self._arriving.append(r)
@@ -435,16 +428,12 @@ class AFTensorServer(Node):
         del self._handles[r.handle]
         sizes = [t.nbytes for t in ts]
         buf, pos = self._response(r, P.STATUS_OK, sizes)
-        base = buf.ptr
         separate = []
         for j, (t, n, fits) in enumerate(zip(ts, sizes, r.small)):
             if not fits:
                 separate.append((j, t))
             elif n:
-                if t.is_cuda:
-                    copy_bytes(buf.tensor, pos, t, 0, n)
-                else:
-                    memmove(base + pos, t.data_ptr(), n)
+                buf.put(pos, t, n)
                 pos += n
         self._post_response(r, buf, pos, separate)
 

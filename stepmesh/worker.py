@@ -27,7 +27,6 @@ from ._tensors import (
     as_buffer,
     check_keys,
     check_tensors,
-    copy_bytes,
     memory_buffer,
 )
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
@@ -93,16 +92,13 @@ class AFTensorWorker(Node):
         self._resp_pools: dict[int, BufferPool] = {}
         self.servers: list[P.Peer] = []
         self._server_eps: list[Any] = []
-        self._server_ids: set[int] = set()
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._deferred: list[_Pending] = []
         self._Tag: Any = None
 
     def start(self) -> None:
         super().start()
-        self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
-        self._server_eps = [self.endpoints[p.node_id] for p in self.servers]
-        self._server_ids = {p.node_id for p in self.servers}
+        self._address_servers()
         assert self.data is not None
         self._Tag = self.data.api.UCXXTag
 
@@ -193,18 +189,9 @@ class AFTensorWorker(Node):
         raw = hbuf.raw
         raw[: plan.hlen] = plan.template
         _SEQ.pack_into(raw, P.SEQ_OFFSET, seq)
-        if plan.copies is not None:
-            base = hbuf.ptr
-            for off, src, n in plan.copies:
-                memmove(base + off, src, n)
-        else:  # device tensors inline: a copy-engine copy each
-            pos = plan.hlen
-            for t, fits in zip(push_tensors, plan.inline):
-                if fits:
-                    n = t.nbytes
-                    if n:
-                        copy_bytes(hbuf.tensor, pos, t, 0, n)
-                    pos += n
+        base = hbuf.ptr
+        for off, src, n in plan.copies:  # inline tensors are host tensors (device ones never are)
+            memmove(base + off, src, n)
         header = memory_buffer(hbuf.ptr, plan.length, False)
 
         # 3. send to every server (device data: once the caller's stream has produced it)
@@ -274,8 +261,6 @@ class AFTensorWorker(Node):
             raise ArgumentError(
                 f"push_tensors/pull_tensors describe a {hsize}-byte header, more than {P.HEADER_MAX}"
             )
-        data = self.data
-        assert data is not None
         plan = _Plan()
         per = plan.per = len(pulls) // n_servers
         plan.n_servers = n_servers
@@ -319,15 +304,13 @@ class AFTensorWorker(Node):
         plan.template = template
         plan.hlen = hsize
         plan.length = hsize + sum(n for n, f in zip(sizes, inline) if f)
-        plan.copies = None
-        if not any(t.is_cuda for t, f in zip(push, inline) if f):
-            plan.copies = []
-            off = hsize
-            for t, n, f in zip(push, sizes, inline):
-                if f:
-                    if n:
-                        plan.copies.append((off, t.data_ptr(), n))
-                    off += n
+        plan.copies = []
+        off = hsize
+        for t, n, f in zip(push, sizes, inline):
+            if f:
+                if n:
+                    plan.copies.append((off, t.data_ptr(), n))
+                off += n
         plan.push_sends = [
             (as_buffer(t), P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push) if not inline[i]
         ]
@@ -440,10 +423,7 @@ class AFTensorWorker(Node):
                         if nbytes > dst.nbytes or pos + nbytes > len(raw):
                             raise ProtocolError(f"{peer.describe()} sent {nbytes} bytes for a smaller pull tensor")
                         if nbytes:
-                            if dst.is_cuda:
-                                copy_bytes(dst, 0, buf.tensor, pos, nbytes)
-                            else:
-                                memmove(dst.data_ptr(), buf.ptr + pos, nbytes)
+                            buf.take(pos, dst, nbytes)
                         pos += nbytes
                 traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, arrived[s], 0])
             except StepMeshError as e:
@@ -497,6 +477,9 @@ class AFTensorWorker(Node):
 
     def on_peer_back(self, peer: P.Peer) -> None:
         """A server rejoined: address it at its new endpoint from the next push_pull on."""
+        self._address_servers()
+        self._plans.clear()  # they hold the old endpoints
+
+    def _address_servers(self) -> None:
         self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
         self._server_eps = [self.endpoints[p.node_id] for p in self.servers]
-        self._plans.clear()  # they hold the old endpoints
