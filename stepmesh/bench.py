@@ -235,9 +235,10 @@ def _stepmesh_node(ctx: Any) -> None:
 def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
     _pin(core)
     from . import transport as T
+    from .node import DATA_UCX_OPTIONS
 
     wl = opts.workload
-    tp = T.Transport({}, opts.progress)
+    tp = T.Transport(DATA_UCX_OPTIONS, opts.progress)  # tuned as stepmesh's own data worker is
     conn.send(tp.address)
     ep = tp.connect(conn.recv())
     import torch

@@ -26,6 +26,16 @@ from .transport import ControlChannel, EventLoop, Transport, Waker, wrap
 
 __all__ = ["Node"]
 
+# UCX options of every data worker (the bench's raw ucxx floor uses them too).
+# A request or response with its inline payload goes eagerly (ucxx's 8 KiB
+# rendezvous threshold would add a round trip) and, through shared memory, in
+# one FIFO element: UCX's default 8256-byte element splits an 8 KiB payload plus
+# its header into fragments, and the sender must progress again to send the rest.
+DATA_UCX_OPTIONS = {
+    "RNDV_THRESH": str(P.HEADER_MAX + P.INLINE_MAX),
+    "MM_SEG_SIZE": str(P.INLINE_MAX + 1024),
+}
+
 log = logging.getLogger("stepmesh.node")
 
 _ERRORS: dict[int, type[StepMeshError]] = {
@@ -100,9 +110,7 @@ class Node:
             from .backends import select
 
             select(cfg.backend).set_device(cfg.gpu)
-        # A request or response with its inline payload goes eagerly in one
-        # message; ucxx's 8 KiB default rendezvous threshold would add a round trip.
-        options = {"RNDV_THRESH": str(P.HEADER_MAX + P.INLINE_MAX), **cfg.ucx_options()}
+        options = {**DATA_UCX_OPTIONS, **cfg.ucx_options()}
         self.data = Transport(options, cfg.progress)
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)

@@ -48,13 +48,15 @@ class _Request:
 
     __slots__ = ("handle", "keys", "pulls", "reqs", "seq", "small", "t_proc", "t_recv", "tensors", "worker")
 
-    def __init__(self, worker: int, seq: int, tensors: list[torch.Tensor], keys: list[int], pulls: tuple) -> None:
+    def __init__(
+        self, worker: int, seq: int, tensors: list[torch.Tensor], keys: list[int], pulls: tuple, small: tuple
+    ) -> None:
         self.worker = worker
         self.seq = seq
         self.tensors = tensors
         self.keys = keys
         self.pulls = pulls  # ((key, capacity), ...) for this server
-        self.small: tuple[bool, ...] = ()  # which answers travel inside the response header
+        self.small = small  # which answers travel inside the response header
         self.reqs: list[Any] = []
         self.t_recv = 0
         self.t_proc = 0
@@ -64,7 +66,10 @@ class _Request:
 class _Layout:
     """A decoded request header, kept to recognise the next one laid out the same."""
 
-    __slots__ = ("hdr", "head", "keys", "pulls", "push_inline", "push_tag", "size", "small", "tail")
+    __slots__ = (
+        "copies", "dest", "gen", "hdr", "head", "keys", "pulls", "push_inline", "push_tag", "separate", "size",
+        "small", "tail",
+    )
 
     def __init__(self, head: bytes, hdr: P.RequestHeader, tail: bytes, pulls: tuple, sender: int) -> None:
         self.head = head
@@ -77,6 +82,17 @@ class _Layout:
         self.push_inline = P.inline_split([m.nbytes for m in hdr.tensors], on_host)
         self.small = P.inline_split([cap for _, cap in pulls], on_host)
         self.push_tag = P.make_tag(P.TAG_PUSH, sender)  # the sequence is OR-ed in per request
+        self.copies: list[tuple[int, int, int]] = []  # (tensor index, offset in the slot, bytes) of inline pushes
+        self.separate: list[int] = []  # tensor indices that come as their own messages
+        pos = hdr.size
+        for i, (m, fits) in enumerate(zip(hdr.tensors, self.push_inline)):
+            if not fits:
+                self.separate.append(i)
+            elif m.nbytes:
+                self.copies.append((i, pos, m.nbytes))
+                pos += m.nbytes
+        self.dest: list[torch.Tensor] | None = None  # when all are registered: their views, for registration ``gen``
+        self.gen = -1
 
 
 class _Slot:
@@ -110,7 +126,8 @@ class AFTensorServer(Node):
         self._next_handle = 1
         self._sends: list[tuple[Any, Any]] = []
         self._registered: dict[tuple[int, int], torch.Tensor] = {}
-        self._views: dict[tuple[int, P.TensorMeta], torch.Tensor] = {}
+        self._reg_gen = 0  # bumped by register_recv_buffer: cached destinations are stale
+        self._spare: list[tuple[int, _Slot]] = []  # used receive slots, to post again
         self._layouts: list[list[_Layout]] = []
         self._Tag: Any = None
         self._resp_tag = 0
@@ -157,17 +174,20 @@ class AFTensorServer(Node):
 
     # ------------------------------------------------------------- receive
     def _pump(self) -> None:
-        """Take in every header that arrived and every payload that completed."""
+        """Take in every header that arrived and every payload that completed.
+
+        Used slots are reposted by the next get_batch (off the critical path),
+        or here when a worker has none left posted.
+        """
         if self._deferred:
             self._send_deferred()
         for w, ring in enumerate(self._rings):
-            while ring[0].req.completed:
+            while ring and ring[0].req.completed:
                 slot = ring.popleft()
-                try:
-                    self._take(w, slot)
-                finally:
-                    self._post(w, slot)
-                    ring.append(slot)
+                self._spare.append((w, slot))
+                self._take(w, slot)
+            if not ring:
+                self._repost()
         if self._arriving:
             still = []
             for r in self._arriving:
@@ -181,9 +201,16 @@ class AFTensorServer(Node):
                     still.append(r)
             self._arriving = still
 
+    def _repost(self) -> None:
+        for w, slot in self._spare:
+            self._post(w, slot)
+            self._rings[w].append(slot)
+        self._spare = []
+
     def _take(self, w: int, slot: _Slot) -> None:
         peer = self.workers[w]
-        raw = slot.buf.raw
+        buf = slot.buf
+        raw = buf.raw
         try:
             slot.req.check_error()
             # A header laid out like a recent one from this worker (only the
@@ -213,43 +240,45 @@ class AFTensorServer(Node):
                 del layouts[_LAYOUTS_KEEP:]
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
-        hdr = last.hdr
-        tensors = [self._destination(w, m) for m in hdr.tensors]
-        r = _Request(w, seq, tensors, last.keys, last.pulls)
-        r.small = last.small
-        pos = hdr.size
-        ep = self._eps[w]
-        Tag = self._Tag
-        base = last.push_tag | (seq << P.SEQ_SHIFT)
-        for i, (t, m, fits) in enumerate(zip(tensors, hdr.tensors, last.push_inline)):
-            n = m.nbytes
-            if not fits:  # r.tensors keeps the memory alive
-                r.reqs.append(ep.tag_recv(as_buffer(t), Tag(base | i)))
-            elif n:
-                slot.buf.take(pos, t, n)
-                pos += n
-        if r.reqs:
+        if last.gen != self._reg_gen:
+            views = [self._registered_view(w, m) for m in last.hdr.tensors]
+            last.dest = views if all(v is not None for v in views) else None
+            last.gen = self._reg_gen
+        if last.dest is not None:  # every push lands in registered memory
+            tensors = list(last.dest)
+        else:
+            tensors = []
+            for m in last.hdr.tensors:
+                t = self._registered_view(w, m)
+                tensors.append(t if t is not None else torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device))
+        for i, pos, n in last.copies:
+            buf.take(pos, tensors[i], n)
+        r = _Request(w, seq, tensors, last.keys, last.pulls, last.small)
+        if last.separate:
+            ep = self._eps[w]
+            Tag = self._Tag
+            base = last.push_tag | (seq << P.SEQ_SHIFT)
+            for i in last.separate:  # r.tensors keeps the memory alive
+                r.reqs.append(ep.tag_recv(as_buffer(tensors[i]), Tag(base | i)))
             self._arriving.append(r)
         else:
             r.t_recv = time.monotonic_ns()
             self._ready[w].append(r)
 
-    def _destination(self, w: int, m: P.TensorMeta) -> torch.Tensor:
-        view = self._views.get((w, m))
-        if view is not None:
-            return view
-        dtype = CODE_DTYPE[m.dtype]
+    def _registered_view(self, w: int, m: P.TensorMeta) -> torch.Tensor | None:
+        """The registered chunk for (worker, key) viewed as ``m``, or None when there is none that fits."""
         chunk = self._registered.get((w, m.key))
-        if chunk is not None:
-            if m.nbytes <= chunk.numel() and chunk.data_ptr() % ITEMSIZE[m.dtype] == 0:
-                view = self._views[(w, m)] = chunk[: m.nbytes].view(dtype).view(m.shape)
-                return view
-            log.warning(
-                "push of %d bytes of %s for key %d from worker %d does not fit its registered chunk "
-                "(%d bytes at an offset of %d); allocating",
-                m.nbytes, dtype, m.key, w, chunk.numel(), chunk.data_ptr() % 64,
-            )
-        return torch.empty(m.shape, dtype=dtype, device=self._device)
+        if chunk is None:
+            return None
+        dtype = CODE_DTYPE[m.dtype]
+        if m.nbytes <= chunk.numel() and chunk.data_ptr() % ITEMSIZE[m.dtype] == 0:
+            return chunk[: m.nbytes].view(dtype).view(m.shape)
+        log.warning(
+            "push of %d bytes of %s for key %d from worker %d does not fit its registered chunk "
+            "(%d bytes at an offset of %d); allocating",
+            m.nbytes, dtype, m.key, w, chunk.numel(), chunk.data_ptr() % 64,
+        )
+        return None
 
     # ------------------------------------------------------------ get_batch
     def get_batch(self, timeout_ms: int | None = None) -> list[tuple[int, list[torch.Tensor], list[int]]]:
@@ -268,6 +297,8 @@ class AFTensorServer(Node):
             raise StepMeshError("get_batch() on a server that is not running: call init() first")
         if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0):
             raise ArgumentError(f"timeout_ms must be None or a non-negative number, got {timeout_ms!r}")
+        if self._spare:
+            self._repost()
         ready = self._ready
 
         def done() -> bool:
@@ -448,15 +479,16 @@ class AFTensorServer(Node):
         """Send the response header (then large answers); keep all alive until sent."""
         ep = self._eps[r.worker]
         Tag = self._Tag
-        if self._sends:
-            self._reap_sends()
         bits = r.seq << P.SEQ_SHIFT
-        header = memory_buffer(buf.ptr, length, False)
-        self._sends.append((ep.tag_send(header, Tag(self._resp_tag | bits)), buf))
+        sends = self._sends
+        n_before = len(sends)
+        sends.append((ep.tag_send(memory_buffer(buf.ptr, length, False), Tag(self._resp_tag | bits)), buf))
         if payloads:
             pull = self._pull_tag | bits
             for j, t in payloads:
-                self._sends.append((ep.tag_send(as_buffer(t), Tag(pull | j)), t))
+                sends.append((ep.tag_send(as_buffer(t), Tag(pull | j)), t))
+        if n_before:  # after the answer is on its way
+            self._reap_sends()
 
     def flush(self, timeout_ms: int = 10000) -> None:
         """Wait until every answer sent so far has been delivered.
@@ -527,7 +559,7 @@ class AFTensorServer(Node):
             for k, key in enumerate(keys):
                 c = i * len(keys) + k
                 self._registered[(w, key)] = raw[c * size : (c + 1) * size]
-        self._views.clear()
+        self._reg_gen += 1
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # get_batch() and respond() consult self.dead

@@ -27,7 +27,6 @@ from ._tensors import (
     as_buffer,
     check_keys,
     check_tensors,
-    memory_buffer,
 )
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
@@ -40,37 +39,44 @@ _SEQ = struct.Struct("<I")
 
 
 class _Plan:
-    """What a push_pull signature (buffers, shapes, dtypes, keys) needs, built once."""
+    """What a push_pull signature (buffers, shapes, dtypes, keys) needs, built once.
+
+    It also owns the request buffers of that signature: each has the header
+    already written, so a call only stamps the sequence number (and copies any
+    inline payload) before sending it.
+    """
 
     __slots__ = (
-        "copies", "event", "hlen", "inline", "length", "n_servers", "per", "pulls", "push_sends",
-        "recvs", "req_tag", "small", "template",
+        "copies", "ends", "eps", "event", "free", "hlen", "inline_any", "length", "n_servers", "per", "pulls",
+        "push_sends", "recvs", "req_tag", "small", "template",
     )
+
+    def header(self) -> HostBuffer:
+        if self.free:
+            return self.free.pop()
+        hb = HostBuffer(self.length)
+        hb.raw[: self.hlen] = self.template
+        return hb
 
 
 class _Pending:
     """One push_pull in flight: its UCX requests and every buffer they use."""
 
-    __slots__ = (
-        "handle", "seq", "reqs", "keep", "hbuf", "resp", "pulls", "per_server", "inline", "bounds", "t_start", "t_sent",
-        "sends", "event",
-    )
+    __slots__ = ("arrived", "event", "hb", "keep", "plan", "reqs", "resp", "seen", "seq", "sreqs", "t_sent", "t_start")
 
-    def __init__(self, handle: int, seq: int, per_server: int) -> None:
-        self.handle = handle
+    def __init__(self, plan: _Plan, seq: int, hb: HostBuffer, keep: list[torch.Tensor], t_start: int) -> None:
+        self.plan = plan
         self.seq = seq
-        self.per_server = per_server
-        self.reqs: list[Any] = []
-        self.keep: list[Any] = []
-        self.hbuf: HostBuffer | None = None
-        self.resp: list[HostBuffer] = []
-        self.pulls: list[torch.Tensor] = []
-        self.inline: list[bool] = []
-        self.bounds: list[tuple[int, int]] = []  # reqs[a:b] are server s's receives
-        self.sends: list[tuple[Any, Any]] | None = None  # (buffer, tag) to post to every server
-        self.event: Any = None  # CUDA event the sends wait for
-        self.t_start = 0
+        self.hb = hb
+        self.keep = keep  # the push tensors, alive until complete
+        self.t_start = t_start
         self.t_sent = 0
+        self.reqs: list[Any] = []  # receives, server by server (plan.ends[s] closes server s's)
+        self.sreqs: list[Any] | None = None  # sends; None until posted (a CUDA event may hold them back)
+        self.resp: list[HostBuffer] = []
+        self.arrived: list[int] = []  # when each server's answer was seen complete
+        self.seen = 0  # reqs[:seen] are known complete
+        self.event: Any = None
 
 
 class AFTensorWorker(Node):
@@ -87,8 +93,7 @@ class AFTensorWorker(Node):
         self._seq = 0
         self._next_handle = 1
         self._pending: dict[int, _Pending] = {}
-        self._traces: OrderedDict[int, list[list[int]]] = OrderedDict()
-        self._req_pool = BufferPool(P.HEADER_MAX + P.INLINE_MAX)
+        self._traces: OrderedDict[int, tuple[int, int, list[tuple[int, ...]], list[int], int]] = OrderedDict()
         self._resp_pools: dict[int, BufferPool] = {}
         self.servers: list[P.Peer] = []
         self._server_eps: list[Any] = []
@@ -153,64 +158,56 @@ class AFTensorWorker(Node):
                 self._plans[sig] = plan
                 if len(self._plans) > _PLANS_KEEP:
                     self._plans.popitem(last=False)
-        if len(self._pending) >= P.MAX_IN_FLIGHT:
+        pending = self._pending
+        if len(pending) >= P.MAX_IN_FLIGHT:
             raise ArgumentError(
-                f"push_pull: {len(self._pending)} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); "
+                f"push_pull: {len(pending)} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); "
                 "wait() for some first"
             )
         event = plan.event() if plan.event is not None else None
         t_start = time.monotonic_ns()
         seq = self._seq = (self._seq + 1) & P.SEQ_MASK
-        bits = seq << P.SEQ_SHIFT
         handle = self._next_handle
-        self._next_handle += plan.n_servers + 1
-        pend = _Pending(handle, seq, plan.per)
-        pend.t_start = t_start
-        pend.pulls = plan.pulls
-        pend.keep = push_tensors  # alive until complete
-        reqs = pend.reqs
-        bounds = pend.bounds
-        resp = pend.resp
+        self._next_handle = handle + plan.n_servers + 1
+        hb = plan.header()
+        _SEQ.pack_into(hb.raw, P.SEQ_OFFSET, seq)
+        if plan.copies:  # inline tensors are host tensors (device ones never are)
+            base = hb.ptr
+            for off, src, n in plan.copies:
+                memmove(base + off, src, n)
+        pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
+        # The request leaves first; bookkeeping and the receives for the answers
+        # follow while it travels (no answer can come before the request has
+        # arrived and been served; one that did would wait in UCX's queue).
+        if event is None or event.query():
+            self._send(pend)
+        else:  # the stream is still producing the pushes: post the sends from a later call, never block here
+            pend.event = event
+            self._deferred.append(pend)
         Tag = self._Tag
-
-        # 1. post every receive for the answers before anything is sent
+        bits = seq << P.SEQ_SHIFT
+        reqs = pend.reqs
+        resp = pend.resp
         for ep, pool, resp_tag, pull_recvs in plan.recvs:
             buf = pool.get()
             resp.append(buf)
-            first = len(reqs)
             reqs.append(ep.tag_recv(buf.ucx, Tag(resp_tag | bits)))
             for ubuf, tag in pull_recvs:
                 reqs.append(ep.tag_recv(ubuf, Tag(tag | bits)))
-            bounds.append((first, len(reqs)))
-        pend.inline = plan.small
-
-        # 2. the request header, with the payload when small
-        hbuf = pend.hbuf = self._req_pool.get()
-        raw = hbuf.raw
-        raw[: plan.hlen] = plan.template
-        _SEQ.pack_into(raw, P.SEQ_OFFSET, seq)
-        base = hbuf.ptr
-        for off, src, n in plan.copies:  # inline tensors are host tensors (device ones never are)
-            memmove(base + off, src, n)
-        header = memory_buffer(hbuf.ptr, plan.length, False)
-
-        # 3. send to every server (device data: once the caller's stream has produced it)
-        req_tag = Tag(plan.req_tag | bits)
-        pend.sends = [(header, req_tag)] + [(ubuf, Tag(tag | bits)) for ubuf, tag in plan.push_sends]
-        self._pending[handle] = pend
-        if event is None or event.query():
-            self._send(pend)
-        else:  # the stream is still busy: post the sends from a later call, never block here
-            pend.event = event
-            self._deferred.append(pend)
         return handle
 
     def _send(self, pend: _Pending) -> None:
-        reqs = pend.reqs
-        for ep in self._server_eps:
-            for ubuf, tag in pend.sends:
-                reqs.append(ep.tag_send(ubuf, tag))
-        pend.sends = None
+        plan = pend.plan
+        Tag = self._Tag
+        bits = pend.seq << P.SEQ_SHIFT
+        header = pend.hb.ucx
+        tag = Tag(plan.req_tag | bits)
+        sreqs = [ep.tag_send(header, tag) for ep in plan.eps]
+        for ubuf, slot_tag in plan.push_sends:
+            tag = Tag(slot_tag | bits)
+            for ep in plan.eps:
+                sreqs.append(ep.tag_send(ubuf, tag))
+        pend.sreqs = sreqs
         pend.event = None
         pend.t_sent = time.monotonic_ns()
 
@@ -270,12 +267,16 @@ class AFTensorWorker(Node):
         # Device tensors never ride inline: that would need a synchronous copy
         # through host memory; UCX moves each by its device transports instead.
         on_host = not any(t.is_cuda for t in push) and not any(t.is_cuda for t in pulls)
-        plan.inline = inline = P.inline_split(sizes, on_host)
+        inline = P.inline_split(sizes, on_host)
         me = self.node_id
 
         resp_size = P.response_header_size(per)
         plan.small = []
         plan.recvs = []
+        plan.ends = []
+        plan.inline_any = []
+        plan.eps = list(self._server_eps)
+        plan.free = []
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
             mine = caps[s * per : (s + 1) * per]
             fits = P.inline_split(mine, on_host)
@@ -288,7 +289,9 @@ class AFTensorWorker(Node):
                 (as_buffer(pulls[s * per + j]), P.make_tag(P.TAG_PULL, sid, 0, j)) for j in range(per) if not fits[j]
             ]
             plan.small.append(fits)
+            plan.inline_any.append(any(fits))
             plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
+            plan.ends.append((plan.ends[-1] if plan.ends else 0) + 1 + len(pull_recvs))
 
         template = np.zeros(hsize, dtype=np.uint8)
         flags = P.FLAG_INLINE if on_host else P.FLAG_DEVICE
@@ -347,97 +350,107 @@ class AFTensorWorker(Node):
             raise ArgumentError(f"handle {handle!r} is unknown: never returned by push_pull, or already waited for")
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
             raise ArgumentError(f"timeout_ms must be a non-negative number, got {timeout_ms!r}")
-        reqs = pend.reqs
-        data = self.data
-        assert data is not None
-        deadline = time.monotonic() + timeout_ms / 1000
-        bounds = pend.bounds
-        arrived = [0] * len(bounds)  # when each server's answer was seen complete
-        waiting = list(range(len(bounds)))
-        first = [bounds[-1][1]]  # sends before this index are known complete
-
-        def done() -> bool:
-            if self._deferred:
-                self._send_deferred()
-            if waiting:
-                for s in tuple(waiting):
-                    a, b = bounds[s]
-                    while a < b and reqs[a].completed:
-                        a += 1
-                    if a == b:
-                        arrived[s] = time.monotonic_ns()
-                        waiting.remove(s)
-                    else:
-                        bounds[s] = (a, b)
-                if waiting:
-                    return False
-            if pend.sends is not None:  # still waiting for the caller's stream
-                return False
-            i = first[0]
-            n = len(reqs)
-            while i < n and reqs[i].completed:
-                i += 1
-            first[0] = i
-            return i == n
-
-        if not done() and not data.progress_until(done, deadline, self._check_servers):
-            who = ", ".join(self.servers[s].describe() for s in waiting)
-            raise TimeoutError(
-                f"push_pull handle {handle} not complete after {timeout_ms} ms; "
-                f"no response yet from: {who or 'none (sends still in flight)'}"
-            )
+        if not self._complete(pend):
+            data = self.data
+            assert data is not None
+            deadline = time.monotonic() + timeout_ms / 1000
+            if not data.progress_until(lambda: self._complete(pend), deadline, self._check_servers):
+                waiting = [self.servers[s].describe() for s in self._unanswered(pend)]
+                raise TimeoutError(
+                    f"push_pull handle {handle} not complete after {timeout_ms} ms; "
+                    f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
+                )
         del self._pending[handle]
         try:
-            for r in reqs:
+            for r in pend.reqs:
+                r.check_error()
+            for r in pend.sreqs:  # type: ignore[union-attr]
                 r.check_error()
         except Exception as e:
             raise ProtocolError(f"push_pull handle {handle}: UCX reported {type(e).__name__}: {e}") from e
         traces = self._traces
-        traces[handle] = self._finish(pend, arrived)
+        traces[handle] = self._finish(pend)
         if len(traces) > _TRACE_KEEP:
             traces.popitem(last=False)
 
-    def _finish(self, pend: _Pending, arrived: list[int]) -> list[list[int]]:
-        per = pend.per_server
-        traces = []
+    @staticmethod
+    def _unanswered(pend: _Pending) -> list[int]:
+        ends = pend.plan.ends
+        return [s for s, end in enumerate(ends) if not all(r.completed for r in pend.reqs[ends[s - 1] if s else 0 : end])]
+
+    def _complete(self, pend: _Pending) -> bool:
+        """Whether every receive and send of ``pend`` is done (noting when each server's answer was)."""
+        if self._deferred:
+            self._send_deferred()
+        reqs = pend.reqs
+        i = seen = pend.seen
+        n = len(reqs)
+        while i < n and reqs[i].completed:
+            i += 1
+        if i != seen:
+            pend.seen = i
+            ends = pend.plan.ends
+            arrived = pend.arrived
+            while len(arrived) < len(ends) and ends[len(arrived)] <= i:
+                arrived.append(time.monotonic_ns())
+        if i < n:
+            return False
+        sreqs = pend.sreqs
+        if sreqs is None:  # still waiting for the caller's stream
+            return False
+        for r in sreqs:
+            if not r.completed:
+                return False
+        return True
+
+    def _finish(self, pend: _Pending) -> tuple[int, int, list[tuple[int, ...]], list[int], int]:
+        """Check every server's response and copy inline answers out; the trace's raw stamps."""
+        plan = pend.plan
+        per = plan.per
+        stamps = []
         error: StepMeshError | None = None
-        for s, (buf, fits) in enumerate(zip(pend.resp, pend.inline)):
+        for s, buf in enumerate(pend.resp):
             raw = buf.raw
-            peer = self.servers[s]
             try:
-                version, flags, status, n, seq, t_recv, t_proc, t_resp, t_rsent = P.RESP_FIXED.unpack_from(raw, 0)
+                fixed = P.RESP_FIXED.unpack_from(raw, 0)
+                version, _, status, n, seq = fixed[:5]
                 if version != P.DATA_VERSION or seq != pend.seq or n != per:
                     raise ProtocolError(
-                        f"bad response from {peer.describe()}: version {version}, seq {seq} "
+                        f"bad response from {self.servers[s].describe()}: version {version}, seq {seq} "
                         f"(expected {pend.seq}), {n} answers (expected {per})"
                     )
-                pos = P.RESP_FIXED.size
                 if status != P.STATUS_OK:
-                    r = P.Reader(raw[pos + P.RESP_SIZE.size * n :], "response error")
+                    peer = self.servers[s]
+                    r = P.Reader(raw[P.RESP_FIXED.size + P.RESP_SIZE.size * n :], "response error")
                     raise PeerError(f"{peer.describe()} refused to answer: {r.text()}", "server", peer.rank)
-                sizes = P.response_sizes(n).unpack_from(raw, pos)
-                pos += P.RESP_SIZE.size * n
-                for j, nbytes in enumerate(sizes):
-                    if fits[j]:
-                        dst = pend.pulls[s * per + j]
-                        if nbytes > dst.nbytes or pos + nbytes > len(raw):
-                            raise ProtocolError(f"{peer.describe()} sent {nbytes} bytes for a smaller pull tensor")
-                        if nbytes:
-                            buf.take(pos, dst, nbytes)
-                        pos += nbytes
-                traces.append([pend.t_start, pend.t_sent, t_recv, t_proc, t_resp, t_rsent, arrived[s], 0])
+                if plan.inline_any[s]:
+                    self._copy_inline(buf, pend, s)
+                stamps.append(fixed[5:])
             except StepMeshError as e:
                 error = error or e
             finally:
                 buf.release()
-        if pend.hbuf is not None:
-            pend.hbuf.release()
+        plan.free.append(pend.hb)
         if error is not None:
             raise error
-        t_end = time.monotonic_ns()
-        for tr in traces:
-            tr[7] = t_end
-        return traces
+        return pend.t_start, pend.t_sent, stamps, pend.arrived, time.monotonic_ns()
+
+    def _copy_inline(self, buf: HostBuffer, pend: _Pending, s: int) -> None:
+        """Copy server ``s``'s answers that rode inside its response into the pull tensors."""
+        plan = pend.plan
+        per = plan.per
+        raw = buf.raw
+        pos = P.RESP_FIXED.size
+        sizes = P.response_sizes(per).unpack_from(raw, pos)
+        pos += P.RESP_SIZE.size * per
+        for j, (nbytes, fits) in enumerate(zip(sizes, plan.small[s])):
+            if fits:
+                dst = plan.pulls[s * per + j]
+                if nbytes > dst.nbytes or pos + nbytes > len(raw):
+                    raise ProtocolError(f"{self.servers[s].describe()} sent {nbytes} bytes for a smaller pull tensor")
+                if nbytes:
+                    buf.take(pos, dst, nbytes)
+                pos += nbytes
 
     # ------------------------------------------------------------- helpers
     def get_all_handlers(self, handle: int) -> list[int]:
@@ -459,15 +472,18 @@ class AFTensorWorker(Node):
         Raises:
             ArgumentError: no trace for that handle (not waited for yet, or too old).
         """
-        traces = self._traces
         if isinstance(handle, int) and not isinstance(handle, bool):
-            per_server = traces.get(handle)
-            if per_server is not None:  # a main handle: the server that answered last
-                return list(max(per_server, key=lambda tr: tr[6]))
-            for s in range(1, len(self.servers) + 1):  # a sub-handle: handle - s is its main one
-                per_server = traces.get(handle - s)
-                if per_server is not None and s <= len(per_server):
-                    return list(per_server[s - 1])
+            traces = self._traces
+            for s in range(len(self.servers) + 1):  # a sub-handle: handle - s is its main one
+                entry = traces.get(handle - s)
+                if entry is None:
+                    continue
+                t_start, t_sent, stamps, arrived, t_end = entry
+                per_server = [[t_start, t_sent, *st, t_done, t_end] for st, t_done in zip(stamps, arrived)]
+                if s == 0:  # a main handle: the server that answered last
+                    return max(per_server, key=lambda tr: tr[6])
+                if s <= len(per_server):
+                    return per_server[s - 1]
         raise ArgumentError(
             f"no trace for handle {handle!r}: wait() for it first (the last {_TRACE_KEEP} push_pulls are kept)"
         )
