@@ -158,6 +158,9 @@ def _member(call: str) -> AFTensorWorker | AFTensorServer:
 
 
 def _worker(call: str) -> AFTensorWorker:
+    node = _node
+    if getattr(node, "role", None) == "worker":  # the hot path: one check
+        return node  # type: ignore[return-value]
     node = _member(call)
     if node.role != "worker":
         raise StepMeshError(f"stepmesh.{call}() is a worker call; this process is a {node.role}")
@@ -165,6 +168,9 @@ def _worker(call: str) -> AFTensorWorker:
 
 
 def _server(call: str) -> AFTensorServer:
+    node = _node
+    if getattr(node, "role", None) == "server":
+        return node  # type: ignore[return-value]
     node = _member(call)
     if node.role != "server":
         raise StepMeshError(f"stepmesh.{call}() is a server call; this process is a {node.role}")

@@ -21,6 +21,7 @@ import torch
 from . import protocol as P
 from ._tensors import (
     CODE_DTYPE,
+    DTYPE_CODE,
     ITEMSIZE,
     BufferPool,
     HostBuffer,
@@ -364,17 +365,29 @@ class AFTensorServer(Node):
                 does not fit the worker's buffer (raised before any data is sent).
             PeerError: the worker died.
         """
-        r, ts = self._validate(tensors, handle)
-        problem = self._too_big(r, ts, "tensors")
-        if problem is not None:
-            self._reject(r, problem)
-            raise ArgumentError(problem)
+        r = self._handles.get(handle) if isinstance(handle, int) else None
+        # The common case, checked in one pass: a list of contiguous tensors of
+        # known dtypes, one per pull, each fitting the worker's buffer.
+        ok = r is not None and isinstance(tensors, list) and len(tensors) == len(r.pulls)
+        if ok:
+            for t, (_, cap) in zip(tensors, r.pulls):
+                if not (isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype in DTYPE_CODE and t.nbytes <= cap):
+                    ok = False
+                    break
+        if ok:
+            ts = tensors
+        else:  # say exactly what is wrong
+            r, ts = self._validate(tensors, handle)
+            problem = self._too_big(r, ts, "tensors")
+            if problem is not None:
+                self._reject(r, problem)
+                raise ArgumentError(problem)
         event = self._event(ts) if need_event else None
         if event is None or event.query():
             self._send(r, ts)
         else:  # the stream is still producing the answer: send it from a later call, never block here
             del self._handles[r.handle]
-            self._deferred.append((event, r, ts))
+            self._deferred.append((event, r, list(ts)))
 
     @staticmethod
     def _event(ts: list[torch.Tensor]) -> Any:

@@ -48,7 +48,7 @@ class _Plan:
 
     __slots__ = (
         "copies", "ends", "eps", "event", "free", "hlen", "inline_any", "length", "n_servers", "per", "pulls",
-        "push_sends", "recvs", "req_tag", "small", "template",
+        "push_sends", "recvs", "req_tag", "small", "takes", "template",
     )
 
     def header(self) -> HostBuffer:
@@ -275,6 +275,7 @@ class AFTensorWorker(Node):
         plan.recvs = []
         plan.ends = []
         plan.inline_any = []
+        plan.takes = []
         plan.eps = list(self._server_eps)
         plan.free = []
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
@@ -290,6 +291,7 @@ class AFTensorWorker(Node):
             ]
             plan.small.append(fits)
             plan.inline_any.append(any(fits))
+            plan.takes.append([(j, pulls[s * per + j], mine[j]) for j in range(per) if fits[j]])
             plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
             plan.ends.append((plan.ends[-1] if plan.ends else 0) + 1 + len(pull_recvs))
 
@@ -440,17 +442,16 @@ class AFTensorWorker(Node):
         plan = pend.plan
         per = plan.per
         raw = buf.raw
-        pos = P.RESP_FIXED.size
-        sizes = P.response_sizes(per).unpack_from(raw, pos)
-        pos += P.RESP_SIZE.size * per
-        for j, (nbytes, fits) in enumerate(zip(sizes, plan.small[s])):
-            if fits:
-                dst = plan.pulls[s * per + j]
-                if nbytes > dst.nbytes or pos + nbytes > len(raw):
-                    raise ProtocolError(f"{self.servers[s].describe()} sent {nbytes} bytes for a smaller pull tensor")
-                if nbytes:
-                    buf.take(pos, dst, nbytes)
-                pos += nbytes
+        sizes = P.response_sizes(per).unpack_from(raw, P.RESP_FIXED.size)
+        pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
+        end = len(raw)
+        for j, dst, cap in plan.takes[s]:
+            nbytes = sizes[j]
+            if nbytes > cap or pos + nbytes > end:
+                raise ProtocolError(f"{self.servers[s].describe()} sent {nbytes} bytes for a smaller pull tensor")
+            if nbytes:
+                buf.take(pos, dst, nbytes)
+            pos += nbytes
 
     # ------------------------------------------------------------- helpers
     def get_all_handlers(self, handle: int) -> list[int]:
