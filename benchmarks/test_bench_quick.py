@@ -21,7 +21,9 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("stepmesh", "ucxx", "gloo"):
         assert any(line.startswith(name) for line in r.stdout.splitlines()), r.stdout
-    assert "nixl" in r.stdout and "not run" in r.stdout  # said, not silently dropped
+    # NIXL is measured where it is installed, and said to be "not run" where not: never silently dropped
+    nixl = [line for line in r.stdout.splitlines() if line.startswith("nixl")]
+    assert nixl and ("not run" in nixl[0] or nixl[0].split()[1].replace(".", "").isdigit()), r.stdout
     assert "round trip by stage" in r.stdout
     data = json.loads(out.read_text())
     assert data["schema"] == "stepmesh-bench/1"

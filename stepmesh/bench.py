@@ -8,6 +8,8 @@ driven round by round (A B A B ...), so that machine drift hits all alike:
   endpoints from worker addresses, the receive pre-posted): the floor for
   anything on UCX.
 - ``gloo``: torch.distributed send/recv of the same bytes (``nccl`` on CUDA).
+- ``nixl``: NIXL (where installed) WRITE + notification each way, the library
+  vLLM uses for KV transfer; its progress thread off.
 
 Processes not in their round block on a pipe, so they take no CPU from the
 contender being measured.
@@ -285,6 +287,70 @@ def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
     tp.close()
 
 
+def _nixl_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
+    """NIXL ping-pong: WRITE into the peer's buffer with a notification, the peer answers likewise.
+
+    The progress thread stays off (on small machines it costs milliseconds);
+    progress is made by polling the transfer state and the notifications.
+    """
+    _pin(core)
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARNING")  # its INFO lines would interleave with the table
+    try:
+        import torch
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        wl = opts.workload
+        n_send = wl.push_bytes if role == "client" else wl.pull_bytes
+        n_recv = wl.pull_bytes if role == "client" else wl.push_bytes
+        send_t = torch.zeros(n_send, dtype=torch.uint8, device=opts.device)
+        recv_t = torch.zeros(n_recv, dtype=torch.uint8, device=opts.device)
+        agent = nixl_agent(f"stepmesh-bench-{role}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        agent.register_memory([send_t, recv_t])
+        conn.send(("ok", agent.get_agent_metadata(), agent.get_serialized_descs(agent.get_xfer_descs([recv_t]))))
+    except Exception as e:  # reported as the contender's note, not a failed run
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    meta, descs = conn.recv()
+    peer = agent.add_remote_agent(meta)
+    handle = agent.initialize_xfer("WRITE", agent.get_xfer_descs([send_t]), agent.deserialize_descs(descs), peer, b"n")
+    notes = 0  # notifications received and not yet consumed
+
+    def write() -> None:
+        agent.transfer(handle)
+        while (state := agent.check_xfer_state(handle)) != "DONE":
+            if state == "ERR":
+                raise RuntimeError("NIXL transfer failed")
+
+    def answered() -> None:
+        nonlocal notes
+        while not notes:
+            notes += sum(len(v) for v in agent.get_new_notifs().values())  # one peer only
+        notes -= 1
+
+    def one() -> None:
+        if role == "client":
+            write()
+            answered()
+        else:
+            answered()
+            write()
+
+    one()  # wire-up
+
+    def run(n: int) -> dict[str, Any]:
+        lat = []
+        t_begin = time.perf_counter_ns()
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            one()
+            lat.append(time.perf_counter_ns() - t0)
+        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
+
+    conn.send("ready")
+    _serve_commands(conn, run)
+    agent.release_xfer_handle(handle)
+
+
 def _dist_child(role: str, opts: BenchOptions, conn: Any, core: int | None, store: str) -> None:
     _pin(core)
     import torch
@@ -360,7 +426,21 @@ def _start_pair(name: str, target: Callable[..., None], opts: BenchOptions, *ext
         b = _recv(conns[1], _READY_TIMEOUT_S, "ucxx server")
         conns[0].send(b)
         conns[1].send(a)
+    elif name == "nixl":  # exchange agent metadata and the receive buffers' descriptors
+        a = _recv(conns[0], _READY_TIMEOUT_S, "nixl client")
+        b = _recv(conns[1], _READY_TIMEOUT_S, "nixl server")
+        if a[0] != "ok" or b[0] != "ok":
+            for p in procs:
+                p.kill()
+                p.join(timeout=5)
+            raise _Unavailable(a[1] if a[0] != "ok" else b[1])
+        conns[0].send(b[1:])
+        conns[1].send(a[1:])
     return _Contender(name, [conns[0]], [conns[1]], procs, lambda n: n)
+
+
+class _Unavailable(Exception):
+    """A baseline that cannot run here (the reason becomes its note)."""
 
 
 def _start_stepmesh(opts: BenchOptions) -> _Contender:
@@ -418,7 +498,13 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                 else:
                     contenders.append(_start_pair(name, _dist_child, opts, os.path.join(tmp.name, f"{name}.store")))
             elif name == "nixl":
-                results[name].note = "not run: NIXL is not installed" if not _has("nixl") else "not run: NIXL driver not implemented yet"
+                if not _has("nixl"):
+                    results[name].note = "not run: NIXL is not installed (pip install nixl)"
+                    continue
+                try:
+                    contenders.append(_start_pair("nixl", _nixl_child, opts))
+                except _Unavailable as e:
+                    results[name].note = f"not run: NIXL failed to start: {e}"
             else:
                 raise ValueError(f"unknown contender {name!r}")
         for c in contenders:
