@@ -36,6 +36,10 @@ __all__ = ["AFTensorWorker"]
 _TRACE_KEEP = 4096
 _PLANS_KEEP = 256
 _SEQ = struct.Struct("<I")
+_SEQ_OFFSET = P.SEQ_OFFSET
+_SEQ_MASK = P.SEQ_MASK
+_SEQ_SHIFT = P.SEQ_SHIFT
+_now = time.monotonic_ns
 
 
 class _Plan:
@@ -47,13 +51,12 @@ class _Plan:
     """
 
     __slots__ = (
-        "copies", "ends", "eps", "event", "free", "hlen", "inline_any", "length", "n_servers", "per", "pulls",
-        "push_sends", "recvs", "req_tag", "small", "takes", "template",
+        "copies", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls",
+        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "small", "takes", "template",
     )
 
     def header(self) -> HostBuffer:
-        if self.free:
-            return self.free.pop()
+        """A new request buffer with the header written (reused ones wait in ``free``)."""
         hb = HostBuffer(self.length)
         hb.raw[: self.hlen] = self.template
         return hb
@@ -141,14 +144,13 @@ class AFTensorWorker(Node):
         # StepMesh traffic repeats the same buffers, shapes and keys every layer:
         # everything that depends only on those is built once per signature.
         try:
-            sig = (
-                tuple(push_keys),
-                tuple(pull_keys),
-                need_event,
-                *[(t.data_ptr(), t.shape, t.dtype, t.is_contiguous(), t.device) for t in push_tensors],
-                None,
-                *[(t.data_ptr(), t.shape, t.dtype, t.is_contiguous(), t.device) for t in pull_tensors],
-            )
+            parts = [need_event, *push_keys, None, *pull_keys, None]
+            for t in push_tensors:
+                parts += (t.data_ptr(), t.shape, t.dtype, t.is_contiguous(), t.is_cuda)
+            parts.append(None)
+            for t in pull_tensors:
+                parts += (t.data_ptr(), t.shape, t.dtype, t.is_contiguous(), t.is_cuda)
+            sig: tuple | None = tuple(parts)
             plan = self._plans.get(sig)
         except (TypeError, AttributeError):  # not lists of tensors: the slow path names the problem
             sig, plan = None, None
@@ -165,12 +167,12 @@ class AFTensorWorker(Node):
                 "wait() for some first"
             )
         event = plan.event() if plan.event is not None else None
-        t_start = time.monotonic_ns()
-        seq = self._seq = (self._seq + 1) & P.SEQ_MASK
+        t_start = _now()
+        seq = self._seq = (self._seq + 1) & _SEQ_MASK
         handle = self._next_handle
         self._next_handle = handle + plan.n_servers + 1
-        hb = plan.header()
-        _SEQ.pack_into(hb.raw, P.SEQ_OFFSET, seq)
+        hb = plan.free.pop() if plan.free else plan.header()
+        _SEQ.pack_into(hb.raw, _SEQ_OFFSET, seq)
         if plan.copies:  # inline tensors are host tensors (device ones never are)
             base = hb.ptr
             for off, src, n in plan.copies:
@@ -209,7 +211,7 @@ class AFTensorWorker(Node):
                 sreqs.append(ep.tag_send(ubuf, tag))
         pend.sreqs = sreqs
         pend.event = None
-        pend.t_sent = time.monotonic_ns()
+        pend.t_sent = _now()
 
     def _send_deferred(self) -> None:
         """Post the sends of push_pulls whose CUDA event has completed since."""
@@ -274,8 +276,9 @@ class AFTensorWorker(Node):
         plan.small = []
         plan.recvs = []
         plan.ends = []
-        plan.inline_any = []
         plan.takes = []
+        plan.resp_struct = struct.Struct(P.RESP_FIXED.format + P.response_sizes(per).format[1:])
+        plan.resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
         plan.eps = list(self._server_eps)
         plan.free = []
         for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
@@ -290,8 +293,7 @@ class AFTensorWorker(Node):
                 (as_buffer(pulls[s * per + j]), P.make_tag(P.TAG_PULL, sid, 0, j)) for j in range(per) if not fits[j]
             ]
             plan.small.append(fits)
-            plan.inline_any.append(any(fits))
-            plan.takes.append([(j, pulls[s * per + j], mine[j]) for j in range(per) if fits[j]])
+            plan.takes.append([(j, pulls[s * per + j].data_ptr(), mine[j]) for j in range(per) if fits[j]])
             plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
             plan.ends.append((plan.ends[-1] if plan.ends else 0) + 1 + len(pull_recvs))
 
@@ -394,7 +396,7 @@ class AFTensorWorker(Node):
             ends = pend.plan.ends
             arrived = pend.arrived
             while len(arrived) < len(ends) and ends[len(arrived)] <= i:
-                arrived.append(time.monotonic_ns())
+                arrived.append(_now())
         if i < n:
             return False
         sreqs = pend.sreqs
@@ -408,26 +410,24 @@ class AFTensorWorker(Node):
     def _finish(self, pend: _Pending) -> tuple[int, int, list[tuple[int, ...]], list[int], int]:
         """Check every server's response and copy inline answers out; the trace's raw stamps."""
         plan = pend.plan
-        per = plan.per
+        unpack = plan.resp_struct.unpack_from
+        expect = (P.DATA_VERSION, P.STATUS_OK, plan.per, pend.seq)
         stamps = []
         error: StepMeshError | None = None
         for s, buf in enumerate(pend.resp):
-            raw = buf.raw
             try:
-                fixed = P.RESP_FIXED.unpack_from(raw, 0)
-                version, _, status, n, seq = fixed[:5]
-                if version != P.DATA_VERSION or seq != pend.seq or n != per:
-                    raise ProtocolError(
-                        f"bad response from {self.servers[s].describe()}: version {version}, seq {seq} "
-                        f"(expected {pend.seq}), {n} answers (expected {per})"
-                    )
-                if status != P.STATUS_OK:
-                    peer = self.servers[s]
-                    r = P.Reader(raw[P.RESP_FIXED.size + P.RESP_SIZE.size * n :], "response error")
-                    raise PeerError(f"{peer.describe()} refused to answer: {r.text()}", "server", peer.rank)
-                if plan.inline_any[s]:
-                    self._copy_inline(buf, pend, s)
-                stamps.append(fixed[5:])
+                f = unpack(buf.raw, 0)
+                if (f[0], f[2], f[3], f[4]) != expect:
+                    self._bad_response(buf, pend, s)
+                pos = plan.resp_pos
+                base = buf.ptr
+                for j, dst, cap in plan.takes[s]:  # answers that rode inline (host tensors)
+                    n = f[9 + j]
+                    if n > cap:
+                        raise ProtocolError(f"{self.servers[s].describe()} sent {n} bytes for a {cap}-byte pull tensor")
+                    memmove(dst, base + pos, n)
+                    pos += n
+                stamps.append(f[5:9])
             except StepMeshError as e:
                 error = error or e
             finally:
@@ -435,23 +435,25 @@ class AFTensorWorker(Node):
         plan.free.append(pend.hb)
         if error is not None:
             raise error
-        return pend.t_start, pend.t_sent, stamps, pend.arrived, time.monotonic_ns()
+        return pend.t_start, pend.t_sent, stamps, pend.arrived, _now()
 
-    def _copy_inline(self, buf: HostBuffer, pend: _Pending, s: int) -> None:
-        """Copy server ``s``'s answers that rode inside its response into the pull tensors."""
-        plan = pend.plan
-        per = plan.per
+    def _bad_response(self, buf: HostBuffer, pend: _Pending, s: int) -> None:
+        """Raise what is wrong with server ``s``'s response (a refusal, or a malformed one).
+
+        Raises:
+            PeerError: the server refused to answer (its reason).
+            ProtocolError: wrong version, sequence or answer count.
+        """
         raw = buf.raw
-        sizes = P.response_sizes(per).unpack_from(raw, P.RESP_FIXED.size)
-        pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
-        end = len(raw)
-        for j, dst, cap in plan.takes[s]:
-            nbytes = sizes[j]
-            if nbytes > cap or pos + nbytes > end:
-                raise ProtocolError(f"{self.servers[s].describe()} sent {nbytes} bytes for a smaller pull tensor")
-            if nbytes:
-                buf.take(pos, dst, nbytes)
-            pos += nbytes
+        peer = self.servers[s]
+        version, _, status, n, seq = P.RESP_FIXED.unpack_from(raw, 0)[:5]
+        if version != P.DATA_VERSION or seq != pend.seq or n != pend.plan.per:
+            raise ProtocolError(
+                f"bad response from {peer.describe()}: version {version}, seq {seq} "
+                f"(expected {pend.seq}), {n} answers (expected {pend.plan.per})"
+            )
+        r = P.Reader(raw[P.RESP_FIXED.size + P.RESP_SIZE.size * n :], "response error")
+        raise PeerError(f"{peer.describe()} refused to answer (status {status}): {r.text()}", "server", peer.rank)
 
     # ------------------------------------------------------------- helpers
     def get_all_handlers(self, handle: int) -> list[int]:
