@@ -162,27 +162,42 @@ class Node:
         last_error = "no answer"
         while True:
             try:
-                ep = self._control.connect_listener(cfg.root_uri, cfg.root_port or 0)
-                channel = ControlChannel(self._control, ep)
-                channel.send(message)
-                # Wait until the registration is delivered or the connection fails.
-                settle = min(deadline, time.monotonic() + 2.0)
-                while channel.alive and not channel.flushed and time.monotonic() < settle:
-                    self._loop.run_once(0.02)  # type: ignore[union-attr]
-                if channel.alive and channel.flushed:
-                    self._channel = channel
-                    self._last_heard = time.monotonic()
+                # A plain TCP probe first: UCX logs an ERROR line for every refused
+                # attempt, and a node often starts before its scheduler.
+                socket.create_connection((cfg.root_uri, cfg.root_port or 0), timeout=_CONNECT_RETRY_S).close()
+            except OSError as e:
+                last_error = f"{e.strerror or e} (TCP)"
+            else:
+                last_error = self._try_scheduler(message, deadline)
+                if self._channel is not None:
                     return
-                channel.close()
-                last_error = "connection refused or reset"
-            except Exception as e:  # UCX raises its own errors for unreachable hosts
-                last_error = str(e)
             if time.monotonic() + _CONNECT_RETRY_S >= deadline:
                 raise TimeoutError(
                     f"{self.role}: cannot reach the scheduler at {cfg.root_uri}:{cfg.root_port} "
                     f"(DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT) within {cfg.init_timeout_ms} ms: {last_error}"
                 )
             time.sleep(_CONNECT_RETRY_S)
+
+    def _try_scheduler(self, message: bytes, deadline: float) -> str:
+        """One attempt to connect to the scheduler and deliver ``message``; why it failed, if it did."""
+        cfg = self.config
+        assert self._control is not None
+        deadline = min(deadline, time.monotonic() + 2.0)
+        try:
+            ep = self._control.connect_listener(cfg.root_uri, cfg.root_port or 0)
+            channel = ControlChannel(self._control, ep)
+            channel.send(message)
+            # Wait until the registration is delivered or the connection fails.
+            while channel.alive and not channel.flushed and time.monotonic() < deadline:
+                self._loop.run_once(0.02)  # type: ignore[union-attr]
+            if channel.alive and channel.flushed:
+                self._channel = channel
+                self._last_heard = time.monotonic()
+                return ""
+            channel.close()
+            return "connection refused or reset"
+        except Exception as e:  # UCX raises its own errors for unreachable hosts
+            return str(e)
 
     def _register(self, deadline: float) -> None:
         cfg = self.config

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import stepmesh as f
-from stepmesh.testing import Mesh, NodeContext, run_mesh, spawn_mesh
+from stepmesh.testing import Mesh, NodeContext, run_command, run_mesh, spawn_mesh
 
 from .conftest import FAST
 
@@ -142,3 +142,21 @@ def test_unreachable_scheduler_is_a_bounded_timeout():
     with pytest.raises(f.TimeoutError, match="cannot reach the scheduler"):
         f.AFTensorWorker(cfg).start()
     assert time.monotonic() - t0 < 10
+
+
+def test_waiting_for_a_scheduler_not_up_yet_is_quiet():
+    """Retries probe the port first: no UCX ERROR line per refused attempt, one clear error at the end."""
+    import socket
+    import sys
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "1", "DMLC_NUM_SERVER": "1", "DMLC_PS_ROOT_URI": "127.0.0.1",
+        "DMLC_PS_ROOT_PORT": str(port), "STEPMESH_INIT_TIMEOUT_MS": "1500",
+    }
+    r = run_command([sys.executable, "-c", "import stepmesh; stepmesh.init()"], timeout=60, env=env)
+    assert r.returncode != 0
+    assert "cannot reach the scheduler" in r.stderr and "Connection refused" in r.stderr, r.stderr
+    assert "ERROR" not in r.stderr.replace("TimeoutError", ""), r.stderr
