@@ -460,11 +460,14 @@ class AFTensorWorker(Node):
         """The handle followed by one sub-handle per server (StepMesh's shape).
 
         Raises:
-            ArgumentError: the handle was never issued by this worker.
+            ArgumentError: the handle was never returned by push_pull (a sub-handle included).
         """
-        if not isinstance(handle, int) or handle < 1 or handle >= self._next_handle:
+        step = len(self.servers) + 1  # push_pull hands out 1, 1 + step, 1 + 2 * step, ...
+        if isinstance(handle, bool) or not isinstance(handle, int) or handle < 1 or handle >= self._next_handle:
             raise ArgumentError(f"handle {handle!r} was never returned by push_pull")
-        return [handle + i for i in range(len(self.servers) + 1)]
+        if (handle - 1) % step:
+            raise ArgumentError(f"handle {handle!r} is a sub-handle of push_pull handle {handle - (handle - 1) % step}")
+        return [handle + i for i in range(step)]
 
     def fetch_trace(self, handle: int) -> list[int]:
         """Eight nanosecond stamps of a completed push_pull (or of one server's part).

@@ -391,6 +391,8 @@ def _bad_input(ctx: NodeContext) -> int:
         with pytest.raises(f.ArgumentError, match="handle once"):
             f.wait(h, handler=h)
         f.wait(handler=h)  # StepMesh's keyword
+        with pytest.raises(f.ArgumentError, match="sub-handle"):
+            f.get_all_handlers(f.get_all_handlers(h)[1])
         with pytest.raises(f.ArgumentError, match="handle"):
             f.wait(h)  # already waited for
         assert torch.all(out[0] == 1.0)
