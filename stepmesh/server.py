@@ -402,15 +402,20 @@ class AFTensorServer(Node):
     def _send_deferred(self, block: bool = False) -> None:
         """Send the answers whose stream work has completed (all of them when ``block``)."""
         still = []
+        error: PeerError | None = None
         for event, r, ts in self._deferred:
             if block:
                 event.synchronize()
             if block or event.query():
-                self._handles[r.handle] = r
-                self._send(r, ts)
+                try:
+                    self._send(r, ts)
+                except PeerError as e:  # that worker is gone; the others still get their answers
+                    error = error or e
             else:
                 still.append((event, r, ts))
         self._deferred = still
+        if error is not None:
+            raise error
 
     def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: list[torch.Tensor], handles: list[int]) -> None:
         """Answer several requests from one buffer of rows laid back to back.
@@ -468,8 +473,8 @@ class AFTensorServer(Node):
 
     def _send(self, r: _Request, ts: list[torch.Tensor]) -> None:
         if self._fatal is not None or self.dead:
-            self._check_workers()
-        del self._handles[r.handle]
+            self._check_workers()  # raises before the handle is used up
+        self._handles.pop(r.handle, None)  # a deferred answer's is gone already
         sizes = [t.nbytes for t in ts]
         buf, pos = self._response(r, P.STATUS_OK, sizes)
         separate = []
