@@ -9,6 +9,7 @@ flow while the caller computes, and keeps the data path free of control traffic.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
@@ -73,6 +74,8 @@ class Node:
         self.data: Transport | None = None
         self._control: Transport | None = None
         self._channel: ControlChannel | None = None
+        self._challenge: bytes | None = None  # the scheduler's nonce, once it asked for the token
+        self._auth_nonce = os.urandom(P.AUTH_NONCE_BYTES)  # ours, for the scheduler to prove itself
         self._loop: EventLoop | None = None
         self._waker = Waker()
         self._thread: threading.Thread | None = None
@@ -286,7 +289,11 @@ class Node:
         self._last_heard = time.monotonic()
         with self._lock:
             if msg.kind is P.Msg.WELCOME:
-                self._welcome = msg
+                problem = self._check_scheduler_proof(msg.blob)
+                if problem is None:
+                    self._welcome = msg
+                else:
+                    self._fatal = self._fatal or AuthError(problem)
             elif msg.kind is P.Msg.BOOK:
                 self._book = msg
             elif msg.kind is P.Msg.RELEASE:
@@ -303,13 +310,30 @@ class Node:
                         "the scheduler requires authentication: set STEPMESH_AUTH_TOKEN to the mesh's token"
                     )
                 else:
-                    self._send_control(P.encode_proof(P.auth_proof(token, msg.blob, self._register_message)))
+                    self._challenge = msg.blob
+                    self._send_control(
+                        P.encode_proof(P.auth_proof(token, msg.blob, self._register_message), self._auth_nonce)
+                    )
             elif msg.kind is P.Msg.ERROR:
                 if self._fatal is None:
                     self._fatal = _ERRORS.get(msg.code, StepMeshError)(f"scheduler: {msg.text}")
             elif msg.kind is not P.Msg.HEARTBEAT:
                 log.warning("ignoring unexpected %s from the scheduler", msg.kind.name)
             self._lock.notify_all()
+
+    def _check_scheduler_proof(self, proof: bytes) -> str | None:
+        """With a token, the scheduler must have challenged us and proved it knows the token too."""
+        token = self.config.auth_token
+        if token is None:
+            return None
+        if self._challenge is None:
+            return (
+                "the scheduler did not ask for the authentication token: it is not started with "
+                "STEPMESH_AUTH_TOKEN (or is not the mesh's scheduler); refusing to join"
+            )
+        if not hmac.compare_digest(proof, P.scheduler_proof(token, self._auth_nonce, self._challenge)):
+            return "the scheduler could not prove it knows STEPMESH_AUTH_TOKEN; refusing to join"
+        return None
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         """Hook for subclasses: a node of the mesh died (called on the control thread)."""

@@ -143,7 +143,7 @@ class Reader:
 # ----------------------------------------------------------- control plane
 class Msg(IntEnum):
     REGISTER = 1  # node -> scheduler
-    WELCOME = 2  # scheduler -> node: your node id and rank
+    WELCOME = 2  # scheduler -> node: your node id and rank (with authentication: the scheduler's proof)
     BOOK = 3  # scheduler -> node: the peers to connect to
     BARRIER = 4  # node -> scheduler
     RELEASE = 5  # scheduler -> node: barrier passed
@@ -151,7 +151,7 @@ class Msg(IntEnum):
     ERROR = 7  # scheduler -> node: fatal, with a code
     PEER_DEAD = 8  # scheduler -> node
     CHALLENGE = 9  # scheduler -> node: prove you know the token (a fresh nonce)
-    PROOF = 10  # node -> scheduler: HMAC-SHA256(token, nonce + the REGISTER message)
+    PROOF = 10  # node -> scheduler: HMAC-SHA256(token, nonce + the REGISTER message), and the node's own nonce
     PEER_BACK = 11  # scheduler -> node: a dead peer rejoined under its rank, at a new address
 
 
@@ -228,6 +228,7 @@ class Control:
     text: str = ""
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     blob: bytes = b""
+    nonce: bytes = b""
 
 
 AUTH_NONCE_BYTES = 32
@@ -242,12 +243,21 @@ def auth_proof(token: str, nonce: bytes, register_message: bytes) -> bytes:
     return hmac.new(token.encode("utf-8"), nonce + register_message, hashlib.sha256).digest()
 
 
+def scheduler_proof(token: str, node_nonce: bytes, scheduler_nonce: bytes) -> bytes:
+    """What the scheduler sends back (in WELCOME) to prove it knows ``token`` too."""
+    import hashlib
+    import hmac
+
+    return hmac.new(token.encode("utf-8"), b"stepmesh-scheduler" + node_nonce + scheduler_nonce, hashlib.sha256).digest()
+
+
 def encode_challenge(nonce: bytes) -> bytes:
     return bytes(_start(Msg.CHALLENGE).blob(nonce).buf)
 
 
-def encode_proof(mac: bytes) -> bytes:
-    return bytes(_start(Msg.PROOF).blob(mac).buf)
+def encode_proof(mac: bytes, node_nonce: bytes) -> bytes:
+    """The node's proof, and its own nonce for the scheduler to prove itself in turn."""
+    return bytes(_start(Msg.PROOF).blob(mac).blob(node_nonce).buf)
 
 
 def _start(kind: Msg) -> Writer:
@@ -263,8 +273,9 @@ def encode_register(r: Registration) -> bytes:
     return bytes(w.buf)
 
 
-def encode_welcome(node_id: int, rank: int, rejoin: bool = False) -> bytes:
-    return bytes(_start(Msg.WELCOME).u16(node_id).u32(rank).u8(int(rejoin)).buf)
+def encode_welcome(node_id: int, rank: int, rejoin: bool = False, proof: bytes = b"") -> bytes:
+    """``proof``: the scheduler's answer to the node's nonce (empty without authentication)."""
+    return bytes(_start(Msg.WELCOME).u16(node_id).u32(rank).u8(int(rejoin)).blob(proof).buf)
 
 
 def encode_book(peers: list[Peer] | tuple[Peer, ...], kind: Msg = Msg.BOOK) -> bytes:
@@ -341,7 +352,7 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
         )
         msg = Control(kind, registration=reg)
     elif kind is Msg.WELCOME:
-        msg = Control(kind, node_id=r.u16(), rank=r.u32(), code=r.u8())  # code 1: a rejoin
+        msg = Control(kind, node_id=r.u16(), rank=r.u32(), code=r.u8(), blob=r.blob(AUTH_MAC_BYTES))  # code 1: a rejoin
     elif kind is Msg.BOOK or kind is Msg.PEER_BACK:
         n = r.u16()
         if n > MAX_PEERS:
@@ -362,7 +373,7 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
     elif kind is Msg.CHALLENGE:
         msg = Control(kind, blob=r.blob(AUTH_NONCE_BYTES))
     elif kind is Msg.PROOF:
-        msg = Control(kind, blob=r.blob(AUTH_MAC_BYTES))
+        msg = Control(kind, blob=r.blob(AUTH_MAC_BYTES), nonce=r.blob(AUTH_NONCE_BYTES))
     else:  # PEER_DEAD
         node_id = r.u16()
         role = _role(r.u8())

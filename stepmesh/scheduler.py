@@ -33,6 +33,7 @@ class _Conn:
     node: _Node | None = None
     rejected: bool = False
     pending: tuple[P.Registration, bytes, bytes] | None = None  # registration, its bytes, nonce
+    proof: bytes = b""  # the scheduler's own proof of the token, for the node's WELCOME
 
 
 @dataclass(eq=False)
@@ -213,7 +214,8 @@ class Scheduler:
             reg, message, nonce = conn.pending
             conn.pending = None
             expected = P.auth_proof(self.config.auth_token or "", nonce, message)
-            if hmac.compare_digest(expected, msg.blob):
+            if hmac.compare_digest(expected, msg.blob) and len(msg.nonce) == P.AUTH_NONCE_BYTES:
+                conn.proof = P.scheduler_proof(self.config.auth_token or "", msg.nonce, nonce)
                 self._register(conn, reg)
             else:
                 log.warning("refusing %s from pid %d on %s: wrong authentication token", reg.role.label, reg.pid, reg.host)
@@ -264,7 +266,7 @@ class Scheduler:
         conn.node = node
         self._nodes[node.node_id] = node
         self._by_key[(reg.role, reg.group, rank)] = node
-        self._send(node, P.encode_welcome(node.node_id, rank))
+        self._send(node, P.encode_welcome(node.node_id, rank, proof=conn.proof))
         log.info("registered %s as node %d", node.describe(), node.node_id)
         self._maybe_send_books()
 
@@ -282,7 +284,7 @@ class Scheduler:
         self._by_key[(reg.role, reg.group, rank)] = node
         group = None if self.config.topology == "full" else reg.group
         peers = [n for n in self._group_nodes(group) if n.alive and n.reg.role is not reg.role]
-        self._send(node, P.encode_welcome(node.node_id, rank, rejoin=True))
+        self._send(node, P.encode_welcome(node.node_id, rank, rejoin=True, proof=conn.proof))
         self._send(node, P.encode_book([n.peer for n in peers]))
         for n in peers:
             self._send(n, P.encode_book([node.peer], P.Msg.PEER_BACK))

@@ -87,3 +87,37 @@ def test_strangers_sending_garbage_or_hanging_up_do_not_disturb_the_mesh():
     finally:
         mesh.kill()
     assert results == {"scheduler": None, "server-0-0": "joined", "worker-0-0": "joined"}
+
+
+@pytest.mark.timeout(90)
+def test_a_node_with_a_token_refuses_a_scheduler_that_never_asks_for_it():
+    results = run_mesh(
+        _join,
+        env=dict(FAST, STEPMESH_INIT_TIMEOUT_MS="6000"),  # the scheduler has no token
+        node_env=lambda role, rank, group: {"STEPMESH_AUTH_TOKEN": TOKEN} if role == "worker" else {},
+        timeout=60,
+        expect_failure=True,
+    )
+    assert results["worker-0-0"].startswith("AuthError") and "did not ask" in results["worker-0-0"], results
+
+
+@pytest.mark.timeout(60)
+def test_a_node_refuses_a_scheduler_that_accepts_its_proof_without_knowing_the_token(monkeypatch):
+    """Mutual authentication: a scheduler that waves every proof through cannot prove itself."""
+    import types
+
+    from stepmesh import scheduler as S
+
+    monkeypatch.setattr(S, "hmac", types.SimpleNamespace(compare_digest=lambda a, b: True))
+    sched = S.Scheduler(f.Config(role="scheduler", root_port=0, num_workers=1, num_servers=1, auth_token="a guess"))
+    port = sched.start()
+    try:
+        cfg = f.Config(
+            role="worker", root_uri="127.0.0.1", root_port=port, num_workers=1, num_servers=1,
+            init_timeout_ms=5000, auth_token=TOKEN,
+        )
+        with pytest.raises(f.AuthError, match="could not prove"):
+            f.AFTensorWorker(cfg).start()
+    finally:
+        with pytest.raises(f.PeerError, match="every node of the mesh died"):  # the refused worker left
+            sched.stop(timeout_ms=5000)
