@@ -138,7 +138,7 @@ class AFTensorServer(Node):
         self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
         self._mask: Any = None
         self._device = torch.device("cpu")
-        self._deferred: list[tuple[Any, _Request, list[torch.Tensor]]] = []
+        self._deferred: list[tuple[Any, Any, _Request, list[torch.Tensor]]] = []  # (event, backend, request, answers)
 
     def start(self) -> None:
         super().start()
@@ -382,28 +382,32 @@ class AFTensorServer(Node):
             if problem is not None:
                 self._reject(r, problem)
                 raise ArgumentError(problem)
-        event = self._event(ts) if need_event else None
-        if event is None or event.query():
+        event, backend = self._event(ts) if need_event else (None, None)
+        if event is None:
             self._send(r, ts)
+        elif event.query():
+            self._send(r, ts)
+            backend.release_event(event)
         else:  # the stream is still producing the answer: send it from a later call, never block here
             del self._handles[r.handle]
-            self._deferred.append((event, r, list(ts)))
+            self._deferred.append((event, backend, r, list(ts)))
 
     @staticmethod
-    def _event(ts: list[torch.Tensor]) -> Any:
-        """An event on the current stream, when device answers are produced there (else None)."""
+    def _event(ts: list[torch.Tensor]) -> tuple[Any, Any]:
+        """An event on the current stream and its backend, when device answers are produced there."""
         for t in ts:
             if t.is_cuda:
                 from .backends import select
 
-                return select(None, t).record_event(t.device)
-        return None
+                backend = select(None, t)
+                return backend.record_event(t.device), backend
+        return None, None
 
     def _send_deferred(self, block: bool = False) -> None:
         """Send the answers whose stream work has completed (all of them when ``block``)."""
         still = []
         error: PeerError | None = None
-        for event, r, ts in self._deferred:
+        for event, backend, r, ts in self._deferred:
             if block:
                 event.synchronize()
             if block or event.query():
@@ -411,8 +415,9 @@ class AFTensorServer(Node):
                     self._send(r, ts)
                 except PeerError as e:  # that worker is gone; the others still get their answers
                     error = error or e
+                backend.release_event(event)
             else:
-                still.append((event, r, ts))
+                still.append((event, backend, r, ts))
         self._deferred = still
         if error is not None:
             raise error

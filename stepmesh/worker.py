@@ -51,7 +51,7 @@ class _Plan:
     """
 
     __slots__ = (
-        "copies", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls",
+        "copies", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls", "release",
         "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "small", "takes", "template",
     )
 
@@ -181,10 +181,10 @@ class AFTensorWorker(Node):
         # The request leaves first; bookkeeping and the receives for the answers
         # follow while it travels (no answer can come before the request has
         # arrived and been served; one that did would wait in UCX's queue).
+        pend.event = event
         if event is None or event.query():
             self._send(pend)
         else:  # the stream is still producing the pushes: post the sends from a later call, never block here
-            pend.event = event
             self._deferred.append(pend)
         Tag = self._Tag
         bits = seq << P.SEQ_SHIFT
@@ -210,8 +210,10 @@ class AFTensorWorker(Node):
             for ep in plan.eps:
                 sreqs.append(ep.tag_send(ubuf, tag))
         pend.sreqs = sreqs
-        pend.event = None
         pend.t_sent = _now()
+        if pend.event is not None:  # completed: the backend may record it again
+            plan.release(pend.event)
+            pend.event = None
 
     def _send_deferred(self) -> None:
         """Post the sends of push_pulls whose CUDA event has completed since."""
@@ -328,6 +330,7 @@ class AFTensorWorker(Node):
 
             backend = select(None, next(t for t in push if t.is_cuda))
             plan.event = backend.record_event
+            plan.release = backend.release_event
         return plan
 
     def _check_servers(self) -> None:

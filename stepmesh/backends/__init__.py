@@ -55,6 +55,9 @@ class Backend(ABC):
     def wait_event(self, event: Any) -> None:  # noqa: B027 - host memory has nothing to wait for
         """Block the calling thread until ``event`` has completed."""
 
+    def release_event(self, event: Any) -> None:  # noqa: B027 - nothing to recycle by default
+        """``event`` (from :meth:`record_event`) has completed and nobody looks at it any more: reuse it."""
+
     def set_device(self, index: int) -> None:  # noqa: B027 - one host, no device to choose
         """Make ``index`` the current device of the calling thread."""
 

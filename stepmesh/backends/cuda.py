@@ -41,11 +41,29 @@ class CUDABackend(Backend):
             return []
         return [f"{self.device_type}:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
 
+    _EVENTS_KEEP = 64  # idle events kept per device
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[Any]] = {}  # device index -> events free to record again
+
     def record_event(self, device: Any = None) -> Any:
+        """An event recorded on the current stream; events come back through :meth:`release_event`
+        (creating and destroying one per call cost more than recording a reused one)."""
         torch = _torch()
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
+        index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        idle = self._idle.get(index)
+        if idle:
+            event = idle.pop()
+        else:
+            event = torch.cuda.Event()
+            event.stepmesh_device = index
+        event.record(torch.cuda.current_stream(index))
         return event
+
+    def release_event(self, event: Any) -> None:
+        idle = self._idle.setdefault(event.stepmesh_device, [])
+        if len(idle) < self._EVENTS_KEEP:
+            idle.append(event)
 
     def wait_event(self, event: Any) -> None:
         if event is not None:
