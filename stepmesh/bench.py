@@ -169,6 +169,23 @@ def _serve_commands(conn: Any, step: Callable[[int], Any]) -> None:
         conn.send(step(msg[1]))
 
 
+def _serve_ping_pong(conn: Any, one: Callable[[], None]) -> None:
+    """A baseline's child: one exchange to wire up, then timed rounds of ``one()`` on command."""
+    one()
+
+    def run(n: int) -> dict[str, Any]:
+        lat = []
+        t_begin = time.perf_counter_ns()
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            one()
+            lat.append(time.perf_counter_ns() - t0)
+        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
+
+    conn.send("ready")
+    _serve_commands(conn, run)
+
+
 def _stepmesh_node(ctx: Any) -> None:
     import torch
 
@@ -271,19 +288,7 @@ def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
             s = ep.tag_send(send_b, out_tag)
         tp.progress_until(lambda: r.completed and s.completed, forever)
 
-    one()  # wire-up
-
-    def run(n: int) -> dict[str, Any]:
-        lat = []
-        t_begin = time.perf_counter_ns()
-        for _ in range(n):
-            t0 = time.perf_counter_ns()
-            one()
-            lat.append(time.perf_counter_ns() - t0)
-        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
-
-    conn.send("ready")
-    _serve_commands(conn, run)
+    _serve_ping_pong(conn, one)
     tp.close()
 
 
@@ -335,19 +340,7 @@ def _nixl_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
             answered()
             write()
 
-    one()  # wire-up
-
-    def run(n: int) -> dict[str, Any]:
-        lat = []
-        t_begin = time.perf_counter_ns()
-        for _ in range(n):
-            t0 = time.perf_counter_ns()
-            one()
-            lat.append(time.perf_counter_ns() - t0)
-        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
-
-    conn.send("ready")
-    _serve_commands(conn, run)
+    _serve_ping_pong(conn, one)
     agent.release_xfer_handle(handle)
 
 
@@ -374,19 +367,7 @@ def _dist_child(role: str, opts: BenchOptions, conn: Any, core: int | None, stor
             dist.send(send_t, 0)
         sync()
 
-    one()
-
-    def run(n: int) -> dict[str, Any]:
-        lat = []
-        t_begin = time.perf_counter_ns()
-        for _ in range(n):
-            t0 = time.perf_counter_ns()
-            one()
-            lat.append(time.perf_counter_ns() - t0)
-        return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9}
-
-    conn.send("ready")
-    _serve_commands(conn, run)
+    _serve_ping_pong(conn, one)
     dist.destroy_process_group()
 
 
