@@ -52,7 +52,7 @@ class _Plan:
 
     __slots__ = (
         "copies", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls", "release",
-        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "small", "takes", "template",
+        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "small", "starts", "takes", "template",
     )
 
     def header(self) -> HostBuffer:
@@ -65,7 +65,9 @@ class _Plan:
 class _Pending:
     """One push_pull in flight: its UCX requests and every buffer they use."""
 
-    __slots__ = ("arrived", "event", "hb", "keep", "plan", "reqs", "resp", "seen", "seq", "sreqs", "t_sent", "t_start")
+    __slots__ = (
+        "arrived", "event", "hb", "keep", "plan", "pos", "reqs", "resp", "seq", "sreqs", "t_sent", "t_start", "waiting",
+    )
 
     def __init__(self, plan: _Plan, seq: int, hb: HostBuffer, keep: list[torch.Tensor], t_start: int) -> None:
         self.plan = plan
@@ -74,11 +76,12 @@ class _Pending:
         self.keep = keep  # the push tensors, alive until complete
         self.t_start = t_start
         self.t_sent = 0
-        self.reqs: list[Any] = []  # receives, server by server (plan.ends[s] closes server s's)
+        self.reqs: list[Any] = []  # receives, server by server: reqs[starts[s]:ends[s]] are server s's
         self.sreqs: list[Any] | None = None  # sends; None until posted (a CUDA event may hold them back)
         self.resp: list[HostBuffer] = []
-        self.arrived: list[int] = []  # when each server's answer was seen complete
-        self.seen = 0  # reqs[:seen] are known complete
+        self.waiting = list(plan.servers)  # servers whose answer is not complete yet
+        self.pos = list(plan.starts)  # per server, its first receive not known complete
+        self.arrived = [0] * len(plan.starts)  # when each server's answer was seen complete
         self.event: Any = None
 
 
@@ -187,7 +190,7 @@ class AFTensorWorker(Node):
         else:  # the stream is still producing the pushes: post the sends from a later call, never block here
             self._deferred.append(pend)
         Tag = self._Tag
-        bits = seq << P.SEQ_SHIFT
+        bits = seq << _SEQ_SHIFT
         reqs = pend.reqs
         resp = pend.resp
         for ep, pool, resp_tag, pull_recvs in plan.recvs:
@@ -201,7 +204,7 @@ class AFTensorWorker(Node):
     def _send(self, pend: _Pending) -> None:
         plan = pend.plan
         Tag = self._Tag
-        bits = pend.seq << P.SEQ_SHIFT
+        bits = pend.seq << _SEQ_SHIFT
         header = pend.hb.ucx
         tag = Tag(plan.req_tag | bits)
         sreqs = [ep.tag_send(header, tag) for ep in plan.eps]
@@ -278,7 +281,10 @@ class AFTensorWorker(Node):
         plan.small = []
         plan.recvs = []
         plan.ends = []
+        plan.starts = []
+        plan.servers = range(n_servers)
         plan.takes = []
+        plan.release = None
         plan.resp_struct = struct.Struct(P.RESP_FIXED.format + P.response_sizes(per).format[1:])
         plan.resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
         plan.eps = list(self._server_eps)
@@ -297,7 +303,8 @@ class AFTensorWorker(Node):
             plan.small.append(fits)
             plan.takes.append([(j, pulls[s * per + j].data_ptr(), mine[j]) for j in range(per) if fits[j]])
             plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
-            plan.ends.append((plan.ends[-1] if plan.ends else 0) + 1 + len(pull_recvs))
+            plan.starts.append(plan.ends[-1] if plan.ends else 0)
+            plan.ends.append(plan.starts[-1] + 1 + len(pull_recvs))
 
         template = np.zeros(hsize, dtype=np.uint8)
         flags = P.FLAG_INLINE if on_host else P.FLAG_DEVICE
@@ -362,7 +369,7 @@ class AFTensorWorker(Node):
             assert data is not None
             deadline = time.monotonic() + timeout_ms / 1000
             if not data.progress_until(lambda: self._complete(pend), deadline, self._check_servers):
-                waiting = [self.servers[s].describe() for s in self._unanswered(pend)]
+                waiting = [self.servers[s].describe() for s in pend.waiting]
                 raise TimeoutError(
                     f"push_pull handle {handle} not complete after {timeout_ms} ms; "
                     f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
@@ -380,28 +387,33 @@ class AFTensorWorker(Node):
         if len(traces) > _TRACE_KEEP:
             traces.popitem(last=False)
 
-    @staticmethod
-    def _unanswered(pend: _Pending) -> list[int]:
-        ends = pend.plan.ends
-        return [s for s, end in enumerate(ends) if not all(r.completed for r in pend.reqs[ends[s - 1] if s else 0 : end])]
-
     def _complete(self, pend: _Pending) -> bool:
-        """Whether every receive and send of ``pend`` is done (noting when each server's answer was)."""
+        """Whether every receive and send of ``pend`` is done, noting when each server's answer was.
+
+        Each server's receives are watched on their own, so that its trace stamp
+        says when its own answer arrived (a slow server stands out).
+        """
         if self._deferred:
             self._send_deferred()
-        reqs = pend.reqs
-        i = seen = pend.seen
-        n = len(reqs)
-        while i < n and reqs[i].completed:
-            i += 1
-        if i != seen:
-            pend.seen = i
+        waiting = pend.waiting
+        if waiting:
+            reqs = pend.reqs
             ends = pend.plan.ends
-            arrived = pend.arrived
-            while len(arrived) < len(ends) and ends[len(arrived)] <= i:
-                arrived.append(_now())
-        if i < n:
-            return False
+            pos = pend.pos
+            still = []
+            for s in waiting:
+                i = pos[s]
+                end = ends[s]
+                while i < end and reqs[i].completed:
+                    i += 1
+                if i == end:
+                    pend.arrived[s] = _now()
+                else:
+                    pos[s] = i
+                    still.append(s)
+            pend.waiting = still
+            if still:
+                return False
         sreqs = pend.sreqs
         if sreqs is None:  # still waiting for the caller's stream
             return False

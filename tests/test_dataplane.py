@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -88,6 +90,32 @@ def _mxn(ctx: NodeContext) -> int:
 def test_two_workers_three_servers_route_every_answer():
     results = _mesh(_mxn, num_workers=2, num_servers=3, timeout=120)
     assert set(results.values()) == {2} and len(results) == 5
+
+
+# ------------------------------------------------------- a slow server shows
+def _slow_server(ctx: NodeContext) -> str:
+    f.init()
+    if ctx.role == "worker":
+        pulls = [torch.zeros(4) for _ in range(3)]
+        h = f.push_pull([torch.ones(4)], [0], pulls, [0, 0, 0])
+        f.wait(h)
+        main, *subs = (f.fetch_trace(x) for x in f.get_all_handlers(h))
+        late = subs[0][6] - max(subs[1][6], subs[2][6])  # server 0 answered 0.3 s after the others
+        assert late > 0.15e9, [tr[6] for tr in subs]
+        assert main == subs[0]
+    else:
+        (h, (t,), _), = f.get_batch()
+        if ctx.rank == 0:
+            time.sleep(0.3)
+        f.respond([t], h)
+    f.stop()
+    return "ok"
+
+
+@pytest.mark.timeout(120)
+def test_each_server_trace_says_when_its_own_answer_arrived():
+    results = _mesh(_slow_server, num_servers=3, timeout=90)
+    assert set(results.values()) == {"ok"}, results
 
 
 # ---------------------------------------------------------- stages in flight
