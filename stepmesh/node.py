@@ -74,6 +74,7 @@ class Node:
         self.data: Transport | None = None
         self._control: Transport | None = None
         self._channel: ControlChannel | None = None
+        self._unpinned: set[int] = set()  # the cores allowed before _bind_core, for the control thread
         self._challenge: bytes | None = None  # the scheduler's nonce, once it asked for the token
         self._auth_nonce = os.urandom(P.AUTH_NONCE_BYTES)  # ours, for the scheduler to prove itself
         self._loop: EventLoop | None = None
@@ -137,10 +138,16 @@ class Node:
         log.info("%s rank %d of group %d joined (node %d)", self.role, self.rank, self.group, self.node_id)
 
     def _bind_core(self) -> None:
-        """Pin this process to core ``STEPMESH_CPU_START_OFFSET`` (modulo the cores it may use)."""
+        """Pin the calling thread to core ``STEPMESH_CPU_START_OFFSET`` (modulo the cores it may use).
+
+        Threads it starts later inherit the pin; the control thread undoes it for
+        itself (see ``_run``), so that its heartbeats never take the core of a
+        busy-polling caller.
+        """
         allowed = sorted(os.sched_getaffinity(0))
         core = allowed[self.config.cpu_start_offset % len(allowed)]
         os.sched_setaffinity(0, {core})
+        self._unpinned = set(allowed)
         log.info("%s bound to CPU core %d", self.role, core)
 
     def _connect_scheduler(self, deadline: float) -> None:
@@ -251,6 +258,8 @@ class Node:
 
     # ---------------------------------------------------------- control loop
     def _run(self) -> None:
+        if self._unpinned:  # this thread only (pid 0 is the calling thread)
+            os.sched_setaffinity(0, self._unpinned)
         cfg = self.config
         interval = cfg.heartbeat_interval_ms / 1000
         limit = cfg.heartbeat_timeout_ms / 1000

@@ -123,3 +123,33 @@ def test_rank_out_of_range_and_shape_mismatch_are_refused():
                        timeout=40, expect_failure=True)
     assert "out of range" in results["worker-0-0"] and "DMLC_NODE_RANK" in results["worker-0-0"]
     assert "mesh shape mismatch" in results["server-0-0"]
+
+
+def _pinned(ctx: NodeContext) -> dict:
+    import os
+
+    before = sorted(os.sched_getaffinity(0))
+    stepmesh.init()
+    node = stepmesh._node
+    out = {
+        "before": before,
+        "caller": sorted(os.sched_getaffinity(0)),
+        "control": sorted(os.sched_getaffinity(node._thread.native_id)),
+    }
+    stepmesh.stop()
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_bind_cpu_core_pins_the_caller_and_leaves_the_control_thread_free():
+    """STEPMESH_BIND_CPU_CORE: the caller's thread gets its core; heartbeats never compete for it."""
+    results = run_mesh(
+        _pinned,
+        env=dict(FAST, STEPMESH_BIND_CPU_CORE="1"),
+        node_env=lambda role, rank, group: {"STEPMESH_CPU_START_OFFSET": "1" if role == "worker" else "0"},
+        timeout=60,
+    )
+    for name, offset in (("server-0-0", 0), ("worker-0-0", 1)):
+        r = results[name]
+        assert r["caller"] == [r["before"][offset % len(r["before"])]], r
+        assert r["control"] == r["before"], r
