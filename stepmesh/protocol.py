@@ -13,7 +13,7 @@ from enum import IntEnum
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: PROOF carries the node's nonce, WELCOME the scheduler's proof
 CONTROL_MAGIC = b"SMC1"
 MAX_CONTROL_BYTES = 1 << 20
 MAX_STRING = 4096
