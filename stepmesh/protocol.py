@@ -7,6 +7,8 @@ against a limit before it is used, and any violation is a ``ProtocolError``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -235,20 +237,18 @@ AUTH_NONCE_BYTES = 32
 AUTH_MAC_BYTES = 32
 
 
+def _mac(token: str, data: bytes) -> bytes:
+    return hmac.new(token.encode("utf-8"), data, hashlib.sha256).digest()
+
+
 def auth_proof(token: str, nonce: bytes, register_message: bytes) -> bytes:
     """What a node sends to prove it knows ``token``; the token itself never travels."""
-    import hashlib
-    import hmac
-
-    return hmac.new(token.encode("utf-8"), nonce + register_message, hashlib.sha256).digest()
+    return _mac(token, nonce + register_message)
 
 
 def scheduler_proof(token: str, node_nonce: bytes, scheduler_nonce: bytes) -> bytes:
     """What the scheduler sends back (in WELCOME) to prove it knows ``token`` too."""
-    import hashlib
-    import hmac
-
-    return hmac.new(token.encode("utf-8"), b"stepmesh-scheduler" + node_nonce + scheduler_nonce, hashlib.sha256).digest()
+    return _mac(token, b"stepmesh-scheduler" + node_nonce + scheduler_nonce)
 
 
 def encode_challenge(nonce: bytes) -> bytes:
