@@ -477,12 +477,20 @@ class AFTensorWorker(Node):
         Raises:
             ArgumentError: the handle was never returned by push_pull (a sub-handle included).
         """
-        step = len(self.servers) + 1  # push_pull hands out 1, 1 + step, 1 + 2 * step, ...
         if isinstance(handle, bool) or not isinstance(handle, int) or handle < 1 or handle >= self._next_handle:
             raise ArgumentError(f"handle {handle!r} was never returned by push_pull")
-        if (handle - 1) % step:
-            raise ArgumentError(f"handle {handle!r} is a sub-handle of push_pull handle {handle - (handle - 1) % step}")
-        return [handle + i for i in range(step)]
+        main, sub = self._split_handle(handle)
+        if sub:
+            raise ArgumentError(f"handle {handle!r} is a sub-handle of push_pull handle {main}")
+        return [handle + i for i in range(len(self.servers) + 1)]
+
+    def _split_handle(self, handle: int) -> tuple[int, int]:
+        """(push_pull handle, 0 for itself or 1 + s for server s's sub-handle).
+
+        push_pull hands out 1, 1 + step, 1 + 2 * step, ... with step = servers + 1.
+        """
+        sub = (handle - 1) % (len(self.servers) + 1)
+        return handle - sub, sub
 
     def fetch_trace(self, handle: int) -> list[int]:
         """Eight nanosecond stamps of a completed push_pull (or of one server's part).
@@ -494,17 +502,15 @@ class AFTensorWorker(Node):
             ArgumentError: no trace for that handle (not waited for yet, or too old).
         """
         if isinstance(handle, int) and not isinstance(handle, bool):
-            traces = self._traces
-            for s in range(len(self.servers) + 1):  # a sub-handle: handle - s is its main one
-                entry = traces.get(handle - s)
-                if entry is None:
-                    continue
+            main, sub = self._split_handle(handle)
+            entry = self._traces.get(main)
+            if entry is not None:
                 t_start, t_sent, stamps, arrived, t_end = entry
                 per_server = [[t_start, t_sent, *st, t_done, t_end] for st, t_done in zip(stamps, arrived)]
-                if s == 0:  # a main handle: the server that answered last
+                if sub == 0:  # a main handle: the server that answered last
                     return max(per_server, key=lambda tr: tr[6])
-                if s <= len(per_server):
-                    return per_server[s - 1]
+                if sub <= len(per_server):
+                    return per_server[sub - 1]
         raise ArgumentError(
             f"no trace for handle {handle!r}: wait() for it first (the last {_TRACE_KEEP} push_pulls are kept)"
         )
