@@ -402,21 +402,18 @@ def _start_pair(name: str, target: Callable[..., None], opts: BenchOptions, *ext
         p.start()
         conns.append(mine)
         procs.append(p)
-    if name == "ucxx":  # exchange worker addresses
-        a = _recv(conns[0], _READY_TIMEOUT_S, "ucxx client")
-        b = _recv(conns[1], _READY_TIMEOUT_S, "ucxx server")
+    if name in ("ucxx", "nixl"):  # exchange what reaches each side: worker addresses; NIXL metadata + descriptors
+        a = _recv(conns[0], _READY_TIMEOUT_S, f"{name} client")
+        b = _recv(conns[1], _READY_TIMEOUT_S, f"{name} server")
+        if name == "nixl":  # ("ok", ...) or ("error", why)
+            if a[0] != "ok" or b[0] != "ok":
+                for p in procs:
+                    p.kill()
+                    p.join(timeout=5)
+                raise _Unavailable(a[1] if a[0] != "ok" else b[1])
+            a, b = a[1:], b[1:]
         conns[0].send(b)
         conns[1].send(a)
-    elif name == "nixl":  # exchange agent metadata and the receive buffers' descriptors
-        a = _recv(conns[0], _READY_TIMEOUT_S, "nixl client")
-        b = _recv(conns[1], _READY_TIMEOUT_S, "nixl server")
-        if a[0] != "ok" or b[0] != "ok":
-            for p in procs:
-                p.kill()
-                p.join(timeout=5)
-            raise _Unavailable(a[1] if a[0] != "ok" else b[1])
-        conns[0].send(b[1:])
-        conns[1].send(a[1:])
     return _Contender(name, [conns[0]], [conns[1]], procs, lambda n: n)
 
 
