@@ -152,3 +152,39 @@ def _notify(ctx: NodeContext) -> bool:
 @pytest.mark.timeout(200)
 def test_gpu_simple_notify_orders_the_stream_not_the_cpu():
     assert all(_mesh(_notify).values())
+
+
+def _busy_stream(ctx: NodeContext) -> bool:
+    """need_event: data still being written by the stream is sent only once written."""
+    from stepmesh.backends import get
+
+    cuda = get("cuda")
+    f.init()
+    if ctx.role == "worker":
+        push = [torch.zeros(LARGE, device="cuda")]
+        pull = [torch.zeros(LARGE, device="cuda")]
+        f.barrier()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued before the data is written
+        push[0].fill_(5.0)
+        h = f.push_pull(push, [0], pull, [0])  # need_event=True: returns at once, sends once the fill is done
+        assert not torch.cuda.current_stream().query()
+        f.wait(h)
+        assert torch.all(pull[0] == 7.0), pull[0][:4]
+    else:
+        f.barrier()
+        ((h, (t,), _),) = f.get_batch()
+        assert torch.all(t == 5.0), t[:4]  # not the zeros that were there before the fill
+        out = torch.zeros(LARGE, device="cuda")
+        torch.cuda._sleep(200_000_000)
+        out.fill_(7.0)
+        event = cuda.record_event()
+        assert event is not None and not event.query()
+        cuda.release_event(event)
+        f.respond([out], h, need_event=True)  # sent once the fill is done
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(200)
+def test_gpu_need_event_waits_for_a_busy_stream():
+    assert all(_mesh(_busy_stream).values())
