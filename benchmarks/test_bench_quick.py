@@ -36,6 +36,24 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
     stages = data["trace_breakdown_us"]["server 0"]
     assert set(stages) >= {"request send", "request network", "response send"}
 
+    # the saved result prints the same table elsewhere, and saves back unchanged
+    again = tmp_path / "again.json"
+    r2 = run_command(cli_command("bench", "--from-json", str(out), "--json", str(again)), timeout=60)
+    assert r2.returncode == 0, r2.stderr
+    table = [line for line in r.stdout.splitlines() if line.startswith(("stepmesh ", "ucxx ", "gloo "))]
+    assert table and all(line in r2.stdout.splitlines() for line in table), (table, r2.stdout)
+    assert json.loads(again.read_text()) == data
+
+
+def test_bench_from_json_refuses_other_files_by_name(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text('{"schema": "something-else/1"}')
+    r = run_command(cli_command("bench", "--from-json", str(other)), timeout=60)
+    assert r.returncode == 2 and "--from-json" in r.stderr and "something-else/1" in r.stderr
+    other.write_text("not json")
+    r = run_command(cli_command("bench", "--from-json", str(other)), timeout=60)
+    assert r.returncode == 2 and "is not JSON" in r.stderr
+
 
 @pytest.mark.timeout(240)
 def test_bench_three_stages_two_by_two(tmp_path):

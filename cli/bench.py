@@ -75,6 +75,9 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
               help="Write every figure and sample here (schema stepmesh-bench/1, see docs/performance.md).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write a latency CDF of every contender here (PNG; needs matplotlib).")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Measure nothing: print (and --plot) a result saved with --json, e.g. on a machine "
+                   "without matplotlib.")
 def bench(
     preset: str,
     workers: int | None,
@@ -93,6 +96,7 @@ def bench(
     round_timeout: float,
     json_path: str | None,
     plot_path: str | None,
+    from_json: str | None,
 ) -> None:
     """Measure push_pull round trips on a real local mesh against the floors, in one run.
 
@@ -106,6 +110,13 @@ def bench(
 
     from stepmesh import bench as B
 
+    if from_json:
+        try:
+            result = B.read_json(from_json)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--from-json") from e
+        _report(result, json_path, plot_path)
+        return
     wl = B.PRESETS[preset]
     name = preset if push is None and pull is None and workers is None and servers is None else f"{preset}+custom"
     wl = replace(
@@ -137,6 +148,15 @@ def bench(
             result = B.run_bench(opts, on_round=bar.update)
     except Exception as e:  # a child's failure arrives with its output
         raise click.ClickException(f"benchmark failed: {e}") from e
+    _report(result, json_path, plot_path)
+    if math.isnan(result.contenders["stepmesh"].stats().get("p50_us", math.nan)):
+        raise click.ClickException("stepmesh produced no samples")
+
+
+def _report(result: Any, json_path: str | None, plot_path: str | None) -> None:
+    """Print the table; write the JSON and the plot where asked."""
+    from stepmesh import bench as B
+
     click.echo(B.summarize(result))
     if json_path:
         B.write_json(result, json_path)
@@ -147,5 +167,3 @@ def bench(
         except RuntimeError as e:
             raise click.ClickException(str(e)) from e
         click.echo(f"wrote {plot_path}", err=True)
-    if math.isnan(result.contenders["stepmesh"].stats().get("p50_us", math.nan)):
-        raise click.ClickException("stepmesh produced no samples")

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["TensorSpec", "Workload", "PRESETS", "BenchOptions", "BenchResult", "run_bench", "summarize"]
+__all__ = [
+    "TensorSpec", "Workload", "PRESETS", "BenchOptions", "BenchResult", "run_bench", "summarize", "read_json", "write_json",
+]
 
 _SPAWN = mp.get_context("spawn")
 _READY_TIMEOUT_S = 120.0
@@ -146,11 +148,49 @@ class BenchResult:
         }
         for name, c in self.contenders.items():
             st = c.stats()
-            entry: dict[str, Any] = {"stats": st, "note": c.note, "latencies_us": c.latencies_us}
+            entry: dict[str, Any] = {
+                "stats": st, "note": c.note, "seconds": c.seconds, "ops": c.ops, "latencies_us": c.latencies_us,
+            }
             if base is not None and st and base.stats() and name != "stepmesh":
                 entry["stepmesh_p50_ratio"] = base.stats()["p50_us"] / st["p50_us"]
             out["contenders"][name] = entry
         return out
+
+    @classmethod
+    def from_json(cls, doc: Any) -> BenchResult:
+        """The result that :meth:`to_json` wrote (schema ``stepmesh-bench/1``).
+
+        Raises:
+            ValueError: not such a document, or a field is missing or malformed.
+        """
+        if not isinstance(doc, dict) or doc.get("schema") != "stepmesh-bench/1":
+            found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"not a stepmesh bench result (schema stepmesh-bench/1 expected, found {found!r})")
+        try:
+            wl = doc["workload"]
+
+            def specs(items: Any) -> tuple[TensorSpec, ...]:
+                return tuple(TensorSpec(tuple(int(d) for d in t["shape"]), str(t["dtype"])) for t in items)
+
+            workload = Workload(str(wl["name"]), specs(wl["push"]), specs(wl["pull"]), int(wl["workers"]), int(wl["servers"]))
+            known = BenchOptions.__dataclass_fields__
+            given = {k: v for k, v in doc["options"].items() if k in known and k != "workload"}
+            if "contenders" in given:
+                given["contenders"] = tuple(given["contenders"])
+            options = BenchOptions(workload=workload, **given)
+            contenders = {}
+            for name, entry in doc["contenders"].items():
+                lat = [float(x) for x in entry["latencies_us"]]
+                st = entry.get("stats") or {}
+                # files written before "seconds"/"ops" were stored: the rate from the stats
+                ops = int(entry.get("ops", st.get("samples", len(lat))))
+                rate = st.get("ops_per_s", 0.0)
+                seconds = float(entry.get("seconds", ops / rate if rate else 0.0))
+                contenders[name] = ContenderResult(name, lat, seconds, ops, str(entry.get("note", "")))
+            traces = {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in doc["trace_breakdown_us"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed stepmesh bench result: {type(e).__name__}: {e}") from e
+        return cls(options, contenders, traces)
 
 
 # --------------------------------------------------------------- children
@@ -607,6 +647,21 @@ def summarize(result: BenchResult) -> str:
 def write_json(result: BenchResult, path: str) -> None:
     with open(path, "w") as fh:
         json.dump(result.to_json(), fh, indent=1)
+
+
+def read_json(path: str) -> BenchResult:
+    """A result saved with ``--json`` (to print or plot it on another machine).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not a stepmesh bench result.
+    """
+    with open(path) as fh:
+        try:
+            doc = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from e
+    return BenchResult.from_json(doc)
 
 
 def plot(result: BenchResult, path: str) -> None:
