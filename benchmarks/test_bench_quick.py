@@ -61,7 +61,7 @@ def test_bench_three_stages_two_by_two(tmp_path):
     r = run_command(
         cli_command(
             "bench", "--preset", "2a2f", "--stages", "3", "--contenders", "stepmesh,ucxx",
-            "--progress", "blocking", *QUICK, "--json", str(out),
+            "--progress", "blocking", "--no-need-event", *QUICK, "--json", str(out),
         ),
         timeout=200,
     )
@@ -69,6 +69,7 @@ def test_bench_three_stages_two_by_two(tmp_path):
     data = json.loads(out.read_text())
     assert data["workload"]["workers"] == 2 and data["workload"]["servers"] == 2
     assert data["options"]["stages"] == 3
+    assert data["options"]["need_event"] is False and "need_event=False" in r.stdout
     assert set(data["trace_breakdown_us"]) == {"server 0", "server 1"}
 
 

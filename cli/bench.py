@@ -69,6 +69,8 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
               help="What to measure (nixl runs only where it is installed).")
 @click.option("--traces/--no-traces", default=True, show_default=True,
               help="Collect fetch_trace stamps for the per-stage breakdown (costs a little per call).")
+@click.option("--need-event/--no-need-event", default=True, show_default=True,
+              help="push_pull's need_event: wait for the caller's CUDA stream before sending (device tensors).")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds one round may take before the run fails, showing where each process is stuck.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -93,6 +95,7 @@ def bench(
     pin: bool,
     contenders: tuple[str, ...],
     traces: bool,
+    need_event: bool,
     round_timeout: float,
     json_path: str | None,
     plot_path: str | None,
@@ -135,6 +138,7 @@ def bench(
     opts = B.BenchOptions(
         workload=wl, stages=stages, iters=iters, warmup=warmup, rounds=rounds, progress=progress_mode,
         device=device, pin=pin, contenders=contenders, traces=traces, round_timeout_s=round_timeout,
+        need_event=need_event,
     )
     runnable = [c for c in contenders if c != "nixl" or B._has("nixl")]
     total = rounds * len(runnable)

@@ -102,6 +102,7 @@ class BenchOptions:
     contenders: tuple[str, ...] = ("stepmesh", "ucxx", "gloo")
     traces: bool = True
     round_timeout_s: float = 300.0
+    need_event: bool = True  # push_pull's need_event (matters for device tensors only)
 
 
 @dataclass
@@ -276,7 +277,7 @@ def _stepmesh_node(ctx: Any) -> None:
                 for s in range(k):
                     push, pkeys, pull, qkeys = stages[s]
                     t0 = time.perf_counter_ns()
-                    handles.append((f.push_pull(push, pkeys, pull, qkeys), t0))
+                    handles.append((f.push_pull(push, pkeys, pull, qkeys, need_event=opts.need_event), t0))
                 for h, t0 in handles:
                     f.wait(h)
                     lat.append(time.perf_counter_ns() - t0)
@@ -622,7 +623,8 @@ def summarize(result: BenchResult) -> str:
     lines = [
         f"workload {wl.name}: {wl.workers} worker(s) x {wl.servers} server(s), push {wl.push_bytes} B, "
         f"pull {wl.pull_bytes} B per server, {result.options.stages} stage(s) in flight, "
-        f"progress {result.options.progress}, device {result.options.device}",
+        f"progress {result.options.progress}, device {result.options.device}"
+        + ("" if result.options.need_event else ", need_event=False"),
         f"{'contender':<10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'max us':>9} {'ops/s':>9} {'stepmesh/x p50':>15}",
     ]
     for name, c in result.contenders.items():
@@ -688,7 +690,11 @@ def plot(result: BenchResult, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("round trip (us, log scale)")
     ax.set_ylabel("fraction of round trips")
-    ax.set_title(f"{wl.name}: {wl.workers}x{wl.servers}, {result.options.stages} stage(s), {result.options.progress}")
+    opts = result.options
+    ax.set_title(
+        f"{wl.name}: {wl.workers}x{wl.servers}, {opts.stages} stage(s), {opts.progress}, {opts.device}"
+        + ("" if opts.need_event else ", need_event=False")
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
