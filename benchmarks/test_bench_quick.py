@@ -78,3 +78,26 @@ def test_bench_rejects_bad_options_by_name():
     assert r.returncode == 2 and "--push" in r.stderr and "64xq" in r.stderr
     r = run_command(cli_command("bench", "--contenders", "ucxx"), timeout=60)
     assert r.returncode == 2 and "--contenders" in r.stderr
+
+
+@pytest.mark.timeout(240)
+def test_bench_floor_runs_on_the_transports_the_mesh_is_narrowed_to(tmp_path):
+    """STEPMESH_TRANSPORTS narrows the ucxx floor as it narrows stepmesh's data workers (same bytes, same wire).
+
+    Both build their UCX options with ``node.data_ucx_options``; the result records them.
+    """
+    out = tmp_path / "bench.json"
+    r = run_command(
+        cli_command(
+            "bench", "--preset", "small", "--contenders", "stepmesh,ucxx", "--progress", "blocking", *QUICK,
+            "--json", str(out),
+        ),
+        timeout=200,
+        env={"STEPMESH_TRANSPORTS": "tcp", "STEPMESH_NET_DEVICES": "lo"},  # loopback only
+    )
+    assert r.returncode == 0, r.stderr
+    assert "TLS=tcp, NET_DEVICES=lo" in r.stdout, r.stdout
+    data = json.loads(out.read_text())
+    assert data["ucx_options"]["TLS"] == "tcp" and data["ucx_options"]["NET_DEVICES"] == "lo"
+    for name in ("stepmesh", "ucxx"):
+        assert data["contenders"][name]["stats"]["samples"] == 40

@@ -137,6 +137,7 @@ class BenchResult:
     options: BenchOptions
     contenders: dict[str, ContenderResult]
     traces: dict[str, dict[str, float]]  # server -> stage -> median us
+    ucx_options: dict[str, str] = field(default_factory=dict)  # of stepmesh's data workers and the ucxx floor
 
     def to_json(self) -> dict[str, Any]:
         base = self.contenders.get("stepmesh")
@@ -146,6 +147,7 @@ class BenchResult:
             "options": {k: v for k, v in asdict(self.options).items() if k != "workload"},
             "contenders": {},
             "trace_breakdown_us": self.traces,
+            "ucx_options": self.ucx_options,
         }
         for name, c in self.contenders.items():
             st = c.stats()
@@ -189,12 +191,25 @@ class BenchResult:
                 seconds = float(entry.get("seconds", ops / rate if rate else 0.0))
                 contenders[name] = ContenderResult(name, lat, seconds, ops, str(entry.get("note", "")))
             traces = {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in doc["trace_breakdown_us"].items()}
+            ucx = {str(k): str(v) for k, v in doc.get("ucx_options", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed stepmesh bench result: {type(e).__name__}: {e}") from e
-        return cls(options, contenders, traces)
+        return cls(options, contenders, traces, ucx)
 
 
 # --------------------------------------------------------------- children
+def _data_options() -> dict[str, str]:
+    """The UCX options of stepmesh's data workers in this environment (the floor runs with them too).
+
+    Raises:
+        ConfigError: a STEPMESH_*/DMLC_* variable is invalid (the mesh would refuse it as well).
+    """
+    from .config import Config
+    from .node import data_ucx_options
+
+    return data_ucx_options(Config.from_env())
+
+
 def _pin(core: int | None) -> None:
     if core is not None and hasattr(os, "sched_setaffinity"):
         allowed = sorted(os.sched_getaffinity(0))
@@ -295,10 +310,9 @@ def _stepmesh_node(ctx: Any) -> None:
 def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
     _pin(core)
     from . import transport as T
-    from .node import DATA_UCX_OPTIONS
 
     wl = opts.workload
-    tp = T.Transport(DATA_UCX_OPTIONS, opts.progress)  # tuned as stepmesh's own data worker is
+    tp = T.Transport(_data_options(), opts.progress)
     conn.send(tp.address)
     ep = tp.connect(conn.recv())
     import torch
@@ -574,7 +588,7 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                 p.join(timeout=5)
         tmp.cleanup()
     traces = _breakdown(results["stepmesh"].__dict__.pop("_traces", [])) if "stepmesh" in results else {}
-    return BenchResult(opts, results, traces)
+    return BenchResult(opts, results, traces, _data_options())
 
 
 def _dist_unavailable(opts: BenchOptions) -> str:
@@ -625,6 +639,8 @@ def summarize(result: BenchResult) -> str:
         f"pull {wl.pull_bytes} B per server, {result.options.stages} stage(s) in flight, "
         f"progress {result.options.progress}, device {result.options.device}"
         + ("" if result.options.need_event else ", need_event=False"),
+        "UCX options (stepmesh's data workers and the ucxx floor): "
+        + (", ".join(f"{k}={v}" for k, v in result.ucx_options.items()) or "not recorded"),
         f"{'contender':<10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'max us':>9} {'ops/s':>9} {'stepmesh/x p50':>15}",
     ]
     for name, c in result.contenders.items():

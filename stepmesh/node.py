@@ -37,6 +37,11 @@ DATA_UCX_OPTIONS = {
     "MM_SEG_SIZE": str(P.INLINE_MAX + 1024),
 }
 
+
+def data_ucx_options(cfg: Config) -> dict[str, str]:
+    """UCX options of a data worker under ``cfg`` (its transports narrow the defaults above)."""
+    return {**DATA_UCX_OPTIONS, **cfg.ucx_options()}
+
 log = logging.getLogger("stepmesh.node")
 
 _ERRORS: dict[int, type[StepMeshError]] = {
@@ -114,8 +119,7 @@ class Node:
             from .backends import select
 
             select(cfg.backend).set_device(cfg.gpu)
-        options = {**DATA_UCX_OPTIONS, **cfg.ucx_options()}
-        self.data = Transport(options, cfg.progress)
+        self.data = Transport(data_ucx_options(cfg), cfg.progress)
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
         self._running = True
