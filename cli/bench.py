@@ -78,8 +78,8 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write a latency CDF of every contender here (PNG; needs matplotlib).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Measure nothing: print (and --plot) a result saved with --json, e.g. on a machine "
-                   "without matplotlib.")
+              help="Measure nothing: print (and --plot) a result saved with --json, e.g. to draw "
+                   "results from several machines in one place.")
 def bench(
     preset: str,
     workers: int | None,
