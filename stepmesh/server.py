@@ -409,7 +409,7 @@ class AFTensorServer(Node):
         error: PeerError | None = None
         for event, backend, r, ts in self._deferred:
             if block:
-                event.synchronize()
+                backend.wait_event(event)
             if block or event.query():
                 try:
                     self._send(r, ts)
