@@ -112,15 +112,14 @@ def check_keys(name: str, keys: Any, count: int, count_name: str) -> list[int]:
 
 
 class HostBuffer:
-    """A reusable host byte buffer: as a tensor, as numpy (for struct), and for UCX."""
+    """A reusable host byte buffer: as a tensor, as numpy (for struct), and by address (for UCX)."""
 
-    __slots__ = ("tensor", "raw", "ptr", "ucx", "pool")
+    __slots__ = ("tensor", "raw", "ptr", "pool")
 
     def __init__(self, size: int, pool: BufferPool | None = None) -> None:
         self.tensor = torch.empty(size, dtype=torch.uint8)
         self.raw = self.tensor.numpy()
         self.ptr = self.tensor.data_ptr()
-        self.ucx = memory_buffer(self.ptr, size, False)
         self.pool = pool
 
     def put(self, pos: int, t: torch.Tensor, nbytes: int) -> None:

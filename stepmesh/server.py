@@ -25,11 +25,9 @@ from ._tensors import (
     ITEMSIZE,
     BufferPool,
     HostBuffer,
-    as_buffer,
     byte_view,
     check_keys,
     check_tensors,
-    memory_buffer,
 )
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
@@ -119,7 +117,8 @@ class AFTensorServer(Node):
         super().__init__(config)
         self.workers: list[P.Peer] = []
         self.server_index = 0
-        self._eps: list[Any] = []
+        self._eps: list[int] = []  # ucp_ep_h of each worker's endpoint
+        self._ops: Any = None
         self._rings: list[deque[_Slot]] = []
         self._arriving: list[_Request] = []
         self._ready: list[deque[_Request]] = []
@@ -130,13 +129,11 @@ class AFTensorServer(Node):
         self._reg_gen = 0  # bumped by register_recv_buffer: cached destinations are stale
         self._spare: list[tuple[int, _Slot]] = []  # used receive slots, to post again
         self._layouts: list[list[_Layout]] = []
-        self._Tag: Any = None
         self._resp_tag = 0
         self._pull_tag = 0
-        self._ring_tags: list[Any] = []
+        self._ring_tags: list[int] = []
         self._n_servers = 0
         self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
-        self._mask: Any = None
         self._device = torch.device("cpu")
         self._deferred: list[tuple[Any, Any, _Request, list[torch.Tensor]]] = []  # (event, backend, request, answers)
 
@@ -147,11 +144,10 @@ class AFTensorServer(Node):
         if cfg.backend in ("cuda", "rocm"):  # unregistered pushes land on this process's GPU
             self._device = torch.device("cuda", cfg.gpu)
         self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
-        self._eps = [self.endpoints[p.node_id] for p in self.workers]
+        self._eps = [self.endpoints[p.node_id].handle for p in self.workers]
         assert self.data is not None
-        self._mask = self.data.tag_mask(P.TAG_MASK_KIND_NODE)
-        self._ring_tags = [self.data.tag(P.make_tag(P.TAG_REQUEST, p.node_id)) for p in self.workers]
-        self._Tag = self.data.api.UCXXTag
+        self._ops = self.data.ops
+        self._ring_tags = [P.make_tag(P.TAG_REQUEST, p.node_id) for p in self.workers]
         self._resp_tag = P.make_tag(P.TAG_RESPONSE, self.node_id)
         self._pull_tag = P.make_tag(P.TAG_PULL, self.node_id)
         self._layouts = [[] for _ in self.workers]
@@ -171,7 +167,7 @@ class AFTensorServer(Node):
         return len(self.workers)
 
     def _post(self, w: int, slot: _Slot) -> None:
-        slot.req = self._eps[w].tag_recv(slot.buf.ucx, self._ring_tags[w], self._mask)
+        slot.req = self._ops.recv(slot.buf.ptr, _SLOT, self._ring_tags[w], P.TAG_MASK_KIND_NODE)
 
     # ------------------------------------------------------------- receive
     def _pump(self) -> None:
@@ -256,11 +252,11 @@ class AFTensorServer(Node):
             buf.take(pos, tensors[i], n)
         r = _Request(w, seq, tensors, last.keys, last.pulls, last.small)
         if last.separate:
-            ep = self._eps[w]
-            Tag = self._Tag
+            recv = self._ops.recv
             base = last.push_tag | (seq << P.SEQ_SHIFT)
             for i in last.separate:  # r.tensors keeps the memory alive
-                r.reqs.append(ep.tag_recv(as_buffer(tensors[i]), Tag(base | i)))
+                t = tensors[i]
+                r.reqs.append(recv(t.data_ptr(), t.nbytes, base | i))
             self._arriving.append(r)
         else:
             r.t_recv = time.monotonic_ns()
@@ -501,15 +497,15 @@ class AFTensorServer(Node):
     def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: Any) -> None:
         """Send the response header (then large answers); keep all alive until sent."""
         ep = self._eps[r.worker]
-        Tag = self._Tag
+        send = self._ops.send
         bits = r.seq << P.SEQ_SHIFT
         sends = self._sends
         n_before = len(sends)
-        sends.append((ep.tag_send(memory_buffer(buf.ptr, length, False), Tag(self._resp_tag | bits)), buf))
+        sends.append((send(ep, buf.ptr, length, self._resp_tag | bits), buf))
         if payloads:
             pull = self._pull_tag | bits
             for j, t in payloads:
-                sends.append((ep.tag_send(as_buffer(t), Tag(pull | j)), t))
+                sends.append((send(ep, t.data_ptr(), t.nbytes, pull | j), t))
         if n_before:  # after the answer is on its way
             self._reap_sends()
 

@@ -87,6 +87,16 @@ class Transport:
         elif progress == "blocking":
             self.worker.init_blocking_progress_mode()
         self._closed = False
+        self._ops: Any = None
+
+    @property
+    def ops(self) -> Any:
+        """Direct libucp tag operations on this worker (the data path's)."""
+        if self._ops is None:
+            from ._ucp import TagOps
+
+            self._ops = TagOps(self.worker)
+        return self._ops
 
     @property
     def address(self) -> bytes:
@@ -171,6 +181,8 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        if self._ops is not None:
+            self._ops.close()
         if self.mode == "thread":
             self.worker.stop_progress_thread()
 

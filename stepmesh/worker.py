@@ -24,7 +24,6 @@ from ._tensors import (
     DTYPE_CODE,
     BufferPool,
     HostBuffer,
-    as_buffer,
     check_keys,
     check_tensors,
 )
@@ -105,13 +104,13 @@ class AFTensorWorker(Node):
         self._server_eps: list[Any] = []
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._deferred: list[_Pending] = []
-        self._Tag: Any = None
+        self._ops: Any = None
 
     def start(self) -> None:
         super().start()
-        self._address_servers()
         assert self.data is not None
-        self._Tag = self.data.api.UCXXTag
+        self._ops = self.data.ops
+        self._address_servers()
 
     @property
     def num_servers(self) -> int:
@@ -189,29 +188,30 @@ class AFTensorWorker(Node):
             self._send(pend)
         else:  # the stream is still producing the pushes: post the sends from a later call, never block here
             self._deferred.append(pend)
-        Tag = self._Tag
+        recv = self._ops.recv
         bits = seq << _SEQ_SHIFT
         reqs = pend.reqs
         resp = pend.resp
-        for ep, pool, resp_tag, pull_recvs in plan.recvs:
+        for pool, resp_tag, pull_recvs in plan.recvs:
             buf = pool.get()
             resp.append(buf)
-            reqs.append(ep.tag_recv(buf.ucx, Tag(resp_tag | bits)))
-            for ubuf, tag in pull_recvs:
-                reqs.append(ep.tag_recv(ubuf, Tag(tag | bits)))
+            reqs.append(recv(buf.ptr, pool.size, resp_tag | bits))
+            for ptr, n, tag in pull_recvs:
+                reqs.append(recv(ptr, n, tag | bits))
         return handle
 
     def _send(self, pend: _Pending) -> None:
         plan = pend.plan
-        Tag = self._Tag
+        send = self._ops.send
         bits = pend.seq << _SEQ_SHIFT
-        header = pend.hb.ucx
-        tag = Tag(plan.req_tag | bits)
-        sreqs = [ep.tag_send(header, tag) for ep in plan.eps]
-        for ubuf, slot_tag in plan.push_sends:
-            tag = Tag(slot_tag | bits)
+        ptr = pend.hb.ptr
+        n = plan.length
+        tag = plan.req_tag | bits
+        sreqs = [send(ep, ptr, n, tag) for ep in plan.eps]
+        for ptr, n, slot_tag in plan.push_sends:
+            tag = slot_tag | bits
             for ep in plan.eps:
-                sreqs.append(ep.tag_send(ubuf, tag))
+                sreqs.append(send(ep, ptr, n, tag))
         pend.sreqs = sreqs
         pend.t_sent = _now()
         if pend.event is not None:  # completed: the backend may record it again
@@ -289,7 +289,7 @@ class AFTensorWorker(Node):
         plan.resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
         plan.eps = list(self._server_eps)
         plan.free = []
-        for s, (peer, ep) in enumerate(zip(self.servers, self._server_eps)):
+        for s, peer in enumerate(self.servers):
             mine = caps[s * per : (s + 1) * per]
             fits = P.inline_split(mine, on_host)
             size = resp_size + sum(c for c, f in zip(mine, fits) if f)
@@ -298,11 +298,13 @@ class AFTensorWorker(Node):
                 pool = self._resp_pools[size] = BufferPool(size)
             sid = peer.node_id
             pull_recvs = [
-                (as_buffer(pulls[s * per + j]), P.make_tag(P.TAG_PULL, sid, 0, j)) for j in range(per) if not fits[j]
+                (pulls[s * per + j].data_ptr(), mine[j], P.make_tag(P.TAG_PULL, sid, 0, j))
+                for j in range(per)
+                if not fits[j]
             ]
             plan.small.append(fits)
             plan.takes.append([(j, pulls[s * per + j].data_ptr(), mine[j]) for j in range(per) if fits[j]])
-            plan.recvs.append((ep, pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
+            plan.recvs.append((pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
             plan.starts.append(plan.ends[-1] if plan.ends else 0)
             plan.ends.append(plan.starts[-1] + 1 + len(pull_recvs))
 
@@ -328,7 +330,7 @@ class AFTensorWorker(Node):
                     plan.copies.append((off, t.data_ptr(), n))
                 off += n
         plan.push_sends = [
-            (as_buffer(t), P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push) if not inline[i]
+            (t.data_ptr(), t.nbytes, P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push) if not inline[i]
         ]
         plan.req_tag = P.make_tag(P.TAG_REQUEST, me)
         plan.event = None
@@ -525,4 +527,4 @@ class AFTensorWorker(Node):
 
     def _address_servers(self) -> None:
         self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
-        self._server_eps = [self.endpoints[p.node_id] for p in self.servers]
+        self._server_eps = [self.endpoints[p.node_id].handle for p in self.servers]

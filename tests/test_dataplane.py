@@ -150,6 +150,13 @@ def test_three_stages_in_flight_answered_out_of_order():
     assert set(_mesh(_stages).values()) == {4}
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["polling", "thread"])
+def test_stages_in_every_progress_mode(mode):
+    """The data path under busy-polling and under a UCX progress thread (blocking is the default above)."""
+    assert set(_mesh(_stages, env={**FAST, "STEPMESH_PROGRESS": mode}).values()) == {4}
+
+
 # ------------------------------------------------------------ dynamic sizes
 def _short_and_long(ctx: NodeContext) -> str:
     f.init()

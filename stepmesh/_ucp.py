@@ -1,0 +1,168 @@
+"""Tag sends and receives straight into libucp, on the handles of a ucxx worker.
+
+ucxx wraps every operation in a C++ request, a shared pointer and a Python
+object with a callback; the data path needs none of that. Here an operation
+is one ``ucp_tag_send_nbx`` / ``ucp_tag_recv_nbx`` call through ctypes with a
+parameter block built once, and completion is polled with
+``ucp_request_check_status``: no callback, no allocation besides the small
+:class:`Request` record.
+
+The worker is ucxx's (thread mode MULTI, so a ucxx progress thread may run
+beside these calls); context, endpoints, wake-up and progress stay ucxx's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+from .errors import StepMeshError
+
+__all__ = ["FULL_MASK", "Request", "TagOps", "UcpError"]
+
+_INPROGRESS = 1
+_ERR_MIN = (1 << 64) - 256  # pointers at or above this are UCS_PTR_STATUS(errors)
+_ERR_CANCELED = -16
+FULL_MASK = (1 << 64) - 1
+_PARAM_SIZE = 72  # sizeof(ucp_request_param_t) on LP64 (UCX 1.21; older ones read less of it)
+
+_lib: Any = None
+_check: Any = None
+_free: Any = None
+
+
+class UcpError(StepMeshError):
+    """A UCX operation on the data path failed (its ``ucs_status_t`` is in the text)."""
+
+
+def _load() -> Any:
+    """libucp as ucxx loaded it (the wheel's, or the system's with RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY)."""
+    global _lib, _check, _free
+    if _lib is not None:
+        return _lib
+    lib = None
+    try:
+        lib = ctypes.CDLL("libucp.so.0", mode=os.RTLD_NOLOAD)
+    except OSError:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libucp.so"):
+                    lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+                    break
+    if lib is None:
+        raise StepMeshError("libucp is not loaded: import ucxx (stepmesh.transport does) before using the data path")
+    vp, u64, sz = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
+    for name, args, res in (
+        ("ucp_tag_send_nbx", [vp, vp, sz, u64, vp], vp),
+        ("ucp_tag_recv_nbx", [vp, vp, sz, u64, u64, vp], vp),
+        ("ucp_request_check_status", [vp], ctypes.c_int),
+        ("ucp_request_cancel", [vp, vp], None),
+        ("ucp_request_free", [vp], None),
+        ("ucs_status_string", [ctypes.c_int], ctypes.c_char_p),
+    ):
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+    _lib, _check, _free = lib, lib.ucp_request_check_status, lib.ucp_request_free
+    return lib
+
+
+def _status_text(status: int) -> str:
+    text = _load().ucs_status_string(status)
+    return f"{text.decode() if text else 'unknown status'} ({status})"
+
+
+class Request:
+    """One tag operation in flight; ``completed`` turns True once, and then the UCX request is freed."""
+
+    __slots__ = ("_h", "_live", "status")
+
+    def __init__(self, handle: int, live: dict[int, Request]) -> None:
+        self._h = handle
+        self._live = live
+        self.status = 0
+
+    @property
+    def completed(self) -> bool:
+        h = self._h
+        if not h:
+            return True
+        status = _check(h)
+        if status == _INPROGRESS:
+            return False
+        self.status = status
+        self._h = 0
+        del self._live[h]
+        _free(h)
+        return True
+
+    def check_error(self) -> None:
+        """Raise if the operation failed.
+
+        Raises:
+            UcpError: its UCX status (a truncated or cancelled receive, say).
+        """
+        if self.status:
+            raise UcpError(f"UCX tag operation failed: {_status_text(self.status)}")
+
+
+class TagOps:
+    """Tag sends and receives on one ucxx worker, posted and polled through libucp directly.
+
+    Tags are plain ints; buffers are (address, bytes) of host or device memory
+    (UCX detects which); the memory must stay valid until the request completes.
+
+    Args:
+        worker: a ``ucxx._lib.libucxx.UCXWorker`` (it must outlive this object).
+    """
+
+    def __init__(self, worker: Any) -> None:
+        lib = _load()
+        self._worker = worker
+        self._wh = worker.handle
+        self._send = lib.ucp_tag_send_nbx
+        self._recv = lib.ucp_tag_recv_nbx
+        self._cancel = lib.ucp_request_cancel
+        self._param = ctypes.create_string_buffer(_PARAM_SIZE)  # zeros: no callback, contiguous bytes
+        self._p = ctypes.addressof(self._param)
+        self._live: dict[int, Request] = {}
+        self._done = Request(0, self._live)  # what an operation that completed in the call returns
+
+    def _request(self, h: int | None) -> Request:
+        if not h:
+            return self._done
+        if h >= _ERR_MIN:
+            raise UcpError(f"UCX refused a tag operation: {_status_text(h - (1 << 64))}")
+        r = self._live[h] = Request(h, self._live)
+        return r
+
+    def send(self, ep: int, ptr: int, nbytes: int, tag: int) -> Request:
+        """Send ``nbytes`` at ``ptr`` on the endpoint whose ``ucp_ep_h`` is ``ep``.
+
+        Raises:
+            UcpError: UCX refused the send.
+        """
+        return self._request(self._send(ep, ptr, nbytes, tag, self._p))
+
+    def recv(self, ptr: int, nbytes: int, tag: int, mask: int = FULL_MASK) -> Request:
+        """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr``.
+
+        Raises:
+            UcpError: UCX refused the receive.
+        """
+        return self._request(self._recv(self._wh, ptr, nbytes, tag, mask, self._p))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    def close(self) -> None:
+        """Cancel and release every operation still in flight (call before the worker goes)."""
+        live, self._live = self._live, {}
+        for h, r in live.items():
+            self._cancel(self._wh, h)
+            _free(h)
+            r._h = 0
+            r.status = _ERR_CANCELED
