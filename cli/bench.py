@@ -52,7 +52,8 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=None, help="Workers (default: the preset's).")
 @click.option("--servers", "-s", type=click.IntRange(min=1), default=None, help="Servers (default: the preset's).")
 @click.option("--stages", type=click.IntRange(min=1, max=64), default=1, show_default=True,
-              help="push_pulls in flight per worker (StepMesh runs 3 micro-batch stages).")
+              help="push_pulls in flight per worker, kept full as a rolling window: the oldest is waited for and sent "
+                   "again (StepMesh runs 3 micro-batch stages).")
 @click.option("--push", callback=_parse_specs, default=None, metavar="SHAPE:DTYPE,...",
               help="Push tensors instead of the preset's, e.g. 64x7168:bfloat16,1:int32.")
 @click.option("--pull", callback=_parse_specs, default=None, metavar="SHAPE:DTYPE,...",

@@ -24,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -281,25 +282,29 @@ def _stepmesh_node(ctx: Any) -> None:
             for s in range(opts.stages)
         ]
 
+        def issue(s: int) -> tuple[int, int, int]:
+            push, pkeys, pull, qkeys = stages[s]
+            t0 = time.perf_counter_ns()
+            return f.push_pull(push, pkeys, pull, qkeys, need_event=opts.need_event), t0, s
+
         def run(n: int) -> dict[str, Any]:
+            # A rolling pipeline, as an attention instance runs its micro-batches:
+            # the oldest stage is waited for and at once sent again, so `stages`
+            # push_pulls stay in flight until the last ones drain.
             lat: list[int] = []
             traces: list[list[list[int]]] = []
             t_begin = time.perf_counter_ns()
-            done = 0
-            while done < n:
-                k = min(opts.stages, n - done)
-                handles = []
-                for s in range(k):
-                    push, pkeys, pull, qkeys = stages[s]
-                    t0 = time.perf_counter_ns()
-                    handles.append((f.push_pull(push, pkeys, pull, qkeys, need_event=opts.need_event), t0))
-                for h, t0 in handles:
-                    f.wait(h)
-                    lat.append(time.perf_counter_ns() - t0)
+            in_flight = deque(issue(s) for s in range(min(opts.stages, n)))
+            issued = len(in_flight)
+            while in_flight:
+                h, t0, s = in_flight.popleft()
+                f.wait(h)
+                lat.append(time.perf_counter_ns() - t0)
+                if issued < n:
+                    in_flight.append(issue(s))
+                    issued += 1
                 if opts.traces:
-                    for h, _ in handles:
-                        traces.append([f.fetch_trace(x) for x in f.get_all_handlers(h)[1:]])
-                done += k
+                    traces.append([f.fetch_trace(x) for x in f.get_all_handlers(h)[1:]])
             return {"lat": lat, "seconds": (time.perf_counter_ns() - t_begin) / 1e9, "traces": traces}
 
         conn.send("ready")
