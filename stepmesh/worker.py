@@ -50,7 +50,7 @@ class _Plan:
     """
 
     __slots__ = (
-        "copies", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls", "release",
+        "copies", "endpoints", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls", "release",
         "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "small", "starts", "takes", "template",
     )
 
@@ -101,7 +101,8 @@ class AFTensorWorker(Node):
         self._traces: OrderedDict[int, tuple[int, int, list[tuple[int, ...]], list[int], int]] = OrderedDict()
         self._resp_pools: dict[int, BufferPool] = {}
         self.servers: list[P.Peer] = []
-        self._server_eps: list[Any] = []
+        self._server_endpoints: list[Any] = []
+        self._server_eps: list[int] = []  # their ucp_ep_h, for the direct tag calls
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._deferred: list[_Pending] = []
         self._ops: Any = None
@@ -288,6 +289,7 @@ class AFTensorWorker(Node):
         plan.resp_struct = struct.Struct(P.RESP_FIXED.format + P.response_sizes(per).format[1:])
         plan.resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
         plan.eps = list(self._server_eps)
+        plan.endpoints = list(self._server_endpoints)  # keeps the handles in eps valid (a rejoin replaces them)
         plan.free = []
         for s, peer in enumerate(self.servers):
             mine = caps[s * per : (s + 1) * per]
@@ -527,4 +529,5 @@ class AFTensorWorker(Node):
 
     def _address_servers(self) -> None:
         self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
-        self._server_eps = [self.endpoints[p.node_id].handle for p in self.servers]
+        self._server_endpoints = [self.endpoints[p.node_id] for p in self.servers]
+        self._server_eps = [ep.handle for ep in self._server_endpoints]
