@@ -84,6 +84,12 @@ def _versions() -> dict[str, str | None]:
         out["ucx"] = ucx_version()
     except Exception as e:
         out["ucx"] = f"not available ({_error(e)})"
+    try:
+        from stepmesh._ucp import library_path
+
+        out["libucp"] = f"{library_path()} (the data path calls it directly)"
+    except Exception as e:
+        out["libucp"] = f"not available ({_error(e)})"
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import StepMeshError
 
-__all__ = ["FULL_MASK", "Request", "TagOps", "UcpError"]
+__all__ = ["FULL_MASK", "Request", "TagOps", "UcpError", "library_path"]
 
 _INPROGRESS = 1
 _ERR_MIN = (1 << 64) - 256  # pointers at or above this are UCS_PTR_STATUS(errors)
@@ -45,12 +45,9 @@ def _load() -> Any:
     try:
         lib = ctypes.CDLL("libucp.so.0", mode=os.RTLD_NOLOAD)
     except OSError:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if os.path.basename(path).startswith("libucp.so"):
-                    lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
-                    break
+        path = _mapped("libucp.so")
+        if path is not None:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
     if lib is None:
         raise StepMeshError("libucp is not loaded: import ucxx (stepmesh.transport does) before using the data path")
     vp, u64, sz = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
@@ -67,6 +64,29 @@ def _load() -> Any:
         fn.restype = res
     _lib, _check, _free = lib, lib.ucp_request_check_status, lib.ucp_request_free
     return lib
+
+
+def library_path() -> str:
+    """Where the libucp these calls go to lives (the wheel's, or a system UCX's).
+
+    Raises:
+        StepMeshError: libucp is not loaded.
+    """
+    _load()
+    return _mapped("libucp.so") or str(_lib._name)
+
+
+def _mapped(prefix: str) -> str | None:
+    """The path of a shared library of this process whose file name starts with ``prefix``."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith(prefix):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def _status_text(status: int) -> str:
