@@ -180,14 +180,20 @@ class AFTensorWorker(Node):
             base = hb.ptr
             for off, src, n in plan.copies:
                 memmove(base + off, src, n)
-        pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
         # The request leaves first; bookkeeping and the receives for the answers
         # follow while it travels (no answer can come before the request has
         # arrived and been served; one that did would wait in UCX's queue).
-        pend.event = event
         if event is None or event.query():
-            self._send(pend)
+            sreqs = self._post(plan, seq, hb)
+            t_sent = _now()
+            pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
+            pend.sreqs = sreqs
+            pend.t_sent = t_sent
+            if event is not None:  # completed: the backend may record it again
+                plan.release(event)
         else:  # the stream is still producing the pushes: post the sends from a later call, never block here
+            pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
+            pend.event = event
             self._deferred.append(pend)
         recv = self._ops.recv
         bits = seq << _SEQ_SHIFT
@@ -201,11 +207,11 @@ class AFTensorWorker(Node):
                 reqs.append(recv(ptr, n, tag | bits))
         return handle
 
-    def _send(self, pend: _Pending) -> None:
-        plan = pend.plan
+    def _post(self, plan: _Plan, seq: int, hb: HostBuffer) -> list[Any]:
+        """Send the request (and each large push) to every server; the send requests."""
         send = self._ops.send
-        bits = pend.seq << _SEQ_SHIFT
-        ptr = pend.hb.ptr
+        bits = seq << _SEQ_SHIFT
+        ptr = hb.ptr
         n = plan.length
         tag = plan.req_tag | bits
         sreqs = [send(ep, ptr, n, tag) for ep in plan.eps]
@@ -213,18 +219,17 @@ class AFTensorWorker(Node):
             tag = slot_tag | bits
             for ep in plan.eps:
                 sreqs.append(send(ep, ptr, n, tag))
-        pend.sreqs = sreqs
-        pend.t_sent = _now()
-        if pend.event is not None:  # completed: the backend may record it again
-            plan.release(pend.event)
-            pend.event = None
+        return sreqs
 
     def _send_deferred(self) -> None:
         """Post the sends of push_pulls whose CUDA event has completed since."""
         still = []
         for pend in self._deferred:
             if pend.event.query():
-                self._send(pend)
+                pend.sreqs = self._post(pend.plan, pend.seq, pend.hb)
+                pend.t_sent = _now()
+                pend.plan.release(pend.event)  # completed: the backend may record it again
+                pend.event = None
             else:
                 still.append(pend)
         self._deferred = still
