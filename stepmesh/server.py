@@ -66,7 +66,7 @@ class _Layout:
     """A decoded request header, kept to recognise the next one laid out the same."""
 
     __slots__ = (
-        "copies", "dest", "gen", "hdr", "head", "keys", "pulls", "push_inline", "push_tag", "separate", "size",
+        "copies", "dest", "fresh", "gen", "hdr", "head", "keys", "pulls", "push_inline", "push_tag", "separate", "size",
         "small", "tail",
     )
 
@@ -90,7 +90,8 @@ class _Layout:
             elif m.nbytes:
                 self.copies.append((i, pos, m.nbytes))
                 pos += m.nbytes
-        self.dest: list[torch.Tensor] | None = None  # when all are registered: their views, for registration ``gen``
+        self.dest: list[torch.Tensor | None] = []  # registered chunk views (None: unregistered), for ``gen``
+        self.fresh: list[int] = []  # indices with no registered chunk: allocated per request
         self.gen = -1
 
 
@@ -238,16 +239,13 @@ class AFTensorServer(Node):
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
         if last.gen != self._reg_gen:
-            views = [self._registered_view(w, m) for m in last.hdr.tensors]
-            last.dest = views if all(v is not None for v in views) else None
+            last.dest = [self._registered_view(w, m) for m in last.hdr.tensors]
+            last.fresh = [i for i, v in enumerate(last.dest) if v is None]
             last.gen = self._reg_gen
-        if last.dest is not None:  # every push lands in registered memory
-            tensors = list(last.dest)
-        else:
-            tensors = []
-            for m in last.hdr.tensors:
-                t = self._registered_view(w, m)
-                tensors.append(t if t is not None else torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device))
+        tensors = list(last.dest)  # registered pushes land in their chunk's view
+        for i in last.fresh:  # the others in memory of their own
+            m = last.hdr.tensors[i]
+            tensors[i] = torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device)
         for i, pos, n in last.copies:
             buf.take(pos, tensors[i], n)
         r = _Request(w, seq, tensors, last.keys, last.pulls, last.small)
