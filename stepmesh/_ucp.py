@@ -59,7 +59,10 @@ def _load() -> Any:
         ("ucp_request_free", [vp], None),
         ("ucs_status_string", [ctypes.c_int], ctypes.c_char_p),
     ):
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError as e:  # a system UCX older than 1.10 (RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY)
+            raise StepMeshError(f"the loaded libucp has no {name}: stepmesh needs UCX 1.10 or newer ({e})") from e
         fn.argtypes = args
         fn.restype = res
     _lib, _check, _free = lib, lib.ucp_request_check_status, lib.ucp_request_free
