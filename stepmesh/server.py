@@ -95,6 +95,24 @@ class _Layout:
         self.gen = -1
 
 
+class _Layouts(dict):
+    """A worker's recent request layouts, by (header bytes before, after the sequence number).
+
+    ``sizes`` lists the distinct header sizes among them, most recent first: a
+    lookup slices the received header once per size.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def add(self, layout: _Layout) -> None:
+        self[(layout.head, layout.tail)] = layout
+        while len(self) > _LAYOUTS_KEEP:  # dicts keep insertion order: the oldest goes
+            del self[next(iter(self))]
+        self.sizes = list(dict.fromkeys([layout.size, *(known.size for known in reversed(self.values()))]))
+
+
 class _Slot:
     """One posted receive for a request header (and its inline payload)."""
 
@@ -129,7 +147,7 @@ class AFTensorServer(Node):
         self._registered: dict[tuple[int, int], torch.Tensor] = {}
         self._reg_gen = 0  # bumped by register_recv_buffer: cached destinations are stale
         self._spare: list[tuple[int, _Slot]] = []  # used receive slots, to post again
-        self._layouts: list[list[_Layout]] = []
+        self._layouts: list[_Layouts] = []
         self._resp_tag = 0
         self._pull_tag = 0
         self._ring_tags: list[int] = []
@@ -151,7 +169,7 @@ class AFTensorServer(Node):
         self._ring_tags = [P.make_tag(P.TAG_REQUEST, p.node_id) for p in self.workers]
         self._resp_tag = P.make_tag(P.TAG_RESPONSE, self.node_id)
         self._pull_tag = P.make_tag(P.TAG_PULL, self.node_id)
-        self._layouts = [[] for _ in self.workers]
+        self._layouts = [_Layouts() for _ in self.workers]
         self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
         self._ready = [deque() for _ in self.workers]
         self._rings = []
@@ -214,15 +232,14 @@ class AFTensorServer(Node):
             # A header laid out like a recent one from this worker (only the
             # sequence differs) needs no decoding: StepMesh traffic repeats,
             # one layout per micro-batch stage.
+            # Keyed by the header's bytes around the sequence number; one slice
+            # per distinct header size (the stages of a pipeline share one).
             layouts = self._layouts[w]
             head = raw[: P.SEQ_OFFSET].tobytes()
             last = None
-            for i, known in enumerate(layouts):
-                if head == known.head and raw[P.SEQ_OFFSET + 4 : known.size].tobytes() == known.tail:
-                    last = known
-                    if i:
-                        del layouts[i]
-                        layouts.insert(0, known)
+            for size in layouts.sizes:
+                last = layouts.get((head, raw[P.SEQ_OFFSET + 4 : size].tobytes()))
+                if last is not None:
                     break
             if last is not None:
                 seq = _SEQ.unpack_from(raw, P.SEQ_OFFSET)[0]
@@ -234,8 +251,7 @@ class AFTensorServer(Node):
                 last = _Layout(
                     head, hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(), hdr.pulls_for(self.server_index), peer.node_id
                 )
-                layouts.insert(0, last)
-                del layouts[_LAYOUTS_KEEP:]
+                layouts.add(last)
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
         if last.gen != self._reg_gen:

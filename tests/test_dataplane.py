@@ -368,6 +368,33 @@ def test_large_and_small_tensors_in_one_call():
     assert all(_mesh(_mixed).values())
 
 
+# ------------------------------------------- many request layouts, recycled
+def _many_layouts(ctx: NodeContext) -> int:
+    """More distinct layouts (keys, shapes, header sizes) than the server remembers, twice over."""
+    f.init()
+    shapes = [(n,) if i % 2 else (n // 4, 4) for i, n in enumerate(range(8, 8 + 4 * 40, 4))]  # 40 layouts
+    checked = 0
+    for _ in range(2):
+        for i, shape in enumerate(shapes):
+            if ctx.role == "worker":
+                push = torch.full(shape, float(i))
+                out = torch.zeros(shape)
+                f.wait(f.push_pull([push], [i], [out], [1000 + i]))
+                assert torch.equal(out, push + 1), (i, shape)
+            else:
+                (h, (t,), keys), = f.get_batch()
+                assert keys == [i] and tuple(t.shape) == shape, (i, keys, t.shape)
+                f.respond([t + 1], h)
+            checked += 1
+    f.stop()
+    return checked
+
+
+@pytest.mark.timeout(120)
+def test_more_request_layouts_than_the_server_remembers():
+    assert set(_mesh(_many_layouts).values()) == {80}
+
+
 # ------------------------------------------------- answer in flight at stop
 def _answer_then_stop(ctx: NodeContext) -> bool:
     """A server that stops right after a large respond() still delivers it."""
