@@ -231,9 +231,8 @@ class AFTensorServer(Node):
             slot.req.check_error()
             # A header laid out like a recent one from this worker (only the
             # sequence differs) needs no decoding: StepMesh traffic repeats,
-            # one layout per micro-batch stage.
-            # Keyed by the header's bytes around the sequence number; one slice
-            # per distinct header size (the stages of a pipeline share one).
+            # one layout per micro-batch stage. They are found by the header's
+            # bytes around the sequence, sliced once per distinct header size.
             layouts = self._layouts[w]
             head = raw[: P.SEQ_OFFSET].tobytes()
             last = None

@@ -125,9 +125,6 @@ class Transport:
     def tag(self, value: int) -> Any:
         return self.api.UCXXTag(value)
 
-    def tag_mask(self, value: int) -> Any:
-        return self.api.UCXXTagMask(value)
-
     def progress_once(self, timeout_ms: int = 0) -> None:
         """Make progress; in blocking mode sleep up to ``timeout_ms`` waiting for events."""
         if self.mode == "blocking":

@@ -102,7 +102,6 @@ class AFTensorWorker(Node):
         self._resp_pools: dict[int, BufferPool] = {}
         self.servers: list[P.Peer] = []
         self._server_endpoints: list[Any] = []
-        self._server_eps: list[int] = []  # their ucp_ep_h, for the direct tag calls
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._deferred: list[_Pending] = []
         self._ops: Any = None
@@ -293,8 +292,8 @@ class AFTensorWorker(Node):
         plan.release = None
         plan.resp_struct = struct.Struct(P.RESP_FIXED.format + P.response_sizes(per).format[1:])
         plan.resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
-        plan.eps = list(self._server_eps)
         plan.endpoints = list(self._server_endpoints)  # keeps the handles in eps valid (a rejoin replaces them)
+        plan.eps = [ep.handle for ep in plan.endpoints]  # ucp_ep_h, for the direct tag calls
         plan.free = []
         for s, peer in enumerate(self.servers):
             mine = caps[s * per : (s + 1) * per]
@@ -535,4 +534,3 @@ class AFTensorWorker(Node):
     def _address_servers(self) -> None:
         self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
         self._server_endpoints = [self.endpoints[p.node_id] for p in self.servers]
-        self._server_eps = [ep.handle for ep in self._server_endpoints]
