@@ -23,7 +23,7 @@ from . import protocol as P
 from ._version import __version__
 from .config import Config
 from .errors import AuthError, ConfigError, PeerError, ProtocolError, StepMeshError, TimeoutError
-from .transport import ControlChannel, EventLoop, Transport, Waker, wrap
+from .transport import ControlChannel, EventLoop, Transport, Waker
 
 __all__ = ["Node"]
 
@@ -253,11 +253,12 @@ class Node:
         """One wire-up message each way with ``peer``: (receive, send, our token, its echo)."""
         data = self.data
         assert data is not None
-        ep = self.endpoints[peer.node_id]
         token = np.array([self.node_id], dtype=np.uint64)
         echo = np.zeros(1, dtype=np.uint64)
-        recv = ep.tag_recv(wrap(echo), data.tag(P.make_tag(P.TAG_WIREUP, peer.node_id)))
-        send = ep.tag_send(wrap(token), data.tag(P.make_tag(P.TAG_WIREUP, self.node_id)))
+        ops = data.ops  # the data path's own tag calls: the wire-up proves them too
+        recv = ops.recv(echo.ctypes.data, echo.nbytes, P.make_tag(P.TAG_WIREUP, peer.node_id))
+        send = ops.send(self.endpoints[peer.node_id].handle, token.ctypes.data, token.nbytes,
+                        P.make_tag(P.TAG_WIREUP, self.node_id))
         return recv, send, token, echo
 
     # ---------------------------------------------------------- control loop
