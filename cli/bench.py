@@ -10,7 +10,7 @@ import click
 
 __all__ = ["bench"]
 
-_CONTENDERS = ("stepmesh", "ucxx", "gloo", "nixl")
+_CONTENDERS = ("stepmesh", "protocol", "ucxx", "gloo", "nixl")
 
 
 def _parse_specs(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -66,8 +66,8 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--progress", "progress_mode", type=click.Choice(["polling", "blocking", "thread"]), default="polling",
               show_default=True, help="UCX progress mode of every contender.")
 @click.option("--pin/--no-pin", default=True, show_default=True, help="Pin each process to its own core.")
-@click.option("--contenders", callback=_parse_contenders, default="stepmesh,ucxx,gloo,nixl", show_default=True,
-              help="What to measure (nixl runs only where it is installed).")
+@click.option("--contenders", callback=_parse_contenders, default="stepmesh,protocol,ucxx,gloo,nixl", show_default=True,
+              help="What to measure (nixl runs only where it is installed; protocol is stepmesh's messages with none of its bookkeeping).")
 @click.option("--traces/--no-traces", default=True, show_default=True,
               help="Collect fetch_trace stamps for the per-stage breakdown (costs a little per call).")
 @click.option("--need-event/--no-need-event", default=True, show_default=True,

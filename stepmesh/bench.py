@@ -7,6 +7,10 @@ driven round by round (A B A B ...), so that machine drift hits all alike:
 - ``ucxx``: raw ucxx tag ping-pong of the same bytes (one message each way,
   endpoints from worker addresses, the receive pre-posted): the floor for
   anything on UCX.
+- ``protocol``: stepmesh's own messages for the workload (one worker, one
+  server), posted and completed with nothing around them: how close any
+  implementation of the protocol could come to ``ucxx`` here. What stepmesh
+  takes above it is its Python bookkeeping.
 - ``gloo``: torch.distributed send/recv of the same bytes (``nccl`` on CUDA).
 - ``nixl``: NIXL (where installed) WRITE + notification each way, the library
   vLLM uses for KV transfer; its progress thread off.
@@ -352,6 +356,125 @@ def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
     tp.close()
 
 
+def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
+    """stepmesh's messages for this workload, and nothing else: what any implementation of its protocol could reach.
+
+    The same messages as a 1 x 1 push_pull (request header with the inline
+    pushes copied in, large pushes as their own messages, posted after the
+    header has arrived; response header with inline answers, large answers
+    into receives posted in advance), with the same sizes, tags, masks,
+    copies and direct libucp calls; none of the bookkeeping around them
+    (signatures, records, checks, traces).
+    """
+    _pin(core)
+    import struct
+    from ctypes import memmove
+
+    from . import protocol as P
+    from . import transport as T
+    from ._tensors import HostBuffer
+
+    wl = opts.workload
+    tp = T.Transport(_data_options(), opts.progress)
+    conn.send(tp.address)
+    endpoint = tp.connect(conn.recv())
+    ep = endpoint.handle
+    ops = tp.ops
+    progress = tp.worker.progress
+    on_host = not opts.device.startswith("cuda")
+    push_sizes = [t.nbytes for t in wl.push]
+    pull_sizes = [t.nbytes for t in wl.pull]
+    push_inline = P.inline_split(push_sizes, on_host)
+    pull_inline = P.inline_split(pull_sizes, on_host)
+    hsize = P.request_header_size([t.shape for t in wl.push], len(wl.pull))
+    rsize = P.response_header_size(len(wl.pull))
+    req_len = hsize + sum(n for n, f in zip(push_sizes, push_inline) if f)
+    resp_len = rsize + sum(n for n, f in zip(pull_sizes, pull_inline) if f)
+    slot_len = P.HEADER_MAX + P.INLINE_MAX
+    # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
+    mine = [t.make(opts.device, 1 + i) for i, t in enumerate(wl.push if role == "client" else wl.pull)]
+    theirs = [t.make(opts.device) for t in (wl.pull if role == "client" else wl.push)]
+    out_inline, in_inline = (push_inline, pull_inline) if role == "client" else (pull_inline, push_inline)
+    out_buf = HostBuffer(req_len if role == "client" else resp_len)
+    in_buf = HostBuffer(resp_len if role == "client" else slot_len)
+    out_head = hsize if role == "client" else rsize
+    in_head = rsize if role == "client" else hsize
+
+    def inline(ts: list[Any], fits: tuple[bool, ...], base: int, head: int) -> list[tuple[int, int, int]]:
+        """(buffer address, tensor address, bytes) of each inline tensor."""
+        out, pos = [], head
+        for t, f in zip(ts, fits):
+            if f:
+                out.append((base + pos, t.data_ptr(), t.nbytes))
+                pos += t.nbytes
+        return out
+
+    copies_out = inline(mine, out_inline, out_buf.ptr, out_head)
+    copies_in = inline(theirs, in_inline, in_buf.ptr, in_head)
+    sends = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(mine, out_inline)) if not f]
+    recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(theirs, in_inline)) if not f]
+    out_kind, in_kind, out_bulk, in_bulk = (
+        (P.TAG_REQUEST, P.TAG_RESPONSE, P.TAG_PUSH, P.TAG_PULL) if role == "client"
+        else (P.TAG_RESPONSE, P.TAG_REQUEST, P.TAG_PULL, P.TAG_PUSH)
+    )
+    me, peer = (1, 2) if role == "client" else (2, 1)
+    out_tag, out_bulk_tag = P.make_tag(out_kind, me), P.make_tag(out_bulk, me)
+    in_tag, in_bulk_tag = P.make_tag(in_kind, peer), P.make_tag(in_bulk, peer)
+    n_answers = len(wl.pull)
+    send, recv = ops.send, ops.recv
+    state = {"seq": 0, "slot": None, "sent": []}
+
+    def wait(reqs: list[Any]) -> None:
+        for r in reqs:
+            while not r.completed:
+                progress()
+
+    seq_only = struct.Struct("<I")
+    if role == "client":  # the worker's request header is built once; a call stamps its sequence number
+        P.REQ_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, P.FLAG_INLINE, len(mine), 1, n_answers, 0)
+
+    def stamp(seq: int) -> None:
+        if role == "client":
+            seq_only.pack_into(out_buf.raw, P.SEQ_OFFSET, seq)
+        else:
+            P.RESP_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0)
+        for dst, src, n in copies_out:
+            memmove(dst, src, n)
+
+    def one() -> None:
+        seq = state["seq"] = (state["seq"] + 1) & P.SEQ_MASK
+        bits = seq << P.SEQ_SHIFT
+        if role == "client":
+            stamp(seq)
+            sent = [send(ep, out_buf.ptr, out_buf.raw.size, out_tag | bits)]
+            sent += [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
+            got = [recv(in_buf.ptr, in_buf.raw.size, in_tag | bits)]
+            got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
+            wait(got)
+            wait(sent)
+            for src, dst, n in copies_in:
+                memmove(dst, src, n)
+            return
+        slot = state["slot"] or recv(in_buf.ptr, slot_len, in_tag, P.TAG_MASK_KIND_NODE)
+        wait(state["sent"])  # the previous answer (the worker has it, or it could not have asked again)
+        wait([slot])
+        for src, dst, n in copies_in:
+            memmove(dst, src, n)
+        wait([recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs])
+        stamp(seq)
+        sent = [send(ep, out_buf.ptr, out_buf.raw.size, out_tag | bits)]
+        sent += [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
+        state["sent"] = sent
+        state["slot"] = recv(in_buf.ptr, slot_len, in_tag, P.TAG_MASK_KIND_NODE)
+
+    one()
+    if theirs and int(theirs[0].reshape(-1)[0].float()) != 1:  # the peer's first tensor is filled with 1s
+        raise RuntimeError(f"protocol baseline: the {role} received {theirs[0].reshape(-1)[0]!r}, expected 1")
+    _serve_ping_pong(conn, one)
+    wait(state["sent"])
+    tp.close()
+
+
 def _nixl_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
     """NIXL ping-pong: WRITE into the peer's buffer with a notification, the peer answers likewise.
 
@@ -462,7 +585,7 @@ def _start_pair(name: str, target: Callable[..., None], opts: BenchOptions, *ext
         p.start()
         conns.append(mine)
         procs.append(p)
-    if name in ("ucxx", "nixl"):  # exchange what reaches each side: worker addresses; NIXL metadata + descriptors
+    if name in ("ucxx", "protocol", "nixl"):  # exchange what reaches each side: worker addresses; NIXL metadata + descriptors
         a = _recv(conns[0], _READY_TIMEOUT_S, f"{name} client")
         b = _recv(conns[1], _READY_TIMEOUT_S, f"{name} server")
         if name == "nixl":  # ("ok", ...) or ("error", why)
@@ -529,6 +652,8 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                 contenders.append(_start_stepmesh(opts))
             elif name == "ucxx":
                 contenders.append(_start_pair("ucxx", _ucxx_child, opts))
+            elif name == "protocol":
+                contenders.append(_start_pair("protocol", _protocol_child, opts))
             elif name in ("gloo", "torch"):
                 why = _dist_unavailable(opts)
                 if why:
