@@ -114,13 +114,14 @@ def check_keys(name: str, keys: Any, count: int, count_name: str) -> list[int]:
 class HostBuffer:
     """A reusable host byte buffer: as a tensor, as numpy (for struct), and by address (for UCX)."""
 
-    __slots__ = ("tensor", "raw", "ptr", "pool")
+    __slots__ = ("tensor", "raw", "ptr", "pool", "iov")
 
     def __init__(self, size: int, pool: BufferPool | None = None) -> None:
         self.tensor = torch.empty(size, dtype=torch.uint8)
         self.raw = self.tensor.numpy()
         self.ptr = self.tensor.data_ptr()
         self.pool = pool
+        self.iov: Any = None  # a _ucp.IoVec of the message this buffer is the header of, when its user keeps one
 
     def put(self, pos: int, t: torch.Tensor, nbytes: int) -> None:
         """Copy the first ``nbytes`` of ``t`` into this buffer at ``pos``."""

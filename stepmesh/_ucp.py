@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from typing import Any
+
+import numpy as np
 
 from .errors import StepMeshError
 
-__all__ = ["FULL_MASK", "Request", "TagOps", "UcpError", "library_path"]
+__all__ = ["FULL_MASK", "IoVec", "Request", "TagOps", "UcpError", "library_path"]
 
 _INPROGRESS = 1
 _ERR_MIN = (1 << 64) - 256  # pointers at or above this are UCS_PTR_STATUS(errors)
 _ERR_CANCELED = -16
 FULL_MASK = (1 << 64) - 1
 _PARAM_SIZE = 72  # sizeof(ucp_request_param_t) on LP64 (UCX 1.21; older ones read less of it)
+_FIELD_DATATYPE = 1 << 3  # UCP_OP_ATTR_FIELD_DATATYPE: param.op_attr_mask (offset 0) says param.datatype is set
+_DATATYPE_AT = 24  # offsetof(ucp_request_param_t, datatype)
+_DATATYPE_IOV = 2  # UCP_DATATYPE_IOV: the buffer is a ucp_dt_iov_t array, the count its length
 
 _lib: Any = None
 _check: Any = None
@@ -131,6 +137,29 @@ class Request:
             raise UcpError(f"UCX tag operation failed: {_status_text(self.status)}")
 
 
+class IoVec:
+    """A ``ucp_dt_iov_t`` array: the pieces, in order, of one message (host memory only).
+
+    ``count`` (the pieces in use) may be lowered to use only the first ones.
+
+    Args:
+        pieces: (address, bytes) of each piece.
+    """
+
+    __slots__ = ("array", "count", "ptr")
+
+    def __init__(self, pieces: list[tuple[int, int]]) -> None:
+        self.array = np.array([x for piece in pieces for x in piece], dtype=np.uint64)
+        self.count = len(pieces)
+        self.ptr = self.array.ctypes.data
+
+    def set(self, i: int, ptr: int, nbytes: int) -> None:
+        """Point piece ``i`` at ``nbytes`` at ``ptr``."""
+        a = self.array
+        a[2 * i] = ptr
+        a[2 * i + 1] = nbytes
+
+
 class TagOps:
     """Tag sends and receives on one ucxx worker, posted and polled through libucp directly.
 
@@ -150,6 +179,10 @@ class TagOps:
         self._cancel = lib.ucp_request_cancel
         self._param = ctypes.create_string_buffer(_PARAM_SIZE)  # zeros: no callback, contiguous bytes
         self._p = ctypes.addressof(self._param)
+        self._iov_param = ctypes.create_string_buffer(_PARAM_SIZE)
+        struct.pack_into("<I", self._iov_param, 0, _FIELD_DATATYPE)
+        struct.pack_into("<Q", self._iov_param, _DATATYPE_AT, _DATATYPE_IOV)
+        self._iov_p = ctypes.addressof(self._iov_param)
         self._live: dict[int, Request] = {}
         self._done = Request(0, self._live)  # what an operation that completed in the call returns
 
@@ -176,6 +209,24 @@ class TagOps:
             UcpError: UCX refused the receive.
         """
         return self._request(self._recv(self._wh, ptr, nbytes, tag, mask, self._p))
+
+    def send_iov(self, ep: int, iov: IoVec, tag: int) -> Request:
+        """Send the pieces of ``iov`` as one message (UCX gathers them: no copy here).
+
+        Raises:
+            UcpError: UCX refused the send.
+        """
+        return self._request(self._send(ep, iov.ptr, iov.count, tag, self._iov_p))
+
+    def recv_iov(self, iov: IoVec, tag: int, mask: int = FULL_MASK) -> Request:
+        """Receive the next matching message scattered over the pieces of ``iov``, in order.
+
+        A shorter message fills the first pieces and leaves the rest as they were.
+
+        Raises:
+            UcpError: UCX refused the receive.
+        """
+        return self._request(self._recv(self._wh, iov.ptr, iov.count, tag, mask, self._iov_p))
 
     @property
     def in_flight(self) -> int:

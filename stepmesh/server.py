@@ -29,6 +29,7 @@ from ._tensors import (
     check_keys,
     check_tensors,
 )
+from ._ucp import IoVec
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
@@ -492,13 +493,31 @@ class AFTensorServer(Node):
         sizes = [t.nbytes for t in ts]
         buf, pos = self._response(r, P.STATUS_OK, sizes)
         separate = []
+        iov = None
+        stage = pos  # device answers are copied to the host behind the header
         for j, (t, n, fits) in enumerate(zip(ts, sizes, r.small)):
             if not fits:
                 separate.append((j, t))
             elif n:
-                buf.put(pos, t, n)
-                pos += n
-        self._post_response(r, buf, pos, separate)
+                if iov is None:  # UCX gathers [header, small answers...] into one message
+                    iov = buf.iov or self._iov_for(buf)
+                    iov.set(0, buf.ptr, pos)
+                    count = 1
+                if t.is_cuda:
+                    buf.put(stage, t, n)
+                    iov.set(count, buf.ptr + stage, n)
+                    stage += n
+                else:
+                    iov.set(count, t.data_ptr(), n)
+                count += 1
+        if iov is not None:
+            iov.count = count
+        self._post_response(r, buf, pos, separate, iov, ts)
+
+    @staticmethod
+    def _iov_for(buf: HostBuffer) -> IoVec:
+        buf.iov = IoVec([(0, 0)] * (P.MAX_PULLS + 1))
+        return buf.iov
 
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
@@ -507,14 +526,25 @@ class AFTensorServer(Node):
         empty = [(j, torch.empty(0, dtype=torch.uint8)) for j, fits in enumerate(r.small) if not fits]
         self._post_response(r, buf, pos, empty)
 
-    def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: Any) -> None:
-        """Send the response header (then large answers); keep all alive until sent."""
+    def _post_response(
+        self, r: _Request, buf: HostBuffer, length: int, payloads: Any, iov: IoVec | None = None, keep: Any = None
+    ) -> None:
+        """Send the response header (``length`` bytes of ``buf``, or the pieces of ``iov``), then large answers.
+
+        Everything sent stays referenced until UCX is done with it (``keep``: what ``iov`` points into).
+        """
         ep = self._eps[r.worker]
-        send = self._ops.send
+        ops = self._ops
+        send = ops.send
         bits = r.seq << P.SEQ_SHIFT
         sends = self._sends
         n_before = len(sends)
-        sends.append((send(ep, buf.ptr, length, self._resp_tag | bits), buf))
+        if iov is None:
+            sends.append((send(ep, buf.ptr, length, self._resp_tag | bits), buf))
+        else:
+            req = ops.send_iov(ep, iov, self._resp_tag | bits)
+            sends.append((req, buf))
+            sends.append((req, keep))
         if payloads:
             pull = self._pull_tag | bits
             for j, t in payloads:

@@ -6,6 +6,10 @@ received by the server straight into its destination. Before anything is sent,
 the receives for the answers are posted: the response header (with the payload
 when small) and, for large answers, one receive per pull tensor, so the server's
 data lands directly in the caller's tensors.
+
+Small payloads are not copied here: UCX gathers the header and the push tensors
+into the request message, and scatters a response with one small answer over
+the header buffer and the pull tensor.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from ._tensors import (
     DTYPE_CODE,
     BufferPool,
     HostBuffer,
+    byte_view,
     check_keys,
     check_tensors,
 )
+from ._ucp import IoVec
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
@@ -45,19 +51,21 @@ class _Plan:
     """What a push_pull signature (buffers, shapes, dtypes, keys) needs, built once.
 
     It also owns the request buffers of that signature: each has the header
-    already written, so a call only stamps the sequence number (and copies any
-    inline payload) before sending it.
+    already written, so a call only stamps the sequence number before sending
+    it (with the inline push tensors gathered behind it by UCX).
     """
 
     __slots__ = (
-        "copies", "endpoints", "ends", "eps", "event", "free", "hlen", "length", "n_servers", "per", "pulls", "release",
-        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "small", "starts", "takes", "template",
+        "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
+        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "scatter", "servers", "starts", "takes", "template",
     )
 
     def header(self) -> HostBuffer:
         """A new request buffer with the header written (reused ones wait in ``free``)."""
-        hb = HostBuffer(self.length)
-        hb.raw[: self.hlen] = self.template
+        hb = HostBuffer(self.hlen)
+        hb.raw[:] = self.template
+        if self.gather:
+            hb.iov = IoVec([(hb.ptr, self.hlen), *self.gather])
         return hb
 
 
@@ -175,10 +183,6 @@ class AFTensorWorker(Node):
         self._next_handle = handle + plan.n_servers + 1
         hb = plan.free.pop() if plan.free else plan.header()
         _SEQ.pack_into(hb.raw, _SEQ_OFFSET, seq)
-        if plan.copies:  # inline tensors are host tensors (device ones never are)
-            base = hb.ptr
-            for off, src, n in plan.copies:
-                memmove(base + off, src, n)
         # The request leaves first; bookkeeping and the receives for the answers
         # follow while it travels (no answer can come before the request has
         # arrived and been served; one that did would wait in UCX's queue).
@@ -194,26 +198,40 @@ class AFTensorWorker(Node):
             pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
             pend.event = event
             self._deferred.append(pend)
-        recv = self._ops.recv
+        ops = self._ops
+        recv = ops.recv
         bits = seq << _SEQ_SHIFT
         reqs = pend.reqs
         resp = pend.resp
-        for pool, resp_tag, pull_recvs in plan.recvs:
+        for pool, resp_tag, pull_recvs, scatter in plan.recvs:
             buf = pool.get()
             resp.append(buf)
-            reqs.append(recv(buf.ptr, pool.size, resp_tag | bits))
+            if scatter is None:
+                reqs.append(recv(buf.ptr, pool.size, resp_tag | bits))
+            else:  # the pool is this plan's: a buffer's pieces, once set, stay right
+                iov = buf.iov
+                if iov is None:
+                    pos, ptr, cap = scatter
+                    iov = buf.iov = IoVec([(buf.ptr, pos), (ptr, cap), (buf.ptr + pos, pool.size - pos)])
+                reqs.append(ops.recv_iov(iov, resp_tag | bits))
             for ptr, n, tag in pull_recvs:
                 reqs.append(recv(ptr, n, tag | bits))
         return handle
 
     def _post(self, plan: _Plan, seq: int, hb: HostBuffer) -> list[Any]:
         """Send the request (and each large push) to every server; the send requests."""
-        send = self._ops.send
+        ops = self._ops
+        send = ops.send
         bits = seq << _SEQ_SHIFT
-        ptr = hb.ptr
-        n = plan.length
         tag = plan.req_tag | bits
-        sreqs = [send(ep, ptr, n, tag) for ep in plan.eps]
+        iov = hb.iov
+        if iov is None:
+            ptr = hb.ptr
+            n = plan.hlen
+            sreqs = [send(ep, ptr, n, tag) for ep in plan.eps]
+        else:
+            send_iov = ops.send_iov
+            sreqs = [send_iov(ep, iov, tag) for ep in plan.eps]
         for ptr, n, slot_tag in plan.push_sends:
             tag = slot_tag | bits
             for ep in plan.eps:
@@ -283,7 +301,7 @@ class AFTensorWorker(Node):
         me = self.node_id
 
         resp_size = P.response_header_size(per)
-        plan.small = []
+        plan.scatter = []
         plan.recvs = []
         plan.ends = []
         plan.starts = []
@@ -298,19 +316,32 @@ class AFTensorWorker(Node):
         for s, peer in enumerate(self.servers):
             mine = caps[s * per : (s + 1) * per]
             fits = P.inline_split(mine, on_host)
-            size = resp_size + sum(c for c, f in zip(mine, fits) if f)
-            pool = self._resp_pools.get(size)
-            if pool is None:
-                pool = self._resp_pools[size] = BufferPool(size)
+            small = [j for j in range(per) if fits[j] and mine[j]]
             sid = peer.node_id
             pull_recvs = [
                 (pulls[s * per + j].data_ptr(), mine[j], P.make_tag(P.TAG_PULL, sid, 0, j))
                 for j in range(per)
                 if not fits[j]
             ]
-            plan.small.append(fits)
-            plan.takes.append([(j, pulls[s * per + j].data_ptr(), mine[j]) for j in range(per) if fits[j]])
-            plan.recvs.append((pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs))
+            # One small answer: UCX scatters the response over [header, that pull
+            # tensor, the rest of the header buffer] (a refusal's text runs on into
+            # it). None, or several the server may send shorter: received whole, copied out.
+            one = small[0] if len(small) == 1 else -1
+            if one >= 0:
+                pool = BufferPool(resp_size)  # this plan's own: its buffers keep their pieces
+                plan.scatter.append((one, pulls[s * per + one]))
+                scatter = (plan.resp_pos, pulls[s * per + one].data_ptr(), mine[one])
+            else:
+                size = resp_size + sum(mine[j] for j in small)
+                pool = self._resp_pools.get(size)
+                if pool is None:
+                    pool = self._resp_pools[size] = BufferPool(size)
+                plan.scatter.append(None)
+                scatter = None
+            plan.takes.append(  # (answer, where it goes or 0 when already there, capacity)
+                [(j, 0 if j == one else pulls[s * per + j].data_ptr(), mine[j]) for j in range(per) if fits[j]]
+            )
+            plan.recvs.append((pool, P.make_tag(P.TAG_RESPONSE, sid), pull_recvs, scatter))
             plan.starts.append(plan.ends[-1] if plan.ends else 0)
             plan.ends.append(plan.starts[-1] + 1 + len(pull_recvs))
 
@@ -327,14 +358,7 @@ class AFTensorWorker(Node):
             pos += P.REQ_PULL.size
         plan.template = template
         plan.hlen = hsize
-        plan.length = hsize + sum(n for n, f in zip(sizes, inline) if f)
-        plan.copies = []
-        off = hsize
-        for t, n, f in zip(push, sizes, inline):
-            if f:
-                if n:
-                    plan.copies.append((off, t.data_ptr(), n))
-                off += n
+        plan.gather = [(t.data_ptr(), n) for t, n, f in zip(push, sizes, inline) if f and n]
         plan.push_sends = [
             (t.data_ptr(), t.nbytes, P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push) if not inline[i]
         ]
@@ -448,8 +472,9 @@ class AFTensorWorker(Node):
                     n = f[9 + j]
                     if n > cap:
                         raise ProtocolError(f"{self.servers[s].describe()} sent {n} bytes for a {cap}-byte pull tensor")
-                    memmove(dst, base + pos, n)
-                    pos += n
+                    if dst:  # 0: UCX scattered it into place
+                        memmove(dst, base + pos, n)
+                        pos += n
                 stamps.append(f[5:9])
             except StepMeshError as e:
                 error = error or e
@@ -468,6 +493,10 @@ class AFTensorWorker(Node):
             ProtocolError: wrong version, sequence or answer count.
         """
         raw = buf.raw
+        scattered = pend.plan.scatter[s]
+        if scattered is not None:  # what followed the header went on into the pull tensor
+            pos = pend.plan.resp_pos
+            raw = np.concatenate([raw[:pos], byte_view(scattered[1]).numpy(), raw[pos:]])
         peer = self.servers[s]
         version, _, status, n, seq = P.RESP_FIXED.unpack_from(raw, 0)[:5]
         if version != P.DATA_VERSION or seq != pend.seq or n != pend.plan.per:

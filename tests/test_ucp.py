@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from stepmesh._ucp import UcpError
+from stepmesh._ucp import IoVec, UcpError
 from stepmesh.transport import Transport
 
 DEADLINE_S = 10.0
@@ -87,3 +87,42 @@ def test_close_cancels_what_is_still_posted(loop):
     with pytest.raises(UcpError, match="(?i)cancel"):
         r.check_error()
 
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sizes", [(24, 8192), (64, 4, 100), (16, 0, 40000)])
+def test_gathered_pieces_arrive_as_one_message_scattered_in_order(loop, sizes):
+    tp, ep = loop
+    ops = tp.ops
+    srcs = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
+    whole = torch.zeros(sum(sizes), dtype=torch.uint8)
+    r = ops.recv(whole.data_ptr(), whole.numel(), 0x51)
+    s = ops.send_iov(ep.handle, IoVec([(t.data_ptr(), t.numel()) for t in srcs]), 0x51)
+    _wait(tp, r, s)
+    r.check_error()
+    assert torch.equal(whole, torch.cat(srcs))
+    # and back: one contiguous message scattered over pieces of the same sizes
+    dsts = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    r = ops.recv_iov(IoVec([(t.data_ptr(), t.numel()) for t in dsts]), 0x52)
+    s = ops.send(ep.handle, whole.data_ptr(), whole.numel(), 0x52)
+    _wait(tp, r, s)
+    r.check_error()
+    assert all(torch.equal(d, t) for d, t in zip(dsts, srcs))
+
+
+@pytest.mark.timeout(30)
+def test_a_short_message_fills_the_first_pieces_only(loop):
+    tp, ep = loop
+    ops = tp.ops
+    head, body, tail = (torch.full((n,), 9, dtype=torch.uint8) for n in (8, 16, 32))
+    iov = IoVec([(head.data_ptr(), 8), (body.data_ptr(), 16), (tail.data_ptr(), 32)])
+    src = torch.arange(12, dtype=torch.uint8)
+    r = ops.recv_iov(iov, 0x53)
+    s = ops.send(ep.handle, src.data_ptr(), 12, 0x53)
+    _wait(tp, r, s)
+    r.check_error()
+    assert head.tolist() == list(range(8))
+    assert body.tolist() == [8, 9, 10, 11] + [9] * 12
+    assert tail.tolist() == [9] * 32
+    iov.set(1, tail.data_ptr(), 32)  # pieces can be re-pointed between operations
+    assert iov.array.tolist()[2:4] == [tail.data_ptr(), 32]
