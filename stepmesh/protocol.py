@@ -461,6 +461,26 @@ def inline_split(sizes: list[int] | tuple[int, ...], allowed: bool = True) -> tu
     return tuple(out)
 
 
+def scattered_answer(caps: list[int] | tuple[int, ...], small: tuple[bool, ...]) -> int:
+    """The one answer the worker receives straight into its pull tensor behind the header, or -1.
+
+    When exactly one of a server's answers rides inline and is not empty, the
+    worker has UCX scatter the response over [header, that pull tensor]. So
+    that a refusal does not write its text there, the server then sends the
+    text as a message of its own (tag slot ``REFUSAL_SLOT``).
+    """
+    found = -1
+    for j, (cap, fits) in enumerate(zip(caps, small)):
+        if fits and cap:
+            if found >= 0:
+                return -1
+            found = j
+    return found
+
+
+REFUSAL_SLOT = 1  # the tag slot of a refusal's text when it travels apart from the response header
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     key: int

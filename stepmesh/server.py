@@ -522,9 +522,14 @@ class AFTensorServer(Node):
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
         del self._handles[r.handle]
-        buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), text)
+        apart = P.scattered_answer([cap for _, cap in r.pulls], r.small) >= 0
+        buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), "" if apart else text)
         empty = [(j, torch.empty(0, dtype=torch.uint8)) for j, fits in enumerate(r.small) if not fits]
         self._post_response(r, buf, pos, empty)
+        if apart:  # what follows the header would land in the worker's pull tensor
+            note = torch.frombuffer(bytearray(P.Writer().text(text[: P.MAX_STRING]).buf), dtype=torch.uint8)
+            tag = self._resp_tag | (r.seq << P.SEQ_SHIFT) | P.REFUSAL_SLOT
+            self._sends.append((self._ops.send(self._eps[r.worker], note.data_ptr(), note.numel(), tag), note))
 
     def _post_response(
         self, r: _Request, buf: HostBuffer, length: int, payloads: Any, iov: IoVec | None = None, keep: Any = None

@@ -28,7 +28,6 @@ from ._tensors import (
     DTYPE_CODE,
     BufferPool,
     HostBuffer,
-    byte_view,
     check_keys,
     check_tensors,
 )
@@ -39,6 +38,7 @@ from .node import Node
 __all__ = ["AFTensorWorker"]
 
 _TRACE_KEEP = 4096
+_REFUSAL_WAIT_S = 5.0
 _PLANS_KEEP = 256
 _SEQ = struct.Struct("<I")
 _SEQ_OFFSET = P.SEQ_OFFSET
@@ -57,7 +57,7 @@ class _Plan:
 
     __slots__ = (
         "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
-        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "scatter", "servers", "starts", "takes", "template",
+        "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "starts", "takes", "template",
     )
 
     def header(self) -> HostBuffer:
@@ -211,8 +211,7 @@ class AFTensorWorker(Node):
             else:  # the pool is this plan's: a buffer's pieces, once set, stay right
                 iov = buf.iov
                 if iov is None:
-                    pos, ptr, cap = scatter
-                    iov = buf.iov = IoVec([(buf.ptr, pos), (ptr, cap), (buf.ptr + pos, pool.size - pos)])
+                    iov = buf.iov = IoVec([(buf.ptr, pool.size), scatter])
                 reqs.append(ops.recv_iov(iov, resp_tag | bits))
             for ptr, n, tag in pull_recvs:
                 reqs.append(recv(ptr, n, tag | bits))
@@ -301,7 +300,6 @@ class AFTensorWorker(Node):
         me = self.node_id
 
         resp_size = P.response_header_size(per)
-        plan.scatter = []
         plan.recvs = []
         plan.ends = []
         plan.starts = []
@@ -316,7 +314,6 @@ class AFTensorWorker(Node):
         for s, peer in enumerate(self.servers):
             mine = caps[s * per : (s + 1) * per]
             fits = P.inline_split(mine, on_host)
-            small = [j for j in range(per) if fits[j] and mine[j]]
             sid = peer.node_id
             pull_recvs = [
                 (pulls[s * per + j].data_ptr(), mine[j], P.make_tag(P.TAG_PULL, sid, 0, j))
@@ -324,19 +321,17 @@ class AFTensorWorker(Node):
                 if not fits[j]
             ]
             # One small answer: UCX scatters the response over [header, that pull
-            # tensor, the rest of the header buffer] (a refusal's text runs on into
-            # it). None, or several the server may send shorter: received whole, copied out.
-            one = small[0] if len(small) == 1 else -1
+            # tensor] (a refusal's text then comes apart). None, or several (the
+            # server may send them shorter): received whole and copied out.
+            one = P.scattered_answer(mine, fits)
             if one >= 0:
-                pool = BufferPool(resp_size)  # this plan's own: its buffers keep their pieces
-                plan.scatter.append((one, pulls[s * per + one]))
-                scatter = (plan.resp_pos, pulls[s * per + one].data_ptr(), mine[one])
+                pool = BufferPool(plan.resp_pos)  # this plan's own: its buffers keep their pieces
+                scatter = (pulls[s * per + one].data_ptr(), mine[one])
             else:
-                size = resp_size + sum(mine[j] for j in small)
+                size = resp_size + sum(c for c, f in zip(mine, fits) if f)
                 pool = self._resp_pools.get(size)
                 if pool is None:
                     pool = self._resp_pools[size] = BufferPool(size)
-                plan.scatter.append(None)
                 scatter = None
             plan.takes.append(  # (answer, where it goes or 0 when already there, capacity)
                 [(j, 0 if j == one else pulls[s * per + j].data_ptr(), mine[j]) for j in range(per) if fits[j]]
@@ -493,10 +488,6 @@ class AFTensorWorker(Node):
             ProtocolError: wrong version, sequence or answer count.
         """
         raw = buf.raw
-        scattered = pend.plan.scatter[s]
-        if scattered is not None:  # what followed the header went on into the pull tensor
-            pos = pend.plan.resp_pos
-            raw = np.concatenate([raw[:pos], byte_view(scattered[1]).numpy(), raw[pos:]])
         peer = self.servers[s]
         version, _, status, n, seq = P.RESP_FIXED.unpack_from(raw, 0)[:5]
         if version != P.DATA_VERSION or seq != pend.seq or n != pend.plan.per:
@@ -504,8 +495,24 @@ class AFTensorWorker(Node):
                 f"bad response from {peer.describe()}: version {version}, seq {seq} "
                 f"(expected {pend.seq}), {n} answers (expected {pend.plan.per})"
             )
-        r = P.Reader(raw[P.RESP_FIXED.size + P.RESP_SIZE.size * n :], "response error")
-        raise PeerError(f"{peer.describe()} refused to answer (status {status}): {r.text()}", "server", peer.rank)
+        if pend.plan.recvs[s][3] is None:  # not scattered: the text follows the header
+            text = P.Reader(raw[P.RESP_FIXED.size + P.RESP_SIZE.size * n :], "response error").text()
+        else:
+            text = self._refusal_text(pend, s)
+        raise PeerError(f"{peer.describe()} refused to answer (status {status}): {text}", "server", peer.rank)
+
+    def _refusal_text(self, pend: _Pending, s: int) -> str:
+        """A refusal's reason, sent apart from its header when the answer would have been scattered."""
+        note = HostBuffer(4 + P.MAX_STRING)
+        req = self._ops.recv(note.ptr, note.raw.size, pend.plan.recvs[s][1] | (pend.seq << _SEQ_SHIFT) | P.REFUSAL_SLOT)
+        assert self.data is not None
+        if not self.data.progress_until(lambda: req.completed, time.monotonic() + _REFUSAL_WAIT_S):
+            return f"(its reason did not arrive within {_REFUSAL_WAIT_S:.0f} s)"
+        try:
+            req.check_error()
+            return P.Reader(note.raw, "refusal").text()
+        except StepMeshError as e:
+            return f"(its reason was unreadable: {e})"
 
     # ------------------------------------------------------------- helpers
     def get_all_handlers(self, handle: int) -> list[int]:

@@ -170,6 +170,7 @@ def _short_and_long(ctx: NodeContext) -> str:
             h = f.push_pull([torch.ones(4)], [1], [out], [2])
             with pytest.raises(f.PeerError, match="holds only"):
                 f.wait(h)
+            assert torch.all(out[:half] == 3.0) and torch.all(out[half:] == -7.0), "a refusal wrote into the pull tensor"
             # the mesh still works afterwards
             f.wait(f.push_pull([torch.ones(4)], [1], [out], [2]))
             assert torch.all(out[:half] == 3.0)
