@@ -359,20 +359,21 @@ def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
 def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
     """stepmesh's messages for this workload, and nothing else: what any implementation of its protocol could reach.
 
-    The same messages as a 1 x 1 push_pull (request header with the inline
-    pushes copied in, large pushes as their own messages, posted after the
-    header has arrived; response header with inline answers, large answers
-    into receives posted in advance), with the same sizes, tags, masks,
-    copies and direct libucp calls; none of the bookkeeping around them
+    The same messages as a 1 x 1 push_pull, with the same sizes, tags, masks and
+    direct libucp calls: the request header with the inline pushes gathered
+    behind it, large pushes as their own messages received once the header is
+    in; the response header with the inline answers gathered behind it (and
+    scattered into a single small answer's pull tensor), large answers into
+    receives posted in advance. None of the bookkeeping around them
     (signatures, records, checks, traces).
     """
     _pin(core)
-    import struct
     from ctypes import memmove
 
     from . import protocol as P
     from . import transport as T
     from ._tensors import HostBuffer
+    from ._ucp import IoVec
 
     wl = opts.workload
     tp = T.Transport(_data_options(), opts.progress)
@@ -381,94 +382,83 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     ep = endpoint.handle
     ops = tp.ops
     progress = tp.worker.progress
+    client = role == "client"
     on_host = not opts.device.startswith("cuda")
-    push_sizes = [t.nbytes for t in wl.push]
-    pull_sizes = [t.nbytes for t in wl.pull]
-    push_inline = P.inline_split(push_sizes, on_host)
-    pull_inline = P.inline_split(pull_sizes, on_host)
-    hsize = P.request_header_size([t.shape for t in wl.push], len(wl.pull))
-    rsize = P.response_header_size(len(wl.pull))
-    req_len = hsize + sum(n for n, f in zip(push_sizes, push_inline) if f)
-    resp_len = rsize + sum(n for n, f in zip(pull_sizes, pull_inline) if f)
-    slot_len = P.HEADER_MAX + P.INLINE_MAX
     # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
-    mine = [t.make(opts.device, 1 + i) for i, t in enumerate(wl.push if role == "client" else wl.pull)]
-    theirs = [t.make(opts.device) for t in (wl.pull if role == "client" else wl.push)]
-    out_inline, in_inline = (push_inline, pull_inline) if role == "client" else (pull_inline, push_inline)
-    out_buf = HostBuffer(req_len if role == "client" else resp_len)
-    in_buf = HostBuffer(resp_len if role == "client" else slot_len)
-    out_head = hsize if role == "client" else rsize
-    in_head = rsize if role == "client" else hsize
-
-    def inline(ts: list[Any], fits: tuple[bool, ...], base: int, head: int) -> list[tuple[int, int, int]]:
-        """(buffer address, tensor address, bytes) of each inline tensor."""
-        out, pos = [], head
-        for t, f in zip(ts, fits):
-            if f:
-                out.append((base + pos, t.data_ptr(), t.nbytes))
+    mine = [t.make(opts.device, 1) for t in (wl.push if client else wl.pull)]
+    theirs = [t.make(opts.device) for t in (wl.pull if client else wl.push)]
+    out_fits = P.inline_split([t.nbytes for t in mine], on_host)
+    in_fits = P.inline_split([t.nbytes for t in theirs], on_host)
+    n_answers = len(wl.pull)
+    hsize = P.request_header_size([t.shape for t in wl.push], n_answers)
+    resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * n_answers  # an answered response's header
+    out_head, in_head = (hsize, resp_pos) if client else (resp_pos, hsize)
+    out_buf = HostBuffer(out_head)
+    gathered = [(t.data_ptr(), t.nbytes) for t, f in zip(mine, out_fits) if f and t.nbytes]
+    out_iov = IoVec([(out_buf.ptr, out_head), *gathered]) if gathered else None
+    one = P.scattered_answer([t.nbytes for t in theirs], in_fits) if client else -1
+    if one >= 0:
+        in_buf = HostBuffer(resp_pos)
+        in_iov = IoVec([(in_buf.ptr, resp_pos), (theirs[one].data_ptr(), theirs[one].nbytes)])
+        copies_in = []
+    else:
+        in_buf = HostBuffer(P.response_header_size(n_answers) + P.INLINE_MAX if client else P.HEADER_MAX + P.INLINE_MAX)
+        in_iov = None
+        copies_in, pos = [], in_buf.ptr + in_head
+        for t, f in zip(theirs, in_fits):
+            if f and t.nbytes:
+                copies_in.append((pos, t.data_ptr(), t.nbytes))
                 pos += t.nbytes
-        return out
-
-    copies_out = inline(mine, out_inline, out_buf.ptr, out_head)
-    copies_in = inline(theirs, in_inline, in_buf.ptr, in_head)
-    sends = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(mine, out_inline)) if not f]
-    recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(theirs, in_inline)) if not f]
-    out_kind, in_kind, out_bulk, in_bulk = (
-        (P.TAG_REQUEST, P.TAG_RESPONSE, P.TAG_PUSH, P.TAG_PULL) if role == "client"
-        else (P.TAG_RESPONSE, P.TAG_REQUEST, P.TAG_PULL, P.TAG_PUSH)
-    )
-    me, peer = (1, 2) if role == "client" else (2, 1)
+    sends = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(mine, out_fits)) if not f]
+    recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(theirs, in_fits)) if not f]
+    kinds = (P.TAG_REQUEST, P.TAG_PUSH, P.TAG_RESPONSE, P.TAG_PULL)
+    out_kind, out_bulk, in_kind, in_bulk = kinds if client else kinds[2:] + kinds[:2]
+    me, peer = (1, 2) if client else (2, 1)
     out_tag, out_bulk_tag = P.make_tag(out_kind, me), P.make_tag(out_bulk, me)
     in_tag, in_bulk_tag = P.make_tag(in_kind, peer), P.make_tag(in_bulk, peer)
-    n_answers = len(wl.pull)
     send, recv = ops.send, ops.recv
-    state = {"seq": 0, "slot": None, "sent": []}
+    state: dict[str, Any] = {"seq": 0, "slot": None, "sent": []}
+    if client:  # the worker's request header is built once; a call stamps its sequence number
+        P.REQ_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, P.FLAG_INLINE, len(mine), 1, n_answers, 0)
 
     def wait(reqs: list[Any]) -> None:
         for r in reqs:
             while not r.completed:
                 progress()
 
-    seq_only = struct.Struct("<I")
-    if role == "client":  # the worker's request header is built once; a call stamps its sequence number
-        P.REQ_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, P.FLAG_INLINE, len(mine), 1, n_answers, 0)
+    def post_out(bits: int) -> list[Any]:
+        tag = out_tag | bits
+        sent = [send(ep, out_buf.ptr, out_head, tag) if out_iov is None else ops.send_iov(ep, out_iov, tag)]
+        return sent + [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
 
-    def stamp(seq: int) -> None:
-        if role == "client":
-            seq_only.pack_into(out_buf.raw, P.SEQ_OFFSET, seq)
-        else:
-            P.RESP_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0)
-        for dst, src, n in copies_out:
+    def one_client(seq: int, bits: int) -> None:
+        P.SEQ_STRUCT.pack_into(out_buf.raw, P.SEQ_OFFSET, seq)
+        sent = post_out(bits)
+        tag = in_tag | bits
+        got = [recv(in_buf.ptr, in_buf.raw.size, tag) if in_iov is None else ops.recv_iov(in_iov, tag)]
+        got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
+        wait(got)
+        wait(sent)
+        for src, dst, n in copies_in:
             memmove(dst, src, n)
 
-    def one() -> None:
-        seq = state["seq"] = (state["seq"] + 1) & P.SEQ_MASK
-        bits = seq << P.SEQ_SHIFT
-        if role == "client":
-            stamp(seq)
-            sent = [send(ep, out_buf.ptr, out_buf.raw.size, out_tag | bits)]
-            sent += [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
-            got = [recv(in_buf.ptr, in_buf.raw.size, in_tag | bits)]
-            got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
-            wait(got)
-            wait(sent)
-            for src, dst, n in copies_in:
-                memmove(dst, src, n)
-            return
-        slot = state["slot"] or recv(in_buf.ptr, slot_len, in_tag, P.TAG_MASK_KIND_NODE)
+    def one_server(seq: int, bits: int) -> None:
+        slot = state["slot"] or recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
         wait(state["sent"])  # the previous answer (the worker has it, or it could not have asked again)
         wait([slot])
         for src, dst, n in copies_in:
             memmove(dst, src, n)
         wait([recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs])
-        stamp(seq)
-        sent = [send(ep, out_buf.ptr, out_buf.raw.size, out_tag | bits)]
-        sent += [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
-        state["sent"] = sent
-        state["slot"] = recv(in_buf.ptr, slot_len, in_tag, P.TAG_MASK_KIND_NODE)
+        P.RESP_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0)
+        state["sent"] = post_out(bits)
+        state["slot"] = recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
+
+    def one() -> None:
+        seq = state["seq"] = (state["seq"] + 1) & P.SEQ_MASK
+        (one_client if client else one_server)(seq, seq << P.SEQ_SHIFT)
 
     one()
-    if theirs and int(theirs[0].reshape(-1)[0].float()) != 1:  # the peer's first tensor is filled with 1s
+    if theirs and int(theirs[0].reshape(-1)[0].float()) != 1:  # the peer's tensors are filled with 1s
         raise RuntimeError(f"protocol baseline: the {role} received {theirs[0].reshape(-1)[0]!r}, expected 1")
     _serve_ping_pong(conn, one)
     wait(state["sent"])

@@ -401,6 +401,7 @@ FLAG_DEVICE = 2  # device memory involved: nothing inline, every tensor its own 
 # version, flags, n_push, n_servers, pulls per server, seq
 REQ_FIXED = struct.Struct("<BBHHHI")
 SEQ_OFFSET = 8
+SEQ_STRUCT = struct.Struct("<I")  # the request's sequence number, at SEQ_OFFSET
 # key, dtype code, ndim, nbytes
 REQ_TENSOR = struct.Struct("<qBBQ")
 REQ_DIM = struct.Struct("<q")

@@ -10,7 +10,6 @@ is registered for (worker, key), a fresh tensor otherwise.
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import deque
 from typing import Any
@@ -39,7 +38,7 @@ log = logging.getLogger("stepmesh.server")
 
 RING_DEPTH = 4
 _LAYOUTS_KEEP = 16  # recent request layouts remembered per worker
-_SEQ = struct.Struct("<I")
+_SEQ = P.SEQ_STRUCT
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
 
 
