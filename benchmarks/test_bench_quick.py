@@ -19,7 +19,7 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
         timeout=200,
     )
     assert r.returncode == 0, r.stderr
-    for name in ("stepmesh", "ucxx", "gloo"):
+    for name in ("stepmesh", "protocol", "ucxx", "gloo"):
         assert any(line.startswith(name) for line in r.stdout.splitlines()), r.stdout
     # NIXL is measured where it is installed, and said to be "not run" where not: never silently dropped
     nixl = [line for line in r.stdout.splitlines() if line.startswith("nixl")]
@@ -28,7 +28,7 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
     data = json.loads(out.read_text())
     assert data["schema"] == "stepmesh-bench/1"
     assert data["workload"]["name"] == "small"
-    for name in ("stepmesh", "ucxx", "gloo"):
+    for name in ("stepmesh", "protocol", "ucxx", "gloo"):
         entry = data["contenders"][name]
         assert entry["stats"]["samples"] == 40 and len(entry["latencies_us"]) == 40
         assert 0 < entry["stats"]["p50_us"] <= entry["stats"]["p99_us"] <= entry["stats"]["max_us"]
@@ -60,7 +60,7 @@ def test_bench_three_stages_two_by_two(tmp_path):
     out = tmp_path / "bench.json"
     r = run_command(
         cli_command(
-            "bench", "--preset", "2a2f", "--stages", "3", "--contenders", "stepmesh,ucxx",
+            "bench", "--preset", "2a2f", "--stages", "3", "--contenders", "stepmesh,protocol,ucxx",
             "--progress", "blocking", "--no-need-event", *QUICK, "--json", str(out),
         ),
         timeout=200,
@@ -71,6 +71,7 @@ def test_bench_three_stages_two_by_two(tmp_path):
     assert data["options"]["stages"] == 3
     assert data["options"]["need_event"] is False and "need_event=False" in r.stdout
     assert set(data["trace_breakdown_us"]) == {"server 0", "server 1"}
+    assert data["contenders"]["protocol"]["stats"]["samples"] == 40  # one pair's messages, rendezvous both ways
 
 
 def test_bench_rejects_bad_options_by_name():
