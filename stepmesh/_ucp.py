@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ def _load() -> Any:
         ("ucp_request_cancel", [vp, vp], None),
         ("ucp_request_free", [vp], None),
         ("ucs_status_string", [ctypes.c_int], ctypes.c_char_p),
+        ("ucp_worker_progress", [vp], ctypes.c_uint),
     ):
         try:
             fn = getattr(lib, name)
@@ -184,7 +186,9 @@ class TagOps:
         struct.pack_into("<Q", self._iov_param, _DATATYPE_AT, _DATATYPE_IOV)
         self._iov_p = ctypes.addressof(self._iov_param)
         self._live: dict[int, Request] = {}
-        self._done = Request(0, self._live)  # what an operation that completed in the call returns
+        self._done = Request(0, self._live)
+        # One progress step of the worker; non-zero when anything moved (a busy-poll's cheap idle spin).
+        self.progress = partial(lib.ucp_worker_progress, self._wh)  # what an operation that completed in the call returns
 
     def _request(self, h: int | None) -> Request:
         if not h:
