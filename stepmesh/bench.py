@@ -399,7 +399,9 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     in_fits = P.inline_split([t.nbytes for t in theirs], on_host)
     n_answers = len(wl.pull)
     hsize = P.request_header_size([t.shape for t in wl.push], n_answers)
-    resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * n_answers  # an answered response's header
+    answer_struct = P.response_struct(n_answers)
+    answer_sizes = [t.nbytes for t in wl.pull]
+    resp_pos = answer_struct.size  # an answered response's header
     out_head, in_head = (hsize, resp_pos) if client else (resp_pos, hsize)
     out_buf = HostBuffer(out_head)
     gathered = [(t.data_ptr(), t.nbytes) for t, f in zip(mine, out_fits) if f and t.nbytes]
@@ -457,7 +459,7 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
         for src, dst, n in copies_in:
             memmove(dst, src, n)
         wait([recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs])
-        P.RESP_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0)
+        answer_struct.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0, *answer_sizes)
         state["sent"] = post_out(bits)
         state["slot"] = recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
 

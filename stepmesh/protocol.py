@@ -423,11 +423,11 @@ def tensor_struct(ndim: int) -> struct.Struct:
     return _TENSOR_STRUCTS[ndim]
 
 
-def response_sizes(n: int) -> struct.Struct:
-    """The ``n`` answer sizes that follow a response's fixed part."""
+def response_struct(n: int) -> struct.Struct:
+    """A response header with ``n`` answers: its fixed part, then the ``n`` answer sizes."""
     st = _SIZE_STRUCTS.get(n)
     if st is None:
-        st = _SIZE_STRUCTS[n] = struct.Struct(f"<{n}Q")
+        st = _SIZE_STRUCTS[n] = struct.Struct(RESP_FIXED.format + RESP_SIZE.format[1:] * n)
     return st
 
 

@@ -475,10 +475,9 @@ class AFTensorServer(Node):
         buf = self._resp_pool.get()
         raw = buf.raw
         now = time.monotonic_ns()
-        P.RESP_FIXED.pack_into(raw, 0, P.DATA_VERSION, 0, status, len(r.pulls), r.seq, r.t_recv, r.t_proc, now, now)
-        pos = P.RESP_FIXED.size
-        P.response_sizes(len(sizes)).pack_into(raw, pos, *sizes)
-        pos += P.RESP_SIZE.size * len(sizes)
+        st = P.response_struct(len(sizes))
+        st.pack_into(raw, 0, P.DATA_VERSION, 0, status, len(sizes), r.seq, r.t_recv, r.t_proc, now, now, *sizes)
+        pos = st.size
         if text:
             encoded = bytes(P.Writer().text(text[: P.MAX_STRING]).buf)
             raw[pos : pos + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
@@ -543,12 +542,14 @@ class AFTensorServer(Node):
         bits = r.seq << P.SEQ_SHIFT
         sends = self._sends
         n_before = len(sends)
-        if iov is None:
-            sends.append((send(ep, buf.ptr, length, self._resp_tag | bits), buf))
+        tag = self._resp_tag | bits
+        req = send(ep, buf.ptr, length, tag) if iov is None else ops.send_iov(ep, iov, tag)
+        if req.completed:  # sent within the call (UCX copied it out): nothing to keep
+            buf.release()
         else:
-            req = ops.send_iov(ep, iov, self._resp_tag | bits)
             sends.append((req, buf))
-            sends.append((req, keep))
+            if keep is not None:
+                sends.append((req, keep))
         if payloads:
             pull = self._pull_tag | bits
             for j, t in payloads:

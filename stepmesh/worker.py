@@ -14,7 +14,6 @@ the header buffer and the pull tensor.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import OrderedDict
 from ctypes import memmove
@@ -306,8 +305,8 @@ class AFTensorWorker(Node):
         plan.servers = range(n_servers)
         plan.takes = []
         plan.release = None
-        plan.resp_struct = struct.Struct(P.RESP_FIXED.format + P.response_sizes(per).format[1:])
-        plan.resp_pos = P.RESP_FIXED.size + P.RESP_SIZE.size * per
+        plan.resp_struct = P.response_struct(per)
+        plan.resp_pos = plan.resp_struct.size
         plan.endpoints = list(self._server_endpoints)  # keeps the handles in eps valid (a rejoin replaces them)
         plan.eps = [ep.handle for ep in plan.endpoints]  # ucp_ep_h, for the direct tag calls
         plan.free = []
