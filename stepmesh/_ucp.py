@@ -33,6 +33,7 @@ _PARAM_SIZE = 72  # sizeof(ucp_request_param_t) on LP64 (UCX 1.21; older ones re
 _FIELD_DATATYPE = 1 << 3  # UCP_OP_ATTR_FIELD_DATATYPE: param.op_attr_mask (offset 0) says param.datatype is set
 _DATATYPE_AT = 24  # offsetof(ucp_request_param_t, datatype)
 _DATATYPE_IOV = 2  # UCP_DATATYPE_IOV: the buffer is a ucp_dt_iov_t array, the count its length
+_PIECE = struct.Struct("=QQ")  # ucp_dt_iov_t: buffer, length
 
 _lib: Any = None
 _check: Any = None
@@ -157,9 +158,7 @@ class IoVec:
 
     def set(self, i: int, ptr: int, nbytes: int) -> None:
         """Point piece ``i`` at ``nbytes`` at ``ptr``."""
-        a = self.array
-        a[2 * i] = ptr
-        a[2 * i + 1] = nbytes
+        _PIECE.pack_into(self.array, 16 * i, ptr, nbytes)
 
 
 class TagOps:

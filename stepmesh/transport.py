@@ -151,14 +151,14 @@ class Transport:
         mode = self.mode
         if mode == "polling":
             # The latency-critical loop. ``done`` runs when UCX moved something,
-            # and every 16th idle spin for what no UCX progress signals (a CUDA
+            # and every 4th idle spin for what no UCX progress signals (a CUDA
             # event); the deadline and ``check`` every 256 spins.
             progress = self.ops.progress
             if done():
                 return True
             while True:
                 for i in range(256):
-                    if (progress() or not i & 15) and done():
+                    if (progress() or not i & 3) and done():
                         return True
                 if check is not None:
                     check()
