@@ -19,7 +19,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python -m stepmesh.cli bench --device cuda --contenders stepmesh,ucxx,gloo --json "$out/bench-cuda.json" "$@" 2>&1 \
+  python -m stepmesh.cli bench --device cuda --contenders stepmesh,protocol,ucxx,gloo --json "$out/bench-cuda.json" "$@" 2>&1 \
     | grep -v "^measuring" | tee "$out/bench-cuda.txt" | tail -12
 fi
 exit $rc
