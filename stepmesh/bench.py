@@ -427,7 +427,7 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     out_tag, out_bulk_tag = P.make_tag(out_kind, me), P.make_tag(out_bulk, me)
     in_tag, in_bulk_tag = P.make_tag(in_kind, peer), P.make_tag(in_bulk, peer)
     send, recv = ops.send, ops.recv
-    state: dict[str, Any] = {"seq": 0, "slot": None, "sent": []}
+    state: dict[str, Any] = {"seq": 0, "slot": None}
     if client:  # the worker's request header is built once; a call stamps its sequence number
         P.REQ_FIXED.pack_into(out_buf.raw, 0, P.DATA_VERSION, P.FLAG_INLINE, len(mine), 1, n_answers, 0)
 
@@ -454,14 +454,16 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
 
     def one_server(seq: int, bits: int) -> None:
         slot = state["slot"] or recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
-        wait(state["sent"])  # the previous answer (the worker has it, or it could not have asked again)
         wait([slot])
         for src, dst, n in copies_in:
             memmove(dst, src, n)
         wait([recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs])
         answer_struct.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0, *answer_sizes)
-        state["sent"] = post_out(bits)
+        sent = post_out(bits)
         state["slot"] = recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
+        # Some rendezvous (CUDA IPC) move only while the sender progresses:
+        # the answer is seen through here, as stepmesh's server does in get_batch.
+        wait(sent)
 
     def one() -> None:
         seq = state["seq"] = (state["seq"] + 1) & P.SEQ_MASK
@@ -471,7 +473,6 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     if theirs and int(theirs[0].reshape(-1)[0].float()) != 1:  # the peer's tensors are filled with 1s
         raise RuntimeError(f"protocol baseline: the {role} received {theirs[0].reshape(-1)[0]!r}, expected 1")
     _serve_ping_pong(conn, one)
-    wait(state["sent"])
     tp.close()
 
 
