@@ -150,15 +150,21 @@ class Transport:
         worker = self.worker
         mode = self.mode
         if mode == "polling":
-            # The latency-critical loop. ``done`` runs when UCX moved something,
-            # and every 4th idle spin for what no UCX progress signals (a CUDA
+            # The latency-critical loop. ``done`` runs once UCX has no more to do
+            # after moving something (a rendezvous takes several steps), and
+            # every 4th idle spin for what no UCX progress signals (a CUDA
             # event); the deadline and ``check`` every 256 spins.
             progress = self.ops.progress
             if done():
                 return True
             while True:
                 for i in range(256):
-                    if (progress() or not i & 3) and done():
+                    if progress():
+                        while progress():
+                            pass
+                        if done():
+                            return True
+                    elif not i & 3 and done():
                         return True
                 if check is not None:
                     check()
