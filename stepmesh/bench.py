@@ -367,12 +367,12 @@ def _ucxx_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> N
 def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
     """stepmesh's messages for this workload, and nothing else: what any implementation of its protocol could reach.
 
-    The same messages as a 1 x 1 push_pull, with the same sizes, tags, masks and
-    direct libucp calls: the request header with the inline pushes gathered
-    behind it, large pushes as their own messages received once the header is
-    in; the response header with the inline answers gathered behind it (and
-    scattered into a single small answer's pull tensor), large answers into
-    receives posted in advance. None of the bookkeeping around them
+    The same messages as a 1 x 1 push_pull, with the same sizes, tags, masks,
+    copies and direct libucp calls: the request header with the inline pushes
+    gathered behind it, large pushes as their own messages received once the
+    header is in; the response header with the inline answers copied behind it
+    (and scattered into a single small answer's pull tensor), large answers
+    into receives posted in advance. None of the bookkeeping around them
     (signatures, records, checks, traces).
     """
     _pin(core)
@@ -403,9 +403,18 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     answer_sizes = [t.nbytes for t in wl.pull]
     resp_pos = answer_struct.size  # an answered response's header
     out_head, in_head = (hsize, resp_pos) if client else (resp_pos, hsize)
-    out_buf = HostBuffer(out_head)
-    gathered = [(t.data_ptr(), t.nbytes) for t, f in zip(mine, out_fits) if f and t.nbytes]
-    out_iov = IoVec([(out_buf.ptr, out_head), *gathered]) if gathered else None
+    small_out = [(t.data_ptr(), t.nbytes) for t, f in zip(mine, out_fits) if f and t.nbytes]
+    out_buf = HostBuffer(out_head + sum(n for _, n in small_out))
+    out_len = out_buf.raw.size
+    copies_out: list[tuple[int, int, int]] = []
+    if client or not small_out:  # the worker has UCX gather its small pushes behind the header
+        out_iov = IoVec([(out_buf.ptr, out_head), *small_out]) if small_out else None
+    else:  # the server copies its small answers in behind the header
+        out_iov = None
+        pos = out_buf.ptr + out_head
+        for src, n in small_out:
+            copies_out.append((pos, src, n))
+            pos += n
     one = P.scattered_answer([t.nbytes for t in theirs], in_fits) if client else -1
     if one >= 0:
         in_buf = HostBuffer(resp_pos)
@@ -438,7 +447,7 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
 
     def post_out(bits: int) -> list[Any]:
         tag = out_tag | bits
-        sent = [send(ep, out_buf.ptr, out_head, tag) if out_iov is None else ops.send_iov(ep, out_iov, tag)]
+        sent = [send(ep, out_buf.ptr, out_len, tag) if out_iov is None else ops.send_iov(ep, out_iov, tag)]
         return sent + [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
 
     def one_client(seq: int, bits: int) -> None:
@@ -459,6 +468,8 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
             memmove(dst, src, n)
         wait([recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs])
         answer_struct.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0, *answer_sizes)
+        for dst, src, n in copies_out:
+            memmove(dst, src, n)
         sent = post_out(bits)
         state["slot"] = recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
         # Some rendezvous (CUDA IPC) move only while the sender progresses:

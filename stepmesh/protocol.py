@@ -387,7 +387,7 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
 # header. Small payloads travel in the same message, right after the header
 # ("inline"); large ones follow as their own tag messages, received straight
 # into the destination tensors.
-DATA_VERSION = 2
+DATA_VERSION = 3  # 3: a refusal's text travels apart when the worker scatters a single small answer
 HEADER_MAX = 8192  # bytes reserved for a header in every receive slot
 INLINE_MAX = 16384  # payload bytes that travel inside the header message
 MAX_TENSORS = 64  # push tensors per request

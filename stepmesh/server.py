@@ -28,7 +28,6 @@ from ._tensors import (
     check_keys,
     check_tensors,
 )
-from ._ucp import IoVec
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
@@ -491,31 +490,16 @@ class AFTensorServer(Node):
         sizes = [t.nbytes for t in ts]
         buf, pos = self._response(r, P.STATUS_OK, sizes)
         separate = []
-        iov = None
-        stage = pos  # device answers are copied to the host behind the header
+        # Small answers are copied, not gathered by UCX from the tensors: a send
+        # UCX cannot start at once would read them later, and the caller may
+        # write its next answer into the same tensor as soon as respond returns.
         for j, (t, n, fits) in enumerate(zip(ts, sizes, r.small)):
             if not fits:
                 separate.append((j, t))
             elif n:
-                if iov is None:  # UCX gathers [header, small answers...] into one message
-                    iov = buf.iov or self._iov_for(buf)
-                    iov.set(0, buf.ptr, pos)
-                    count = 1
-                if t.is_cuda:
-                    buf.put(stage, t, n)
-                    iov.set(count, buf.ptr + stage, n)
-                    stage += n
-                else:
-                    iov.set(count, t.data_ptr(), n)
-                count += 1
-        if iov is not None:
-            iov.count = count
-        self._post_response(r, buf, pos, separate, iov, ts)
-
-    @staticmethod
-    def _iov_for(buf: HostBuffer) -> IoVec:
-        buf.iov = IoVec([(0, 0)] * (P.MAX_PULLS + 1))
-        return buf.iov
+                buf.put(pos, t, n)
+                pos += n
+        self._post_response(r, buf, pos, separate)
 
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
@@ -529,27 +513,18 @@ class AFTensorServer(Node):
             tag = self._resp_tag | (r.seq << P.SEQ_SHIFT) | P.REFUSAL_SLOT
             self._sends.append((self._ops.send(self._eps[r.worker], note.data_ptr(), note.numel(), tag), note))
 
-    def _post_response(
-        self, r: _Request, buf: HostBuffer, length: int, payloads: Any, iov: IoVec | None = None, keep: Any = None
-    ) -> None:
-        """Send the response header (``length`` bytes of ``buf``, or the pieces of ``iov``), then large answers.
-
-        Everything sent stays referenced until UCX is done with it (``keep``: what ``iov`` points into).
-        """
+    def _post_response(self, r: _Request, buf: HostBuffer, length: int, payloads: Any) -> None:
+        """Send the response header (then large answers); keep all alive until sent."""
         ep = self._eps[r.worker]
-        ops = self._ops
-        send = ops.send
+        send = self._ops.send
         bits = r.seq << P.SEQ_SHIFT
         sends = self._sends
         n_before = len(sends)
-        tag = self._resp_tag | bits
-        req = send(ep, buf.ptr, length, tag) if iov is None else ops.send_iov(ep, iov, tag)
+        req = send(ep, buf.ptr, length, self._resp_tag | bits)
         if req.completed:  # sent within the call (UCX copied it out): nothing to keep
             buf.release()
         else:
             sends.append((req, buf))
-            if keep is not None:
-                sends.append((req, keep))
         if payloads:
             pull = self._pull_tag | bits
             for j, t in payloads:
