@@ -33,7 +33,6 @@ _PARAM_SIZE = 72  # sizeof(ucp_request_param_t) on LP64 (UCX 1.21; older ones re
 _FIELD_DATATYPE = 1 << 3  # UCP_OP_ATTR_FIELD_DATATYPE: param.op_attr_mask (offset 0) says param.datatype is set
 _DATATYPE_AT = 24  # offsetof(ucp_request_param_t, datatype)
 _DATATYPE_IOV = 2  # UCP_DATATYPE_IOV: the buffer is a ucp_dt_iov_t array, the count its length
-_PIECE = struct.Struct("=QQ")  # ucp_dt_iov_t: buffer, length
 
 _lib: Any = None
 _check: Any = None
@@ -143,8 +142,6 @@ class Request:
 class IoVec:
     """A ``ucp_dt_iov_t`` array: the pieces, in order, of one message (host memory only).
 
-    ``count`` (the pieces in use) may be lowered to use only the first ones.
-
     Args:
         pieces: (address, bytes) of each piece.
     """
@@ -155,10 +152,6 @@ class IoVec:
         self.array = np.array([x for piece in pieces for x in piece], dtype=np.uint64)
         self.count = len(pieces)
         self.ptr = self.array.ctypes.data
-
-    def set(self, i: int, ptr: int, nbytes: int) -> None:
-        """Point piece ``i`` at ``nbytes`` at ``ptr``."""
-        _PIECE.pack_into(self.array, 16 * i, ptr, nbytes)
 
 
 class TagOps:
@@ -185,9 +178,9 @@ class TagOps:
         struct.pack_into("<Q", self._iov_param, _DATATYPE_AT, _DATATYPE_IOV)
         self._iov_p = ctypes.addressof(self._iov_param)
         self._live: dict[int, Request] = {}
-        self._done = Request(0, self._live)
+        self._done = Request(0, self._live)  # what an operation that completed in the call returns
         # One progress step of the worker; non-zero when anything moved (a busy-poll's cheap idle spin).
-        self.progress = partial(lib.ucp_worker_progress, self._wh)  # what an operation that completed in the call returns
+        self.progress = partial(lib.ucp_worker_progress, self._wh)
 
     def _request(self, h: int | None) -> Request:
         if not h:
@@ -230,6 +223,11 @@ class TagOps:
             UcpError: UCX refused the receive.
         """
         return self._request(self._recv(self._wh, iov.ptr, iov.count, tag, mask, self._iov_p))
+
+    def cancel(self, r: Request) -> None:
+        """Cancel ``r`` if it is still in flight (it then completes with a cancelled status)."""
+        if r._h:
+            self._cancel(self._wh, r._h)
 
     @property
     def in_flight(self) -> int:

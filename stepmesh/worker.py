@@ -506,6 +506,8 @@ class AFTensorWorker(Node):
         req = self._ops.recv(note.ptr, note.raw.size, pend.plan.recvs[s][1] | (pend.seq << _SEQ_SHIFT) | P.REFUSAL_SLOT)
         assert self.data is not None
         if not self.data.progress_until(lambda: req.completed, time.monotonic() + _REFUSAL_WAIT_S):
+            self._ops.cancel(req)  # UCX must not write into ``note`` once it is gone
+            self.data.progress_until(lambda: req.completed, time.monotonic() + _REFUSAL_WAIT_S)
             return f"(its reason did not arrive within {_REFUSAL_WAIT_S:.0f} s)"
         try:
             req.check_error()
