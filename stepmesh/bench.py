@@ -415,10 +415,10 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
         for src, n in small_out:
             copies_out.append((pos, src, n))
             pos += n
-    one = P.scattered_answer([t.nbytes for t in theirs], in_fits) if client else -1
-    if one >= 0:
+    scattered = P.scattered_answer([t.nbytes for t in theirs], in_fits) if client else -1
+    if scattered >= 0:
         in_buf = HostBuffer(resp_pos)
-        in_iov = IoVec([(in_buf.ptr, resp_pos), (theirs[one].data_ptr(), theirs[one].nbytes)])
+        in_iov = IoVec([(in_buf.ptr, resp_pos), (theirs[scattered].data_ptr(), theirs[scattered].nbytes)])
         copies_in = []
     else:
         in_buf = HostBuffer(P.response_header_size(n_answers) + P.INLINE_MAX if client else P.HEADER_MAX + P.INLINE_MAX)
