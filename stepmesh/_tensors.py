@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -44,29 +43,15 @@ class _DeviceBytes:
         }
 
 
-_BUFFERS: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
-_BUFFERS_KEEP = 1024
-
-
-def memory_buffer(ptr: int, nbytes: int, device: bool) -> Any:
-    """A UCX buffer over an address range, cached: the hot path reuses its buffers.
-
-    The wrapper holds no reference to the memory's owner: the caller keeps the
-    tensor alive for as long as UCX uses it (every request keeps its tensors).
-    """
-    key = (ptr, nbytes, device)
-    buf = _BUFFERS.get(key)
-    if buf is None:
-        obj = _DeviceBytes(ptr, nbytes) if device else (ctypes.c_uint8 * nbytes).from_address(ptr)
-        buf = _BUFFERS[key] = wrap(obj)
-        if len(_BUFFERS) > _BUFFERS_KEEP:
-            _BUFFERS.popitem(last=False)
-    return buf
-
-
 def as_buffer(t: torch.Tensor) -> Any:
-    """A UCX buffer over a contiguous tensor's memory, host or device, without copying."""
-    return memory_buffer(t.data_ptr(), t.nbytes, t.is_cuda)
+    """A ucxx buffer over a contiguous tensor's memory, host or device, without copying.
+
+    The wrapper holds no reference to the tensor: the caller keeps it alive for
+    as long as UCX uses it. (The data path calls libucp with plain addresses;
+    this serves the bench's raw-ucxx floor.)
+    """
+    ptr, nbytes = t.data_ptr(), t.nbytes
+    return wrap(_DeviceBytes(ptr, nbytes) if t.is_cuda else (ctypes.c_uint8 * nbytes).from_address(ptr))
 
 
 def copy_bytes(dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int, nbytes: int) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import PeerError, StepMeshError
 
-__all__ = ["Transport", "ControlChannel", "ucx_version", "host_buffer"]
+__all__ = ["Transport", "ControlChannel", "ucx_version"]
 
 _api: Any = None
 _Array: Any = None
@@ -49,13 +49,6 @@ def _ucx() -> tuple[Any, Any]:
 def ucx_version() -> str:
     api, _ = _ucx()
     return ".".join(map(str, api.get_ucx_version()))
-
-
-def host_buffer(nbytes: int) -> tuple[np.ndarray, Any]:
-    """A host byte buffer and its UCX wrapper, allocated once and reused."""
-    _, Array = _ucx()
-    arr = np.empty(nbytes, dtype=np.uint8)
-    return arr, Array(arr)
 
 
 def wrap(obj: Any) -> Any:
