@@ -403,18 +403,26 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     answer_sizes = [t.nbytes for t in wl.pull]
     resp_pos = answer_struct.size  # an answered response's header
     out_head, in_head = (hsize, resp_pos) if client else (resp_pos, hsize)
-    small_out = [(t.data_ptr(), t.nbytes) for t, f in zip(mine, out_fits) if f and t.nbytes]
+
+    def small(ts: list[Any], fits: tuple[bool, ...]) -> list[tuple[int, int]]:
+        return [(t.data_ptr(), t.nbytes) for t, f in zip(ts, fits) if f and t.nbytes]
+
+    def behind(base: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """(address in the buffer, tensor address, bytes) of tensors laid back to back from ``base``."""
+        out = []
+        for ptr, n in pieces:
+            out.append((base, ptr, n))
+            base += n
+        return out
+
+    small_out, small_in = small(mine, out_fits), small(theirs, in_fits)
     out_buf = HostBuffer(out_head + sum(n for _, n in small_out))
     out_len = out_buf.raw.size
-    copies_out: list[tuple[int, int, int]] = []
-    if client or not small_out:  # the worker has UCX gather its small pushes behind the header
-        out_iov = IoVec([(out_buf.ptr, out_head), *small_out]) if small_out else None
-    else:  # the server copies its small answers in behind the header
-        out_iov = None
-        pos = out_buf.ptr + out_head
-        for src, n in small_out:
-            copies_out.append((pos, src, n))
-            pos += n
+    out_iov, copies_out = None, []
+    if client and small_out:  # the worker has UCX gather its small pushes behind the header
+        out_iov = IoVec([(out_buf.ptr, out_head), *small_out])
+    elif small_out:  # the server copies its small answers in behind the header
+        copies_out = behind(out_buf.ptr + out_head, small_out)
     scattered = P.scattered_answer([t.nbytes for t in theirs], in_fits) if client else -1
     if scattered >= 0:
         in_buf = HostBuffer(resp_pos)
@@ -423,11 +431,7 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
     else:
         in_buf = HostBuffer(P.response_header_size(n_answers) + P.INLINE_MAX if client else P.HEADER_MAX + P.INLINE_MAX)
         in_iov = None
-        copies_in, pos = [], in_buf.ptr + in_head
-        for t, f in zip(theirs, in_fits):
-            if f and t.nbytes:
-                copies_in.append((pos, t.data_ptr(), t.nbytes))
-                pos += t.nbytes
+        copies_in = behind(in_buf.ptr + in_head, small_in)
     sends = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(mine, out_fits)) if not f]
     recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, f) in enumerate(zip(theirs, in_fits)) if not f]
     kinds = (P.TAG_REQUEST, P.TAG_PUSH, P.TAG_RESPONSE, P.TAG_PULL)
@@ -458,18 +462,18 @@ def _protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) 
         got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
         wait(got)
         wait(sent)
-        for src, dst, n in copies_in:
-            memmove(dst, src, n)
+        for at, dst, n in copies_in:
+            memmove(dst, at, n)
 
     def one_server(seq: int, bits: int) -> None:
         slot = state["slot"] or recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
         wait([slot])
-        for src, dst, n in copies_in:
-            memmove(dst, src, n)
+        for at, dst, n in copies_in:
+            memmove(dst, at, n)
         wait([recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs])
         answer_struct.pack_into(out_buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, n_answers, seq, 0, 0, 0, 0, *answer_sizes)
-        for dst, src, n in copies_out:
-            memmove(dst, src, n)
+        for at, src, n in copies_out:
+            memmove(at, src, n)
         sent = post_out(bits)
         state["slot"] = recv(in_buf.ptr, in_buf.raw.size, in_tag, P.TAG_MASK_KIND_NODE)
         # Some rendezvous (CUDA IPC) move only while the sender progresses:

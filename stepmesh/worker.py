@@ -495,7 +495,7 @@ class AFTensorWorker(Node):
                 f"(expected {pend.seq}), {n} answers (expected {pend.plan.per})"
             )
         if pend.plan.recvs[s][3] is None:  # not scattered: the text follows the header
-            text = P.Reader(raw[P.RESP_FIXED.size + P.RESP_SIZE.size * n :], "response error").text()
+            text = P.Reader(raw[pend.plan.resp_pos :], "response error").text()
         else:
             text = self._refusal_text(pend, s)
         raise PeerError(f"{peer.describe()} refused to answer (status {status}): {text}", "server", peer.rank)
