@@ -85,9 +85,10 @@ def _versions() -> dict[str, str | None]:
     except Exception as e:
         out["ucx"] = f"not available ({_error(e)})"
     try:
-        from stepmesh._ucp import library_path
+        from stepmesh._ucp import library_path, native_available
 
-        out["libucp"] = f"{library_path()} (the data path calls it directly)"
+        via = "C (stepmesh._ucpc)" if native_available() else "ctypes: stepmesh._ucpc was not built"
+        out["libucp"] = f"{library_path()} (the data path calls it directly, through {via})"
     except Exception as e:
         out["libucp"] = f"not available ({_error(e)})"
     return out

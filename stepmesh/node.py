@@ -119,7 +119,7 @@ class Node:
             from .backends import select
 
             select(cfg.backend).set_device(cfg.gpu)
-        self.data = Transport(data_ucx_options(cfg), cfg.progress)
+        self.data = Transport(data_ucx_options(cfg), cfg.progress, native=cfg.native)
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
         self._running = True

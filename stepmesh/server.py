@@ -216,6 +216,13 @@ class AFTensorServer(Node):
                     still.append(r)
             self._arriving = still
 
+    def _watched(self) -> list[Any]:
+        """The receives whose completion would move a batch on: each worker's next header, each payload's next part."""
+        watched = [ring[0].req for ring in self._rings if ring]
+        for r in self._arriving:
+            watched.extend(q for q in r.reqs if not q.completed)
+        return watched
+
     def _repost(self) -> None:
         for w, slot in self._spare:
             self._post(w, slot)
@@ -316,10 +323,15 @@ class AFTensorServer(Node):
 
         forever = timeout_ms is None
         deadline = time.monotonic() + (3600.0 if forever else timeout_ms / 1000)
-        while not data.progress_until(done, deadline, self._check_workers):
-            if not forever:
-                return []
-            deadline = time.monotonic() + 3600.0
+        while not done():
+            if self._deferred:  # answers wait for a CUDA event: look at it between progress steps
+                arrived = data.progress_until(done, deadline, self._check_workers)
+            else:  # spin until one of the receives it waits for completes
+                arrived = data.wait_requests(self._watched(), deadline, self._check_workers, any=True)
+            if not arrived and not done():
+                if not forever:
+                    return []
+                deadline = time.monotonic() + 3600.0
         t_proc = time.monotonic_ns()
         batch = []
         for q in ready:

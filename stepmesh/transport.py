@@ -9,6 +9,7 @@ ucxx is imported on first use, never when ``stepmesh`` is imported.
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 import time
@@ -64,9 +65,10 @@ class Transport:
         options: UCX options without the ``UCX_`` prefix (``{"TLS": "tcp"}``).
         progress: ``blocking``, ``polling`` or ``thread``.
         active_messages: enable UCX active messages (the control plane uses them).
+        native: the data path's tag operations in C when built (see ``_ucp.tag_ops``).
     """
 
-    def __init__(self, options: dict[str, str], progress: str, active_messages: bool = False):
+    def __init__(self, options: dict[str, str], progress: str, active_messages: bool = False, native: bool = True):
         api, _ = _ucx()
         self.api = api
         features = [api.Feature.TAG, api.Feature.WAKEUP]
@@ -81,14 +83,15 @@ class Transport:
             self.worker.init_blocking_progress_mode()
         self._closed = False
         self._ops: Any = None
+        self._native = native
 
     @property
     def ops(self) -> Any:
         """Direct libucp tag operations on this worker (the data path's)."""
         if self._ops is None:
-            from ._ucp import TagOps
+            from ._ucp import tag_ops
 
-            self._ops = TagOps(self.worker)
+            self._ops = tag_ops(self.worker, self._native, threaded=self.mode == "thread")
         return self._ops
 
     @property
@@ -174,6 +177,26 @@ class Transport:
                 worker.progress_worker_event(ms)
             else:
                 time.sleep(_THREAD_WAIT_S)
+        return True
+
+    def wait_requests(
+        self, reqs: list[Any], deadline: float, check: Callable[[], None] | None = None, any: bool = False
+    ) -> bool:
+        """Progress until all (with ``any``: one) of the data path's ``reqs`` are complete; False on timeout.
+
+        In polling mode the spinning runs inside the tag operations (in C when
+        built): Python runs only ``check`` and the deadline, every 256 spins.
+        """
+        if self.mode != "polling":
+            if any:
+                return self.progress_until(lambda: not reqs or builtins.any([r.completed for r in reqs]), deadline, check)
+            return self.progress_until(lambda: all([r.completed for r in reqs]), deadline, check)
+        wait = self.ops.wait
+        while not wait(reqs, 256, any):
+            if check is not None:
+                check()
+            if time.monotonic() >= deadline:
+                return wait(reqs, 0, any)
         return True
 
     def close(self) -> None:

@@ -71,9 +71,7 @@ class _Plan:
 class _Pending:
     """One push_pull in flight: its UCX requests and every buffer they use."""
 
-    __slots__ = (
-        "arrived", "event", "hb", "keep", "plan", "pos", "reqs", "resp", "seq", "sreqs", "t_sent", "t_start", "waiting",
-    )
+    __slots__ = ("event", "hb", "keep", "plan", "reqs", "resp", "seq", "sreqs", "t_sent", "t_start")
 
     def __init__(self, plan: _Plan, seq: int, hb: HostBuffer, keep: list[torch.Tensor], t_start: int) -> None:
         self.plan = plan
@@ -85,9 +83,6 @@ class _Pending:
         self.reqs: list[Any] = []  # receives, server by server: reqs[starts[s]:ends[s]] are server s's
         self.sreqs: list[Any] | None = None  # sends; None until posted (a CUDA event may hold them back)
         self.resp: list[HostBuffer] = []
-        self.waiting = list(plan.servers)  # servers whose answer is not complete yet
-        self.pos = list(plan.starts)  # per server, its first receive not known complete
-        self.arrived = [0] * len(plan.starts)  # when each server's answer was seen complete
         self.event: Any = None
 
 
@@ -394,8 +389,17 @@ class AFTensorWorker(Node):
             data = self.data
             assert data is not None
             deadline = time.monotonic() + timeout_ms / 1000
-            if not data.progress_until(lambda: self._complete(pend), deadline, self._check_servers):
-                waiting = [self.servers[s].describe() for s in pend.waiting]
+            if self._deferred:  # sends wait for a CUDA event: look at it between progress steps
+                done = data.progress_until(lambda: self._complete(pend), deadline, self._check_servers)
+            else:
+                done = data.wait_requests(pend.reqs + pend.sreqs, deadline, self._check_servers)  # type: ignore[operator]
+            if not done:
+                plan = pend.plan
+                waiting = [
+                    self.servers[s].describe()
+                    for s in plan.servers
+                    if not all([r.completed for r in pend.reqs[plan.starts[s] : plan.ends[s]]])
+                ]
                 raise TimeoutError(
                     f"push_pull handle {handle} not complete after {timeout_ms} ms; "
                     f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
@@ -414,39 +418,22 @@ class AFTensorWorker(Node):
             traces.popitem(last=False)
 
     def _complete(self, pend: _Pending) -> bool:
-        """Whether every receive and send of ``pend`` is done, noting when each server's answer was.
+        """Whether every receive and send of ``pend`` is done.
 
-        Each server's receives are watched on their own, so that its trace stamp
-        says when its own answer arrived (a slow server stands out).
+        Every receive is looked at each time, so that each records when it was
+        seen complete: a server's trace stamp says when its own answer arrived
+        (a slow server stands out).
         """
         if self._deferred:
             self._send_deferred()
-        waiting = pend.waiting
-        if waiting:
-            reqs = pend.reqs
-            ends = pend.plan.ends
-            pos = pend.pos
-            still = []
-            for s in waiting:
-                i = pos[s]
-                end = ends[s]
-                while i < end and reqs[i].completed:
-                    i += 1
-                if i == end:
-                    pend.arrived[s] = _now()
-                else:
-                    pos[s] = i
-                    still.append(s)
-            pend.waiting = still
-            if still:
-                return False
+        done = all([r.completed for r in pend.reqs])
         sreqs = pend.sreqs
         if sreqs is None:  # still waiting for the caller's stream
             return False
         for r in sreqs:
             if not r.completed:
                 return False
-        return True
+        return done
 
     def _finish(self, pend: _Pending) -> tuple[int, int, list[tuple[int, ...]], list[int], int]:
         """Check every server's response and copy inline answers out; the trace's raw stamps."""
@@ -454,8 +441,17 @@ class AFTensorWorker(Node):
         unpack = plan.resp_struct.unpack_from
         expect = (P.DATA_VERSION, P.STATUS_OK, plan.per, pend.seq)
         stamps = []
+        arrived = []
+        reqs = pend.reqs
+        starts = plan.starts
+        ends = plan.ends
         error: StepMeshError | None = None
         for s, buf in enumerate(pend.resp):
+            t = pend.t_sent  # (a receive that completed within its call has no stamp of its own)
+            for i in range(starts[s], ends[s]):
+                if reqs[i].t_done > t:
+                    t = reqs[i].t_done
+            arrived.append(t)
             try:
                 f = unpack(buf.raw, 0)
                 if (f[0], f[2], f[3], f[4]) != expect:
@@ -477,7 +473,7 @@ class AFTensorWorker(Node):
         plan.free.append(pend.hb)
         if error is not None:
             raise error
-        return pend.t_start, pend.t_sent, stamps, pend.arrived, _now()
+        return pend.t_start, pend.t_sent, stamps, arrived, _now()
 
     def _bad_response(self, buf: HostBuffer, pend: _Pending, s: int) -> None:
         """Raise what is wrong with server ``s``'s response (a refusal, or a malformed one).

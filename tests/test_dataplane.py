@@ -121,6 +121,8 @@ def test_each_server_trace_says_when_its_own_answer_arrived():
 # ---------------------------------------------------------- stages in flight
 def _stages(ctx: NodeContext) -> int:
     f.init()
+    ops = (ctx.args or {}).get("ops")
+    assert ops is None or type(f._node.data.ops).__module__ == ops
     n_stages, rounds = 3, 4
     if ctx.role == "worker":
         buf = torch.arange(LARGE, dtype=torch.float32)
@@ -155,6 +157,13 @@ def test_three_stages_in_flight_answered_out_of_order():
 def test_stages_in_every_progress_mode(mode):
     """The data path under busy-polling and under a UCX progress thread (blocking is the default above)."""
     assert set(_mesh(_stages, env={**FAST, "STEPMESH_PROGRESS": mode}).values()) == {4}
+
+
+@pytest.mark.timeout(120)
+def test_the_ctypes_fallback_carries_the_data_path_too():
+    """STEPMESH_NATIVE=0 (or no C compiler at install): the same traffic through ctypes."""
+    env = {**FAST, "STEPMESH_PROGRESS": "polling", "STEPMESH_NATIVE": "0"}
+    assert set(_mesh(_stages, env=env, args={"ops": "stepmesh._ucp"}).values()) == {4}
 
 
 # ------------------------------------------------------------ dynamic sizes

@@ -7,17 +7,26 @@ import time
 import pytest
 import torch
 
-from stepmesh._ucp import IoVec, UcpError
+from stepmesh._ucp import IoVec, TagOps, UcpError, native_available
 from stepmesh.transport import Transport
 
 DEADLINE_S = 10.0
 
 
-@pytest.fixture
-def loop():
-    """A polling transport with an endpoint to its own worker (UCX's self / shared-memory path)."""
-    tp = Transport({}, "polling")
+def test_the_c_tag_operations_are_built():
+    Transport({}, "polling").close()  # loads ucxx, and with it libucp
+    # CI installs with a compiler: a missing C extension there is a build problem,
+    # not something to fall back from silently (users without one get ctypes).
+    assert native_available(), "stepmesh._ucpc did not build or load: pip install -e . needs a C compiler"
+
+
+@pytest.fixture(params=[True, False], ids=["c", "ctypes"])
+def loop(request):
+    """A polling transport with an endpoint to its own worker (UCX's self / shared-memory path),
+    its tag operations in C and, again, through the ctypes fallback."""
+    tp = Transport({}, "polling", native=request.param)
     ep = tp.connect(tp.address)
+    assert isinstance(tp.ops, TagOps) != request.param
     try:
         yield tp, ep
     finally:
@@ -139,3 +148,72 @@ def test_cancel_completes_a_posted_receive_as_cancelled(loop):
         r.check_error()
     assert ops.in_flight == 0
     ops.cancel(r)  # a completed one: nothing to do
+
+
+@pytest.mark.timeout(30)
+def test_a_request_dropped_in_flight_is_still_completed_and_released(loop):
+    tp, ep = loop
+    ops = tp.ops
+    dst = torch.zeros(8, dtype=torch.uint8)
+    ops.recv(dst.data_ptr(), 8, 0x81)  # the caller keeps no reference
+    assert ops.in_flight == 1
+    src = torch.arange(8, dtype=torch.uint8)
+    s = ops.send(ep.handle, src.data_ptr(), 8, 0x81)
+    _wait(tp, s)
+    assert tp.progress_until(lambda: torch.equal(dst, src), time.monotonic() + DEADLINE_S)
+    ops.close()  # what was never seen complete is released here
+    assert ops.in_flight == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("args", [(-1, 8, 1), (0, "8", 1), (0, 8, 2**64)])
+def test_the_c_calls_refuse_what_is_not_an_address_a_size_or_a_tag(args):
+    # (ctypes masks such values into range: its callers, stepmesh's own, never pass them)
+    tp = Transport({}, "polling", native=True)
+    try:
+        with pytest.raises(TypeError, match="ptr|nbytes|tag"):
+            tp.ops.recv(*args)
+        assert tp.ops.in_flight == 0
+    finally:
+        tp.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("native", [True, False], ids=["c", "ctypes"])
+def test_a_ucx_progress_thread_may_run_beside_the_calls(native):
+    tp = Transport({}, "thread", native=native)
+    try:
+        ep = tp.connect(tp.address)
+        ops = tp.ops
+        src = torch.randint(0, 255, (1 << 16,), dtype=torch.uint8)
+        for i in range(50):
+            dst = torch.zeros_like(src)
+            r = ops.recv(dst.data_ptr(), dst.numel(), 0x900 + i)
+            s = ops.send(ep.handle, src.data_ptr(), src.numel(), 0x900 + i)
+            _wait(tp, r, s)
+            r.check_error()
+            assert torch.equal(dst, src)
+        assert ops.in_flight == 0
+    finally:
+        tp.close()
+
+
+@pytest.mark.timeout(30)
+def test_wait_spins_until_all_or_any_and_stamps_each_completion(loop):
+    tp, ep = loop
+    ops = tp.ops
+    a, b = torch.zeros(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
+    ra, rb = ops.recv(a.data_ptr(), 4, 0xA1), ops.recv(b.data_ptr(), 4, 0xA2)
+    assert not ops.wait([ra, rb], 100) and not ops.wait([ra, rb], 0, True)  # nothing sent: not done
+    src = torch.arange(4, dtype=torch.uint8)
+    before = time.monotonic_ns()
+    s1 = ops.send(ep.handle, src.data_ptr(), 4, 0xA2)
+    assert ops.wait([ra, rb], 10_000, True)  # one of them
+    assert rb.completed and not ra.completed and before <= rb.t_done <= time.monotonic_ns()
+    assert not ops.wait([ra, rb], 100)
+    s2 = ops.send(ep.handle, src.data_ptr(), 4, 0xA1)
+    assert ops.wait([ra, rb, s1, s2], 10_000)
+    assert ra.t_done >= rb.t_done and torch.equal(a, src) and torch.equal(b, src)
+    assert ops.wait([], 0) and ops.wait([], 0, True)
+    with pytest.raises((TypeError, AttributeError)):  # (C: TypeError; ctypes: no .completed)
+        ops.wait([ra, "not a request"], 1)
