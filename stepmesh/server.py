@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from ctypes import memmove
 from typing import Any
 
 import numpy as np
@@ -39,23 +40,21 @@ RING_DEPTH = 4
 _LAYOUTS_KEEP = 16  # recent request layouts remembered per worker
 _SEQ = P.SEQ_STRUCT
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
+_NONE: list[Any] = []  # a request with no payload messages (never appended to)
+_now = time.monotonic_ns
 
 
 class _Request:
     """A request from one worker, from its header until the server answers it."""
 
-    __slots__ = ("handle", "keys", "pulls", "reqs", "seq", "small", "t_proc", "t_recv", "tensors", "worker")
+    __slots__ = ("handle", "layout", "reqs", "seq", "t_proc", "t_recv", "tensors", "worker")
 
-    def __init__(
-        self, worker: int, seq: int, tensors: list[torch.Tensor], keys: list[int], pulls: tuple, small: tuple
-    ) -> None:
+    def __init__(self, worker: int, seq: int, tensors: list[torch.Tensor], layout: _Layout) -> None:
         self.worker = worker
         self.seq = seq
         self.tensors = tensors
-        self.keys = keys
-        self.pulls = pulls  # ((key, capacity), ...) for this server
-        self.small = small  # which answers travel inside the response header
-        self.reqs: list[Any] = []
+        self.layout = layout  # its keys, and the answers asked of this server
+        self.reqs: list[Any] = _NONE
         self.t_recv = 0
         self.t_proc = 0
         self.handle = 0
@@ -65,8 +64,8 @@ class _Layout:
     """A decoded request header, kept to recognise the next one laid out the same."""
 
     __slots__ = (
-        "copies", "dest", "fresh", "gen", "hdr", "head", "keys", "pulls", "push_inline", "push_tag", "separate", "size",
-        "small", "tail",
+        "caps", "copies", "dest", "fresh", "gen", "hdr", "head", "keys", "large", "moves", "pulls", "push_inline",
+        "push_tag", "resp_pos", "resp_struct", "separate", "size", "small", "small_idx", "tail", "takes",
     )
 
     def __init__(self, head: bytes, hdr: P.RequestHeader, tail: bytes, pulls: tuple, sender: int) -> None:
@@ -75,10 +74,15 @@ class _Layout:
         self.tail = tail
         self.size = hdr.size
         self.keys = [m.key for m in hdr.tensors]
-        self.pulls = pulls
+        self.pulls = pulls  # ((key, capacity), ...) asked of this server
+        self.caps = [cap for _, cap in pulls]
         on_host = not hdr.flags & P.FLAG_DEVICE
         self.push_inline = P.inline_split([m.nbytes for m in hdr.tensors], on_host)
-        self.small = P.inline_split([cap for _, cap in pulls], on_host)
+        self.small = P.inline_split(self.caps, on_host)  # which answers travel inside the response header
+        self.small_idx = [j for j, fits in enumerate(self.small) if fits]
+        self.large = [j for j, fits in enumerate(self.small) if not fits]
+        self.resp_struct = P.response_struct(len(pulls))
+        self.resp_pos = self.resp_struct.size
         self.push_tag = P.make_tag(P.TAG_PUSH, sender)  # the sequence is OR-ed in per request
         self.copies: list[tuple[int, int, int]] = []  # (tensor index, offset in the slot, bytes) of inline pushes
         self.separate: list[int] = []  # tensor indices that come as their own messages
@@ -91,6 +95,8 @@ class _Layout:
                 pos += m.nbytes
         self.dest: list[torch.Tensor | None] = []  # registered chunk views (None: unregistered), for ``gen``
         self.fresh: list[int] = []  # indices with no registered chunk: allocated per request
+        self.moves: list[tuple[int, int, int]] = []  # inline pushes into host chunks: (address, offset in the slot, bytes)
+        self.takes: list[tuple[int, int, int]] = []  # the other inline pushes: (tensor index, offset, bytes)
         self.gen = -1
 
 
@@ -260,25 +266,29 @@ class AFTensorServer(Node):
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
         if last.gen != self._reg_gen:
-            last.dest = [self._registered_view(w, m) for m in last.hdr.tensors]
-            last.fresh = [i for i, v in enumerate(last.dest) if v is None]
+            dest = last.dest = [self._registered_view(w, m) for m in last.hdr.tensors]
+            last.fresh = [i for i, v in enumerate(dest) if v is None]
+            host = [i for i, _, _ in last.copies if dest[i] is not None and not dest[i].is_cuda]
+            last.moves = [(dest[i].data_ptr(), pos, n) for i, pos, n in last.copies if i in host]  # type: ignore[union-attr]
+            last.takes = [(i, pos, n) for i, pos, n in last.copies if i not in host]
             last.gen = self._reg_gen
         tensors = list(last.dest)  # registered pushes land in their chunk's view
         for i in last.fresh:  # the others in memory of their own
             m = last.hdr.tensors[i]
             tensors[i] = torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device)
-        for i, pos, n in last.copies:
+        base = buf.ptr
+        for dst, pos, n in last.moves:
+            memmove(dst, base + pos, n)
+        for i, pos, n in last.takes:
             buf.take(pos, tensors[i], n)
-        r = _Request(w, seq, tensors, last.keys, last.pulls, last.small)
+        r = _Request(w, seq, tensors, last)
         if last.separate:
             recv = self._ops.recv
-            base = last.push_tag | (seq << P.SEQ_SHIFT)
-            for i in last.separate:  # r.tensors keeps the memory alive
-                t = tensors[i]
-                r.reqs.append(recv(t.data_ptr(), t.nbytes, base | i))
+            bits = last.push_tag | (seq << P.SEQ_SHIFT)
+            r.reqs = [recv(tensors[i].data_ptr(), tensors[i].nbytes, bits | i) for i in last.separate]  # r.tensors keeps the memory alive
             self._arriving.append(r)
         else:
-            r.t_recv = time.monotonic_ns()
+            r.t_recv = _now()
             self._ready[w].append(r)
 
     def _registered_view(self, w: int, m: P.TensorMeta) -> torch.Tensor | None:
@@ -340,7 +350,7 @@ class AFTensorServer(Node):
             r.handle = self._next_handle
             self._next_handle += 1
             self._handles[r.handle] = r
-            batch.append((r.handle, r.tensors, r.keys))
+            batch.append((r.handle, r.tensors, r.layout.keys))
         return batch
 
     def _check_workers(self) -> None:
@@ -356,15 +366,16 @@ class AFTensorServer(Node):
         if r is None:
             raise ArgumentError(f"handle {handle!r} is unknown: not from get_batch, or already answered")
         ts = check_tensors(name, tensors)
-        if len(ts) != len(r.pulls):
+        pulls = r.layout.pulls
+        if len(ts) != len(pulls):
             raise ArgumentError(
-                f"{name} has {len(ts)} tensors but the worker asked this server for {len(r.pulls)} "
-                f"(pull keys {[k for k, _ in r.pulls]})"
+                f"{name} has {len(ts)} tensors but the worker asked this server for {len(pulls)} "
+                f"(pull keys {[k for k, _ in pulls]})"
             )
         return r, ts
 
     def _too_big(self, r: _Request, ts: list[torch.Tensor], name: str) -> str | None:
-        for j, (t, (key, cap)) in enumerate(zip(ts, r.pulls)):
+        for j, (t, (key, cap)) in enumerate(zip(ts, r.layout.pulls)):
             nbytes = t.nbytes
             if nbytes > cap:
                 return (
@@ -388,9 +399,9 @@ class AFTensorServer(Node):
         r = self._handles.get(handle) if isinstance(handle, int) else None
         # The common case, checked in one pass: a list of contiguous tensors of
         # known dtypes, one per pull, each fitting the worker's buffer.
-        ok = r is not None and isinstance(tensors, list) and len(tensors) == len(r.pulls)
+        ok = r is not None and isinstance(tensors, list) and len(tensors) == len(r.layout.caps)
         if ok:
-            for t, (_, cap) in zip(tensors, r.pulls):
+            for t, cap in zip(tensors, r.layout.caps):  # type: ignore[union-attr]
                 if not (isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype in DTYPE_CODE and t.nbytes <= cap):
                     ok = False
                     break
@@ -499,26 +510,36 @@ class AFTensorServer(Node):
         if self._fatal is not None or self.dead:
             self._check_workers()  # raises before the handle is used up
         self._handles.pop(r.handle, None)  # a deferred answer's is gone already
+        lay = r.layout
         sizes = [t.nbytes for t in ts]
-        buf, pos = self._response(r, P.STATUS_OK, sizes)
-        separate = []
+        buf = self._resp_pool.get()
+        now = _now()
+        lay.resp_struct.pack_into(
+            buf.raw, 0, P.DATA_VERSION, 0, P.STATUS_OK, len(sizes), r.seq, r.t_recv, r.t_proc, now, now, *sizes
+        )
+        pos = lay.resp_pos
+        base = buf.ptr
         # Small answers are copied, not gathered by UCX from the tensors: a send
         # UCX cannot start at once would read them later, and the caller may
         # write its next answer into the same tensor as soon as respond returns.
-        for j, (t, n, fits) in enumerate(zip(ts, sizes, r.small)):
-            if not fits:
-                separate.append((j, t))
-            elif n:
-                buf.put(pos, t, n)
+        for j in lay.small_idx:
+            n = sizes[j]
+            if n:
+                t = ts[j]
+                if t.is_cuda:
+                    buf.put(pos, t, n)
+                else:
+                    memmove(base + pos, t.data_ptr(), n)
                 pos += n
-        self._post_response(r, buf, pos, separate)
+        self._post_response(r, buf, pos, [(j, ts[j]) for j in lay.large])
 
     def _reject(self, r: _Request, text: str) -> None:
         """Tell the worker why it gets no answer, and complete its pull receives empty."""
         del self._handles[r.handle]
-        apart = P.scattered_answer([cap for _, cap in r.pulls], r.small) >= 0
-        buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(r.pulls), "" if apart else text)
-        empty = [(j, torch.empty(0, dtype=torch.uint8)) for j, fits in enumerate(r.small) if not fits]
+        lay = r.layout
+        apart = P.scattered_answer(lay.caps, lay.small) >= 0
+        buf, pos = self._response(r, P.STATUS_REJECTED, [0] * len(lay.caps), "" if apart else text)
+        empty = [(j, torch.empty(0, dtype=torch.uint8)) for j in lay.large]
         self._post_response(r, buf, pos, empty)
         if apart:  # what follows the header would land in the worker's pull tensor
             note = torch.frombuffer(bytearray(P.Writer().text(text[: P.MAX_STRING]).buf), dtype=torch.uint8)
