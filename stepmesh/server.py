@@ -276,16 +276,17 @@ class AFTensorServer(Node):
         for i in last.fresh:  # the others in memory of their own
             m = last.hdr.tensors[i]
             tensors[i] = torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device)
+        r = _Request(w, seq, tensors, last)
+        if last.separate:  # first, so that UCX moves them while the inline ones are copied
+            recv = self._ops.recv
+            bits = last.push_tag | (seq << P.SEQ_SHIFT)
+            r.reqs = [recv(tensors[i].data_ptr(), tensors[i].nbytes, bits | i) for i in last.separate]  # r.tensors keeps the memory alive
         base = buf.ptr
         for dst, pos, n in last.moves:
             memmove(dst, base + pos, n)
         for i, pos, n in last.takes:
             buf.take(pos, tensors[i], n)
-        r = _Request(w, seq, tensors, last)
         if last.separate:
-            recv = self._ops.recv
-            bits = last.push_tag | (seq << P.SEQ_SHIFT)
-            r.reqs = [recv(tensors[i].data_ptr(), tensors[i].nbytes, bits | i) for i in last.separate]  # r.tensors keeps the memory alive
             self._arriving.append(r)
         else:
             r.t_recv = _now()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from ctypes import memmove
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -356,8 +357,9 @@ class AFTensorWorker(Node):
         if need_event and any(t.is_cuda for t in push):
             from .backends import select
 
-            backend = select(None, next(t for t in push if t.is_cuda))
-            plan.event = backend.record_event
+            first = next(t for t in push if t.is_cuda)
+            backend = select(None, first)
+            plan.event = partial(backend.record_event, first.device)  # on the stream of the pushes' device
             plan.release = backend.release_event
         return plan
 

@@ -188,3 +188,17 @@ def _busy_stream(ctx: NodeContext) -> bool:
 @pytest.mark.timeout(200)
 def test_gpu_need_event_waits_for_a_busy_stream():
     assert all(_mesh(_busy_stream).values())
+
+
+@pytest.mark.timeout(60)
+def test_gpu_an_idle_stream_needs_no_event():
+    from stepmesh.backends import get
+
+    cuda = get("cuda")
+    torch.cuda.synchronize()
+    assert cuda.record_event(torch.device("cuda", 0)) is None  # nothing queued: the data is ready
+    torch.cuda._sleep(50_000_000)
+    event = cuda.record_event(torch.device("cuda", 0))
+    assert event is not None and not event.query()
+    event.synchronize()
+    cuda.release_event(event)

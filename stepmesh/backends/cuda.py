@@ -7,6 +7,7 @@ here launches a kernel to move data.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 from . import Backend
@@ -45,19 +46,49 @@ class CUDABackend(Backend):
 
     def __init__(self) -> None:
         self._idle: dict[int, list[Any]] = {}  # device index -> events free to record again
+        self._query: Any = None  # (raw current stream of a device, cuStreamQuery), False for torch's, None: not looked up
+
+    def _stream_query(self) -> Any:
+        """The driver's ``cuStreamQuery`` and torch's raw current stream; False where either is missing (HIP)."""
+        if self._query is None:
+            self._query = False
+            if not self._hip:
+                try:
+                    lib = ctypes.CDLL("libcuda.so.1")
+                    query = lib.cuStreamQuery
+                    query.argtypes = [ctypes.c_void_p]
+                    query.restype = ctypes.c_int
+                    self._query = (_torch()._C._cuda_getCurrentRawStream, query)
+                except (OSError, AttributeError):
+                    pass
+        return self._query
 
     def record_event(self, device: Any = None) -> Any:
-        """An event recorded on the current stream; events come back through :meth:`release_event`
-        (creating and destroying one per call cost more than recording a reused one)."""
+        """An event recorded on the current stream, or None when that stream has nothing left
+        to run (what it produced is ready: there is nothing to wait for).
+
+        Events come back through :meth:`release_event` (creating and destroying
+        one per call cost more than recording a reused one).
+        """
         torch = _torch()
         index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        query = self._query or self._stream_query()
+        stream = None
+        if query:
+            raw, cu_stream_query = query
+            if cu_stream_query(raw(index)) == 0:  # CUDA_SUCCESS: all work queued so far has completed
+                return None
+        else:
+            stream = torch.cuda.current_stream(index)
+            if stream.query():
+                return None
         idle = self._idle.get(index)
         if idle:
             event = idle.pop()
         else:
             event = torch.cuda.Event()
             event.stepmesh_device = index
-        event.record(torch.cuda.current_stream(index))
+        event.record(stream if stream is not None else torch.cuda.current_stream(index))
         return event
 
     def release_event(self, event: Any) -> None:
