@@ -201,6 +201,14 @@ static int as_u64(PyObject *o, uint64_t *out, const char *name) {
     return 0;
 }
 
+static int ready(TagOpsObject *self) {
+    if (self->worker_obj == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "TagOps was not initialised (call TagOps(worker, handle))");
+        return -1;
+    }
+    return 0;
+}
+
 static int check_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {
     if (nargs < lo || nargs > hi) {
         PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)", fn, lo, hi, nargs);
@@ -250,7 +258,7 @@ static PyObject *post_recv(TagOpsObject *self, uint64_t buf, uint64_t count, uin
 
 static PyObject *TagOps_send(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ep, ptr, n, tag;
-    if (check_nargs("send", nargs, 4, 4) || as_u64(args[0], &ep, "ep") || as_u64(args[1], &ptr, "ptr") ||
+    if (ready(self) || check_nargs("send", nargs, 4, 4) || as_u64(args[0], &ep, "ep") || as_u64(args[1], &ptr, "ptr") ||
         as_u64(args[2], &n, "nbytes") || as_u64(args[3], &tag, "tag"))
         return NULL;
     return post_send(self, ep, ptr, n, tag, self->param);
@@ -258,7 +266,7 @@ static PyObject *TagOps_send(TagOpsObject *self, PyObject *const *args, Py_ssize
 
 static PyObject *TagOps_recv(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ptr, n, tag, mask = UINT64_MAX;
-    if (check_nargs("recv", nargs, 3, 4) || as_u64(args[0], &ptr, "ptr") || as_u64(args[1], &n, "nbytes") ||
+    if (ready(self) || check_nargs("recv", nargs, 3, 4) || as_u64(args[0], &ptr, "ptr") || as_u64(args[1], &n, "nbytes") ||
         as_u64(args[2], &tag, "tag") || (nargs > 3 && as_u64(args[3], &mask, "mask")))
         return NULL;
     return post_recv(self, ptr, n, tag, mask, self->param);
@@ -266,7 +274,7 @@ static PyObject *TagOps_recv(TagOpsObject *self, PyObject *const *args, Py_ssize
 
 static PyObject *TagOps_send_iov(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ep, ptr, count, tag;
-    if (check_nargs("send_iov", nargs, 3, 3) || as_u64(args[0], &ep, "ep") || iov_of(args[1], &ptr, &count) ||
+    if (ready(self) || check_nargs("send_iov", nargs, 3, 3) || as_u64(args[0], &ep, "ep") || iov_of(args[1], &ptr, &count) ||
         as_u64(args[2], &tag, "tag"))
         return NULL;
     return post_send(self, ep, ptr, count, tag, self->iov_param);
@@ -274,7 +282,7 @@ static PyObject *TagOps_send_iov(TagOpsObject *self, PyObject *const *args, Py_s
 
 static PyObject *TagOps_recv_iov(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ptr, count, tag, mask = UINT64_MAX;
-    if (check_nargs("recv_iov", nargs, 2, 3) || iov_of(args[0], &ptr, &count) || as_u64(args[1], &tag, "tag") ||
+    if (ready(self) || check_nargs("recv_iov", nargs, 2, 3) || iov_of(args[0], &ptr, &count) || as_u64(args[1], &tag, "tag") ||
         (nargs > 2 && as_u64(args[2], &mask, "mask")))
         return NULL;
     return post_recv(self, ptr, count, tag, mask, self->iov_param);
@@ -304,6 +312,8 @@ static unsigned progress_once(TagOpsObject *self) {
 }
 
 static PyObject *TagOps_progress(TagOpsObject *self, PyObject *unused) {
+    if (ready(self))
+        return NULL;
     return PyLong_FromUnsignedLong(progress_once(self));
 }
 
@@ -326,7 +336,7 @@ static int settled(PyObject *seq, int any) {
 
 static PyObject *TagOps_wait(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t spins;
-    if (check_nargs("wait", nargs, 2, 3) || as_u64(args[1], &spins, "spins"))
+    if (ready(self) || check_nargs("wait", nargs, 2, 3) || as_u64(args[1], &spins, "spins"))
         return NULL;
     PyObject *list = args[0];
     if (!PyList_CheckExact(list)) {
@@ -380,7 +390,8 @@ static void close_all(TagOpsObject *self) {
 }
 
 static PyObject *TagOps_close(TagOpsObject *self, PyObject *unused) {
-    close_all(self);
+    if (self->worker_obj != NULL)
+        close_all(self);
     Py_RETURN_NONE;
 }
 

@@ -217,3 +217,15 @@ def test_wait_spins_until_all_or_any_and_stamps_each_completion(loop):
     assert ops.wait([], 0) and ops.wait([], 0, True)
     with pytest.raises((TypeError, AttributeError)):  # (C: TypeError; ctypes: no .completed)
         ops.wait([ra, "not a request"], 1)
+
+
+def test_an_uninitialised_c_tagops_refuses_instead_of_crashing():
+    Transport({}, "polling").close()  # loads ucxx and binds the C module
+    from stepmesh import _ucpc
+
+    ops = _ucpc.TagOps.__new__(_ucpc.TagOps)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ops.progress()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ops.recv(0, 0, 1)
+    ops.close()
