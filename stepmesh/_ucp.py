@@ -29,7 +29,9 @@ import numpy as np
 
 from .errors import StepMeshError
 
-__all__ = ["FULL_MASK", "IoVec", "Request", "TagOps", "UcpError", "library_path", "native_available", "tag_ops"]
+__all__ = [
+    "FULL_MASK", "IoVec", "Request", "TagOps", "UcpError", "library_path", "native_available", "native_module", "tag_ops",
+]
 
 _INPROGRESS = 1
 _ERR_MIN = (1 << 64) - 256  # pointers at or above this are UCS_PTR_STATUS(errors)
@@ -111,8 +113,13 @@ def _refused(status: int) -> None:
     raise UcpError(f"UCX refused a tag operation: {_status_text(status)}")
 
 
+def failure(status: int) -> UcpError:
+    """The error of a tag operation that completed with ``status``."""
+    return UcpError(f"UCX tag operation failed: {_status_text(status)}")
+
+
 def _failed(status: int) -> None:
-    raise UcpError(f"UCX tag operation failed: {_status_text(status)}")
+    raise failure(status)
 
 
 def _bound_native() -> Any:
@@ -128,8 +135,34 @@ def _bound_native() -> Any:
             names = ("ucp_tag_send_nbx", "ucp_tag_recv_nbx", "ucp_request_check_status", "ucp_request_free",
                      "ucp_request_cancel", "ucp_worker_progress")
             _ucpc.bind(tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names), _refused, _failed)
+            _check_layout(_ucpc)
             _native = _ucpc
     return _native or None
+
+
+def _check_layout(mod: Any) -> None:
+    """The wire constants the C cores were built with must be stepmesh.protocol's.
+
+    Raises:
+        StepMeshError: they differ (a stale build: reinstall stepmesh).
+    """
+    from . import protocol as P
+
+    if not hasattr(mod, "WorkerCore"):  # built from an older source: its tag operations still serve
+        return
+    built = (mod.SEQ_OFFSET, mod.SEQ_SHIFT, mod.RESP_FIXED)
+    if built != (P.SEQ_OFFSET, P.SEQ_SHIFT, P.RESP_FIXED.size):
+        raise StepMeshError(
+            f"stepmesh._ucpc was built for another wire layout ({built}): reinstall stepmesh (pip install -e .)"
+        )
+
+
+def native_module(ops: Any) -> Any:
+    """The C module when ``ops`` are its tag operations and it has the worker and server cores, else None."""
+    mod = _native or None
+    if mod is None or type(ops) is not mod.TagOps or not hasattr(mod, "WorkerCore"):
+        return None
+    return mod
 
 
 def native_available() -> bool:

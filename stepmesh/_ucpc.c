@@ -11,59 +11,37 @@
  * Optional: stepmesh._ucp falls back to its ctypes classes when this module
  * was not built. Both behave alike, and the tests run both.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
+#include "_ucpc.h"
+
 #include <time.h>
 
-#define UCS_INPROGRESS 1
-#define UCS_ERR_CANCELED (-16)
-#define ERR_MIN ((uintptr_t)-256) /* pointers at or above this are UCS_PTR_STATUS(errors) */
-#define PARAM_WORDS 16            /* ucp_request_param_t is 72 bytes on LP64 (UCX 1.21); zeros past it */
-#define FIELD_DATATYPE (1u << 3)  /* UCP_OP_ATTR_FIELD_DATATYPE */
-#define DATATYPE_WORD 3           /* offsetof(ucp_request_param_t, datatype) / 8 */
-#define DATATYPE_IOV 2            /* UCP_DATATYPE_IOV */
+#define FIELD_DATATYPE (1u << 3) /* UCP_OP_ATTR_FIELD_DATATYPE */
+#define DATATYPE_WORD 3          /* offsetof(ucp_request_param_t, datatype) / 8 */
+#define DATATYPE_IOV 2           /* UCP_DATATYPE_IOV */
 
-typedef void *(*send_fn)(void *ep, const void *buf, size_t count, uint64_t tag, const void *param);
-typedef void *(*recv_fn)(void *worker, void *buf, size_t count, uint64_t tag, uint64_t mask, const void *param);
-typedef int (*check_fn)(void *req);
-typedef void (*free_fn)(void *req);
-typedef void (*cancel_fn)(void *worker, void *req);
-typedef unsigned (*progress_fn)(void *worker);
+smc_send_fn smc_ucp_send;
+smc_recv_fn smc_ucp_recv;
+smc_check_fn smc_ucp_check;
+smc_free_fn smc_ucp_free;
+smc_cancel_fn smc_ucp_cancel;
+smc_progress_fn smc_ucp_progress;
+PyObject *smc_on_refused;
+PyObject *smc_on_failed;
+PyObject *smc_tensor_type;
+PyObject *smc_dtypes;
+PyObject *smc_str_data_ptr, *smc_str_is_contiguous, *smc_str_nbytes, *smc_str_is_cuda, *smc_str_dtype;
 
-/* One libucp per process: bound once by stepmesh._ucp. */
-static send_fn ucp_send;
-static recv_fn ucp_recv;
-static check_fn ucp_check;
-static free_fn ucp_free;
-static cancel_fn ucp_cancel;
-static progress_fn ucp_progress;
-static PyObject *on_refused; /* callable(status): raises UcpError for a refused operation */
-static PyObject *on_failed;  /* callable(status): raises UcpError for a failed one */
-
-typedef struct TagOpsObject TagOpsObject;
-
-typedef struct RequestObject {
-    PyObject_HEAD
-    void *h; /* the UCX request while in flight, else NULL */
-    int status;
-    uint64_t t_done; /* CLOCK_MONOTONIC ns when seen complete (time.monotonic_ns); 0: completed within its call */
-    TagOpsObject *ops; /* while in flight: its list holds a reference to this request */
-    struct RequestObject *prev, *next;
-} RequestObject;
-
-struct TagOpsObject {
-    PyObject_HEAD
-    void *worker;
-    PyObject *worker_obj; /* the ucxx worker, kept alive */
-    int release_gil;      /* another thread (ucxx's progress thread) may hold the worker */
-    uint64_t param[PARAM_WORDS];
-    uint64_t iov_param[PARAM_WORDS];
-    RequestObject live; /* sentinel of the list of requests in flight */
-    Py_ssize_t n_live;
-    RequestObject *done; /* what an operation that completed within its call returns */
-};
+#define ucp_send smc_ucp_send
+#define ucp_recv smc_ucp_recv
+#define ucp_check smc_ucp_check
+#define ucp_free smc_ucp_free
+#define ucp_cancel smc_ucp_cancel
+#define ucp_progress smc_ucp_progress
+#define on_refused smc_on_refused
+#define on_failed smc_on_failed
+#define ERR_MIN SMC_ERR_MIN
+#define PARAM_WORDS SMC_PARAM_WORDS
+#define TagOpsType SmcTagOpsType
 
 static PyTypeObject RequestType;
 
@@ -79,7 +57,7 @@ static void unlink_request(RequestObject *r) {
 
 /* ------------------------------------------------------------------ Request */
 
-static uint64_t now_ns(void) {
+uint64_t smc_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
@@ -106,7 +84,7 @@ static int observe(RequestObject *self) {
         return 0;
     self->status = status;
     self->h = NULL;
-    self->t_done = now_ns();
+    self->t_done = smc_now_ns();
     unlink_request(self); /* the caller still holds a reference */
     return 1;
 }
@@ -118,7 +96,7 @@ static PyObject *Request_status(RequestObject *self, void *closure) { return PyL
 static PyObject *Request_t_done(RequestObject *self, void *closure) { return PyLong_FromUnsignedLongLong(self->t_done); }
 
 /* Raise through ``callback(status)`` (stepmesh._ucp's, which raises UcpError with UCX's text). */
-static PyObject *raise_status(PyObject *callback, long status) {
+PyObject *smc_raise_status(PyObject *callback, long status) {
     PyObject *arg = PyLong_FromLong(status);
     if (arg == NULL)
         return NULL;
@@ -134,7 +112,7 @@ static PyObject *raise_status(PyObject *callback, long status) {
 static PyObject *Request_check_error(RequestObject *self, PyObject *unused) {
     if (self->status == 0)
         Py_RETURN_NONE;
-    return raise_status(on_failed, self->status);
+    return smc_raise_status(on_failed, self->status);
 }
 
 static PyGetSetDef Request_getset[] = {
@@ -169,7 +147,7 @@ static PyObject *wrap_result(TagOpsObject *self, void *h) {
         return (PyObject *)self->done;
     }
     if ((uintptr_t)h >= ERR_MIN) {
-        return raise_status(on_refused, (long)(intptr_t)h);
+        return smc_raise_status(on_refused, (long)(intptr_t)h);
     }
     RequestObject *r = PyObject_New(RequestObject, &RequestType);
     if (r == NULL) {
@@ -190,7 +168,7 @@ static PyObject *wrap_result(TagOpsObject *self, void *h) {
     return (PyObject *)r;
 }
 
-static int as_u64(PyObject *o, uint64_t *out, const char *name) {
+int smc_as_u64(PyObject *o, uint64_t *out, const char *name) {
     unsigned long long v = PyLong_Check(o) ? PyLong_AsUnsignedLongLong(o) : (unsigned long long)-1;
     if (v == (unsigned long long)-1 && (PyErr_Occurred() || !PyLong_Check(o))) {
         PyErr_Clear();
@@ -201,7 +179,7 @@ static int as_u64(PyObject *o, uint64_t *out, const char *name) {
     return 0;
 }
 
-static int ready(TagOpsObject *self) {
+int smc_ready(TagOpsObject *self) {
     if (self->worker_obj == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TagOps was not initialised (call TagOps(worker, handle))");
         return -1;
@@ -226,7 +204,7 @@ static int iov_of(PyObject *iov, uint64_t *ptr, uint64_t *count) {
         Py_DECREF(p);
         return -1;
     }
-    int rc = as_u64(p, ptr, "iov.ptr") || as_u64(c, count, "iov.count") ? -1 : 0;
+    int rc = smc_as_u64(p, ptr, "iov.ptr") || smc_as_u64(c, count, "iov.count") ? -1 : 0;
     Py_DECREF(p);
     Py_DECREF(c);
     return rc;
@@ -258,32 +236,32 @@ static PyObject *post_recv(TagOpsObject *self, uint64_t buf, uint64_t count, uin
 
 static PyObject *TagOps_send(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ep, ptr, n, tag;
-    if (ready(self) || check_nargs("send", nargs, 4, 4) || as_u64(args[0], &ep, "ep") || as_u64(args[1], &ptr, "ptr") ||
-        as_u64(args[2], &n, "nbytes") || as_u64(args[3], &tag, "tag"))
+    if (smc_ready(self) || check_nargs("send", nargs, 4, 4) || smc_as_u64(args[0], &ep, "ep") || smc_as_u64(args[1], &ptr, "ptr") ||
+        smc_as_u64(args[2], &n, "nbytes") || smc_as_u64(args[3], &tag, "tag"))
         return NULL;
     return post_send(self, ep, ptr, n, tag, self->param);
 }
 
 static PyObject *TagOps_recv(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ptr, n, tag, mask = UINT64_MAX;
-    if (ready(self) || check_nargs("recv", nargs, 3, 4) || as_u64(args[0], &ptr, "ptr") || as_u64(args[1], &n, "nbytes") ||
-        as_u64(args[2], &tag, "tag") || (nargs > 3 && as_u64(args[3], &mask, "mask")))
+    if (smc_ready(self) || check_nargs("recv", nargs, 3, 4) || smc_as_u64(args[0], &ptr, "ptr") || smc_as_u64(args[1], &n, "nbytes") ||
+        smc_as_u64(args[2], &tag, "tag") || (nargs > 3 && smc_as_u64(args[3], &mask, "mask")))
         return NULL;
     return post_recv(self, ptr, n, tag, mask, self->param);
 }
 
 static PyObject *TagOps_send_iov(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ep, ptr, count, tag;
-    if (ready(self) || check_nargs("send_iov", nargs, 3, 3) || as_u64(args[0], &ep, "ep") || iov_of(args[1], &ptr, &count) ||
-        as_u64(args[2], &tag, "tag"))
+    if (smc_ready(self) || check_nargs("send_iov", nargs, 3, 3) || smc_as_u64(args[0], &ep, "ep") || iov_of(args[1], &ptr, &count) ||
+        smc_as_u64(args[2], &tag, "tag"))
         return NULL;
     return post_send(self, ep, ptr, count, tag, self->iov_param);
 }
 
 static PyObject *TagOps_recv_iov(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ptr, count, tag, mask = UINT64_MAX;
-    if (ready(self) || check_nargs("recv_iov", nargs, 2, 3) || iov_of(args[0], &ptr, &count) || as_u64(args[1], &tag, "tag") ||
-        (nargs > 2 && as_u64(args[2], &mask, "mask")))
+    if (smc_ready(self) || check_nargs("recv_iov", nargs, 2, 3) || iov_of(args[0], &ptr, &count) || smc_as_u64(args[1], &tag, "tag") ||
+        (nargs > 2 && smc_as_u64(args[2], &mask, "mask")))
         return NULL;
     return post_recv(self, ptr, count, tag, mask, self->iov_param);
 }
@@ -311,8 +289,67 @@ static unsigned progress_once(TagOpsObject *self) {
     return n;
 }
 
+/* ------------------------------------------------ raw calls for the cores */
+
+int smc_as_ssize(PyObject *o, Py_ssize_t *out, const char *name) {
+    Py_ssize_t v = PyLong_Check(o) ? PyLong_AsSsize_t(o) : -1;
+    if (v < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a non-negative int", name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+void *smc_send(TagOpsObject *ops, uint64_t ep, uint64_t buf, uint64_t count, uint64_t tag, int iov) {
+    const void *param = iov ? ops->iov_param : ops->param;
+    void *h;
+    if (ops->release_gil) {
+        Py_BEGIN_ALLOW_THREADS
+        h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param);
+        Py_END_ALLOW_THREADS
+    } else {
+        h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param);
+    }
+    return h;
+}
+
+void *smc_recv(TagOpsObject *ops, uint64_t buf, uint64_t count, uint64_t tag, uint64_t mask, int iov) {
+    const void *param = iov ? ops->iov_param : ops->param;
+    void *h;
+    if (ops->release_gil) {
+        Py_BEGIN_ALLOW_THREADS
+        h = ucp_recv(ops->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param);
+        Py_END_ALLOW_THREADS
+    } else {
+        h = ucp_recv(ops->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param);
+    }
+    return h;
+}
+
+int smc_poll(TagOpsObject *ops, void *h) {
+    int status;
+    if (ops->release_gil) {
+        Py_BEGIN_ALLOW_THREADS
+        status = ucp_check(h);
+        if (status != UCS_INPROGRESS)
+            ucp_free(h);
+        Py_END_ALLOW_THREADS
+    } else {
+        status = ucp_check(h);
+        if (status != UCS_INPROGRESS)
+            ucp_free(h);
+    }
+    return status;
+}
+
+void smc_cancel(TagOpsObject *ops, void *h) { ucp_cancel(ops->worker, h); }
+
+unsigned smc_progress(TagOpsObject *ops) { return progress_once(ops); }
+
 static PyObject *TagOps_progress(TagOpsObject *self, PyObject *unused) {
-    if (ready(self))
+    if (smc_ready(self))
         return NULL;
     return PyLong_FromUnsignedLong(progress_once(self));
 }
@@ -336,7 +373,7 @@ static int settled(PyObject *seq, int any) {
 
 static PyObject *TagOps_wait(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t spins;
-    if (ready(self) || check_nargs("wait", nargs, 2, 3) || as_u64(args[1], &spins, "spins"))
+    if (smc_ready(self) || check_nargs("wait", nargs, 2, 3) || smc_as_u64(args[1], &spins, "spins"))
         return NULL;
     PyObject *list = args[0];
     if (!PyList_CheckExact(list)) {
@@ -382,7 +419,7 @@ static void close_all(TagOpsObject *self) {
         void *h = r->h;
         r->h = NULL;
         r->status = UCS_ERR_CANCELED;
-        r->t_done = now_ns();
+        r->t_done = smc_now_ns();
         ucp_cancel(self->worker, h);
         ucp_free(h);
         unlink_request(r);
@@ -460,7 +497,7 @@ static PyGetSetDef TagOps_getset[] = {
     {NULL},
 };
 
-static PyTypeObject TagOpsType = {
+PyTypeObject SmcTagOpsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "stepmesh._ucpc.TagOps",
     .tp_basicsize = sizeof(TagOpsObject),
@@ -486,12 +523,12 @@ static PyObject *bind(PyObject *module, PyObject *args) {
             return NULL;
         }
     }
-    ucp_send = (send_fn)(uintptr_t)fns[0];
-    ucp_recv = (recv_fn)(uintptr_t)fns[1];
-    ucp_check = (check_fn)(uintptr_t)fns[2];
-    ucp_free = (free_fn)(uintptr_t)fns[3];
-    ucp_cancel = (cancel_fn)(uintptr_t)fns[4];
-    ucp_progress = (progress_fn)(uintptr_t)fns[5];
+    ucp_send = (smc_send_fn)(uintptr_t)fns[0];
+    ucp_recv = (smc_recv_fn)(uintptr_t)fns[1];
+    ucp_check = (smc_check_fn)(uintptr_t)fns[2];
+    ucp_free = (smc_free_fn)(uintptr_t)fns[3];
+    ucp_cancel = (smc_cancel_fn)(uintptr_t)fns[4];
+    ucp_progress = (smc_progress_fn)(uintptr_t)fns[5];
     Py_INCREF(refused);
     Py_XSETREF(on_refused, refused);
     Py_INCREF(failed);
@@ -499,7 +536,20 @@ static PyObject *bind(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *bind_torch(PyObject *module, PyObject *args) {
+    PyObject *tensor_type, *dtypes;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &tensor_type, &PyDict_Type, &dtypes))
+        return NULL;
+    Py_INCREF(tensor_type);
+    Py_XSETREF(smc_tensor_type, tensor_type);
+    Py_INCREF(dtypes);
+    Py_XSETREF(smc_dtypes, dtypes);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"bind_torch", bind_torch, METH_VARARGS,
+     "bind_torch(torch.Tensor, {dtype: wire code}): what the worker and server cores check tensors against."},
     {"bind", bind, METH_VARARGS,
      "bind((send, recv, check_status, free, cancel, progress), on_refused, on_failed): the libucp function "
      "addresses, and the callables that raise for a refused and a failed operation."},
@@ -507,7 +557,8 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "stepmesh._ucpc", "Tag operations on a ucxx worker, in C (see stepmesh._ucp).", -1,
+    PyModuleDef_HEAD_INIT, "stepmesh._ucpc",
+    "Tag operations on a ucxx worker, and the steady state of push_pull and of serving, in C (see stepmesh._ucp).", -1,
     module_methods,
 };
 
@@ -517,8 +568,15 @@ PyMODINIT_FUNC PyInit__ucpc(void) {
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Request", (PyObject *)&RequestType) < 0 ||
-        PyModule_AddObjectRef(m, "TagOps", (PyObject *)&TagOpsType) < 0) {
+    smc_str_data_ptr = PyUnicode_InternFromString("data_ptr");
+    smc_str_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    smc_str_nbytes = PyUnicode_InternFromString("nbytes");
+    smc_str_is_cuda = PyUnicode_InternFromString("is_cuda");
+    smc_str_dtype = PyUnicode_InternFromString("dtype");
+    if (!smc_str_data_ptr || !smc_str_is_contiguous || !smc_str_nbytes || !smc_str_is_cuda || !smc_str_dtype ||
+        PyModule_AddObjectRef(m, "Request", (PyObject *)&RequestType) < 0 ||
+        PyModule_AddObjectRef(m, "TagOps", (PyObject *)&TagOpsType) < 0 || smc_add_worker_types(m) < 0 ||
+        smc_add_server_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -84,6 +84,7 @@ class Transport:
         self._closed = False
         self._ops: Any = None
         self._native = native
+        self._closers: list[Callable[[], None]] = []
 
     @property
     def ops(self) -> Any:
@@ -93,6 +94,17 @@ class Transport:
 
             self._ops = tag_ops(self.worker, self._native, threaded=self.mode == "thread")
         return self._ops
+
+    @property
+    def native(self) -> Any:
+        """The C module behind :attr:`ops` (``stepmesh._ucpc``), or None when they run on ctypes."""
+        from ._ucp import native_module
+
+        return native_module(self.ops)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when this transport closes, before its operations are cancelled (a core's own, say)."""
+        self._closers.append(fn)
 
     @property
     def address(self) -> bytes:
@@ -203,6 +215,8 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        for fn in self._closers:
+            fn()
         if self._ops is not None:
             self._ops.close()
         if self.mode == "thread":

@@ -10,6 +10,11 @@ data lands directly in the caller's tensors.
 Small payloads are not copied here: UCX gathers the header and the push tensors
 into the request message, and scatters a response with one small answer over
 the header buffer and the pull tensor.
+
+Where the C extension is built, each call of a known signature runs in its
+``WorkerCore`` (posting, waiting, checking the responses, traces); this module
+plans the signatures and words the errors. Without it the same protocol runs
+here in Python.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ._tensors import (
     check_keys,
     check_tensors,
 )
-from ._ucp import IoVec
+from ._ucp import IoVec, failure
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
@@ -40,11 +45,19 @@ __all__ = ["AFTensorWorker"]
 _TRACE_KEEP = 4096
 _REFUSAL_WAIT_S = 5.0
 _PLANS_KEEP = 256
+_SPINS = 256  # busy-poll steps inside the C core between Python's liveness checks (polling mode)
+# WorkerCore.wait() results
+_W_DONE, _W_PENDING, _W_UNKNOWN, _W_BAD_TIMEOUT, _W_FAILED = range(5)
 _SEQ = P.SEQ_STRUCT
 _SEQ_OFFSET = P.SEQ_OFFSET
 _SEQ_MASK = P.SEQ_MASK
 _SEQ_SHIFT = P.SEQ_SHIFT
 _now = time.monotonic_ns
+
+
+def _check_timeout(timeout_ms: Any) -> None:
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+        raise ArgumentError(f"timeout_ms must be a non-negative number, got {timeout_ms!r}")
 
 
 class _Plan:
@@ -56,7 +69,7 @@ class _Plan:
     """
 
     __slots__ = (
-        "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
+        "core", "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
         "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "starts", "takes", "template",
     )
 
@@ -106,14 +119,24 @@ class AFTensorWorker(Node):
         self.servers: list[P.Peer] = []
         self._server_endpoints: list[Any] = []
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
-        self._deferred: list[_Pending] = []
+        self._deferred: list[Any] = []  # _Pending, or (handle, event, plan) with the C core
         self._ops: Any = None
+        self._core: Any = None  # stepmesh._ucpc.WorkerCore where the C extension is built
+        self._spins = 0
 
     def start(self) -> None:
         super().start()
-        assert self.data is not None
-        self._ops = self.data.ops
+        data = self.data
+        assert data is not None
+        self._ops = data.ops
         self._address_servers()
+        native = data.native
+        if native is not None:
+            self._core = native.WorkerCore(
+                self._ops, self._pending, len(self.servers), P.DATA_VERSION, P.MAX_IN_FLIGHT, _TRACE_KEEP
+            )
+            data.on_close(self._core.close)
+            self._spins = _SPINS if data.mode == "polling" else 0
 
     @property
     def num_servers(self) -> int:
@@ -165,6 +188,11 @@ class AFTensorWorker(Node):
                 self._plans[sig] = plan
                 if len(self._plans) > _PLANS_KEEP:
                     self._plans.popitem(last=False)
+        core = self._core
+        if core is not None and plan.event is None:
+            handle = core.push_pull(plan.core, push_tensors, True)
+            if handle is not None:
+                return handle
         pending = self._pending
         if len(pending) >= P.MAX_IN_FLIGHT:
             raise ArgumentError(
@@ -172,6 +200,15 @@ class AFTensorWorker(Node):
                 "wait() for some first"
             )
         event = plan.event() if plan.event is not None else None
+        if core is not None:  # device pushes whose stream may still be producing them
+            if event is None or event.query():
+                handle = core.push_pull(plan.core, push_tensors, True)
+                if event is not None:
+                    plan.release(event)
+            else:  # post the sends from a later call, never block here
+                handle = core.push_pull(plan.core, push_tensors, False)
+                self._deferred.append((handle, event, plan))
+            return handle
         t_start = _now()
         seq = self._seq = (self._seq + 1) & _SEQ_MASK
         handle = self._next_handle
@@ -235,6 +272,16 @@ class AFTensorWorker(Node):
     def _send_deferred(self) -> None:
         """Post the sends of push_pulls whose CUDA event has completed since."""
         still = []
+        if self._core is not None:
+            for item in self._deferred:
+                handle, event, plan = item
+                if event.query():
+                    self._core.send(handle)
+                    plan.release(event)  # completed: the backend may record it again
+                else:
+                    still.append(item)
+            self._deferred = still
+            return
         for pend in self._deferred:
             if pend.event.query():
                 pend.sreqs = self._post(pend.plan, pend.seq, pend.hb)
@@ -354,6 +401,16 @@ class AFTensorWorker(Node):
         ]
         plan.req_tag = P.make_tag(P.TAG_REQUEST, me)
         plan.event = None
+        plan.core = None
+        if self._core is not None:
+            plan.core = self.data.native.Plan(  # type: ignore[union-attr]
+                plan, plan.eps, plan.req_tag, template.tobytes(), plan.gather, plan.push_sends,
+                [
+                    (pool.size, resp_tag, scatter, pull_recvs, [(j, dst, cap) for j, dst, cap in take])
+                    for (pool, resp_tag, pull_recvs, scatter), take in zip(plan.recvs, plan.takes)
+                ],
+                plan.per, plan.resp_pos,
+            )
         if need_event and any(t.is_cuda for t in push):
             from .backends import select
 
@@ -382,11 +439,16 @@ class AFTensorWorker(Node):
             PeerError: a server died, or refused to answer (a response too large, say).
             ProtocolError: a malformed response.
         """
+        core = self._core
+        if core is not None:
+            rc = core.wait(handle, timeout_ms, self._spins)
+            if rc:
+                self._wait_native(handle, timeout_ms, rc)
+            return
         pend = self._pending.get(handle)
         if pend is None:
             raise ArgumentError(f"handle {handle!r} is unknown: never returned by push_pull, or already waited for")
-        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
-            raise ArgumentError(f"timeout_ms must be a non-negative number, got {timeout_ms!r}")
+        _check_timeout(timeout_ms)
         if not self._complete(pend):
             data = self.data
             assert data is not None
@@ -418,6 +480,95 @@ class AFTensorWorker(Node):
         traces[handle] = self._finish(pend)
         if len(traces) > _TRACE_KEEP:
             traces.popitem(last=False)
+
+    def _wait_native(self, handle: Any, timeout_ms: Any, rc: int) -> None:
+        """What ``WorkerCore.wait`` did not settle at once: odd arguments, waiting longer, failures."""
+        core = self._core
+        if rc == _W_UNKNOWN and type(handle) is not int and isinstance(handle, int) and not isinstance(handle, bool):
+            handle = int(handle)  # an int of another type (numpy's, say)
+            rc = core.wait(handle, timeout_ms, 0)
+        if rc == _W_UNKNOWN:
+            raise ArgumentError(f"handle {handle!r} is unknown: never returned by push_pull, or already waited for")
+        if rc == _W_BAD_TIMEOUT:
+            _check_timeout(timeout_ms)
+            timeout_ms = float(timeout_ms)  # a number of another type
+            rc = core.wait(handle, timeout_ms, 0)
+        if rc == _W_PENDING:
+            rc = self._wait_longer(handle, timeout_ms)
+        if rc == _W_FAILED:
+            self._native_failure(handle)
+
+    def _wait_longer(self, handle: int, timeout_ms: float) -> int:
+        """Wait for a call of the C core with the deadline, liveness checks and deferred sends.
+
+        Raises:
+            TimeoutError: not complete within ``timeout_ms``.
+            PeerError: a server of this group is dead.
+        """
+        core = self._core
+        data = self.data
+        assert data is not None
+        deadline = time.monotonic() + timeout_ms / 1000
+        spins = self._spins
+        result = [_W_PENDING]
+
+        def done() -> bool:
+            if self._deferred:
+                self._send_deferred()
+            result[0] = core.wait(handle, timeout_ms, 0)
+            return result[0] != _W_PENDING
+
+        while True:
+            self._check_servers()
+            if spins and not self._deferred:  # the busy-poll runs inside the core
+                rc = core.wait(handle, timeout_ms, spins)
+                if rc != _W_PENDING:
+                    return rc
+                if time.monotonic() < deadline:
+                    continue
+            elif data.progress_until(done, deadline, self._check_servers):
+                return result[0]
+            waiting = [self.servers[s].describe() for s in core.waiting(handle) or ()]
+            raise TimeoutError(
+                f"push_pull handle {handle} not complete after {timeout_ms} ms; "
+                f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
+            )
+
+    def _native_failure(self, handle: int) -> None:
+        """Raise what went wrong with a call the C core reported failed.
+
+        Raises:
+            ProtocolError: UCX failed an operation, or a malformed response.
+            PeerError: a server refused to answer (its reason).
+        """
+        call = self._core.take_failed()
+        try:
+            status = call.ucx_status()
+            if status:
+                e = failure(status)
+                raise ProtocolError(f"push_pull handle {handle}: UCX reported {type(e).__name__}: {e}") from e
+            plan = call.plan
+            error: StepMeshError | None = None
+            for s, problem in enumerate(call.problems()):
+                if not problem:
+                    continue
+                raw = call.response(s)
+                try:
+                    if problem == 1:
+                        self._bad_response(raw, plan, call.seq, s)
+                    f = plan.resp_struct.unpack_from(raw, 0)
+                    for j, _, cap in plan.takes[s]:
+                        if f[9 + j] > cap:
+                            raise ProtocolError(
+                                f"{self.servers[s].describe()} sent {f[9 + j]} bytes for a {cap}-byte pull tensor"
+                            )
+                    raise ProtocolError(f"{self.servers[s].describe()} sent answers that overrun its response")
+                except StepMeshError as e:
+                    error = error or e
+            if error is not None:
+                raise error
+        finally:
+            call.release()
 
     def _complete(self, pend: _Pending) -> bool:
         """Whether every receive and send of ``pend`` is done.
@@ -457,7 +608,7 @@ class AFTensorWorker(Node):
             try:
                 f = unpack(buf.raw, 0)
                 if (f[0], f[2], f[3], f[4]) != expect:
-                    self._bad_response(buf, pend, s)
+                    self._bad_response(buf.raw, plan, pend.seq, s)
                 pos = plan.resp_pos
                 base = buf.ptr
                 for j, dst, cap in plan.takes[s]:  # answers that rode inline (host tensors)
@@ -477,31 +628,30 @@ class AFTensorWorker(Node):
             raise error
         return pend.t_start, pend.t_sent, stamps, arrived, _now()
 
-    def _bad_response(self, buf: HostBuffer, pend: _Pending, s: int) -> None:
-        """Raise what is wrong with server ``s``'s response (a refusal, or a malformed one).
+    def _bad_response(self, raw: Any, plan: _Plan, seq: int, s: int) -> None:
+        """Raise what is wrong with server ``s``'s response ``raw`` to call ``seq`` (a refusal, or a malformed one).
 
         Raises:
             PeerError: the server refused to answer (its reason).
             ProtocolError: wrong version, sequence or answer count.
         """
-        raw = buf.raw
         peer = self.servers[s]
-        version, _, status, n, seq = P.RESP_FIXED.unpack_from(raw, 0)[:5]
-        if version != P.DATA_VERSION or seq != pend.seq or n != pend.plan.per:
+        version, _, status, n, got = P.RESP_FIXED.unpack_from(raw, 0)[:5]
+        if version != P.DATA_VERSION or got != seq or n != plan.per:
             raise ProtocolError(
-                f"bad response from {peer.describe()}: version {version}, seq {seq} "
-                f"(expected {pend.seq}), {n} answers (expected {pend.plan.per})"
+                f"bad response from {peer.describe()}: version {version}, seq {got} "
+                f"(expected {seq}), {n} answers (expected {plan.per})"
             )
-        if pend.plan.recvs[s][3] is None:  # not scattered: the text follows the header
-            text = P.Reader(raw[pend.plan.resp_pos :], "response error").text()
+        if plan.recvs[s][3] is None:  # not scattered: the text follows the header
+            text = P.Reader(raw[plan.resp_pos :], "response error").text()
         else:
-            text = self._refusal_text(pend, s)
+            text = self._refusal_text(plan, seq, s)
         raise PeerError(f"{peer.describe()} refused to answer (status {status}): {text}", "server", peer.rank)
 
-    def _refusal_text(self, pend: _Pending, s: int) -> str:
+    def _refusal_text(self, plan: _Plan, seq: int, s: int) -> str:
         """A refusal's reason, sent apart from its header when the answer would have been scattered."""
         note = HostBuffer(4 + P.MAX_STRING)
-        req = self._ops.recv(note.ptr, note.raw.size, pend.plan.recvs[s][1] | (pend.seq << _SEQ_SHIFT) | P.REFUSAL_SLOT)
+        req = self._ops.recv(note.ptr, note.raw.size, plan.recvs[s][1] | (seq << _SEQ_SHIFT) | P.REFUSAL_SLOT)
         assert self.data is not None
         if not self.data.progress_until(lambda: req.completed, time.monotonic() + _REFUSAL_WAIT_S):
             self._ops.cancel(req)  # UCX must not write into ``note`` once it is gone
@@ -520,7 +670,8 @@ class AFTensorWorker(Node):
         Raises:
             ArgumentError: the handle was never returned by push_pull (a sub-handle included).
         """
-        if isinstance(handle, bool) or not isinstance(handle, int) or handle < 1 or handle >= self._next_handle:
+        issued = self._core.next_handle if self._core is not None else self._next_handle
+        if isinstance(handle, bool) or not isinstance(handle, int) or handle < 1 or handle >= issued:
             raise ArgumentError(f"handle {handle!r} was never returned by push_pull")
         main, sub = self._split_handle(handle)
         if sub:
@@ -545,11 +696,9 @@ class AFTensorWorker(Node):
             ArgumentError: no trace for that handle (not waited for yet, or too old).
         """
         if isinstance(handle, int) and not isinstance(handle, bool):
-            main, sub = self._split_handle(handle)
-            entry = self._traces.get(main)
-            if entry is not None:
-                t_start, t_sent, stamps, arrived, t_end = entry
-                per_server = [[t_start, t_sent, *st, t_done, t_end] for st, t_done in zip(stamps, arrived)]
+            main, sub = self._split_handle(int(handle))
+            per_server = self._trace_rows(main)
+            if per_server is not None:
                 if sub == 0:  # a main handle: the server that answered last
                     return max(per_server, key=lambda tr: tr[6])
                 if sub <= len(per_server):
@@ -557,6 +706,16 @@ class AFTensorWorker(Node):
         raise ArgumentError(
             f"no trace for handle {handle!r}: wait() for it first (the last {_TRACE_KEEP} push_pulls are kept)"
         )
+
+    def _trace_rows(self, main: int) -> list[list[int]] | None:
+        """Per server [t_start, t_sent, 4 server stamps, answer seen, t_end] of push_pull ``main``, if kept."""
+        if self._core is not None:
+            return self._core.trace(main)
+        entry = self._traces.get(main)
+        if entry is None:
+            return None
+        t_start, t_sent, stamps, arrived, t_end = entry
+        return [[t_start, t_sent, *st, t_done, t_end] for st, t_done in zip(stamps, arrived)]
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # wait() and push_pull() consult self.dead

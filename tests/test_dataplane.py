@@ -452,12 +452,12 @@ def _bad_input(ctx: NodeContext) -> int:
             raised += 1
         with pytest.raises(f.StepMeshError, match="server call"):
             f.get_batch()
-        node = f._node
-        real = node._pending
-        node._pending = dict.fromkeys(range(f.protocol.MAX_IN_FLIGHT))  # as if that many were outstanding
+        pending = f._node._pending  # as if that many were outstanding (keys no handle has)
+        pending.update(dict.fromkeys(range(-f.protocol.MAX_IN_FLIGHT, 0)))
         with pytest.raises(f.ArgumentError, match="in flight"):
             f.push_pull(ok, [0], out, [0])
-        node._pending = real
+        for k in range(-f.protocol.MAX_IN_FLIGHT, 0):
+            del pending[k]
         # nothing was sent: the server sees exactly one request, this one
         h = f.push_pull(ok, [0], out, [0])
         with pytest.raises(f.ArgumentError, match="handle once"):

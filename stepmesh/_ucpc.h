@@ -1,0 +1,91 @@
+/* Shared by the C parts of stepmesh._ucpc: the libucp calls, the tag operations'
+ * object, and the helpers the worker and server cores use.
+ *
+ * Nothing here links against UCX or needs its headers: the function addresses
+ * come from the libucp that ucxx loaded (stepmesh._ucp binds them once).
+ */
+#ifndef STEPMESH_UCPC_H
+#define STEPMESH_UCPC_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define UCS_INPROGRESS 1
+#define UCS_ERR_CANCELED (-16)
+#define SMC_ERR_MIN ((uintptr_t)-256) /* pointers at or above this are UCS_PTR_STATUS(errors) */
+#define SMC_PARAM_WORDS 16            /* ucp_request_param_t is 72 bytes on LP64 (UCX 1.21); zeros past it */
+
+typedef void *(*smc_send_fn)(void *ep, const void *buf, size_t count, uint64_t tag, const void *param);
+typedef void *(*smc_recv_fn)(void *worker, void *buf, size_t count, uint64_t tag, uint64_t mask, const void *param);
+typedef int (*smc_check_fn)(void *req);
+typedef void (*smc_free_fn)(void *req);
+typedef void (*smc_cancel_fn)(void *worker, void *req);
+typedef unsigned (*smc_progress_fn)(void *worker);
+
+/* One libucp per process: bound once by stepmesh._ucp (bind()). */
+extern smc_send_fn smc_ucp_send;
+extern smc_recv_fn smc_ucp_recv;
+extern smc_check_fn smc_ucp_check;
+extern smc_free_fn smc_ucp_free;
+extern smc_cancel_fn smc_ucp_cancel;
+extern smc_progress_fn smc_ucp_progress;
+extern PyObject *smc_on_refused; /* callable(status): raises UcpError for a refused operation */
+extern PyObject *smc_on_failed;  /* callable(status): raises UcpError for a failed one */
+
+typedef struct TagOpsObject TagOpsObject;
+
+typedef struct RequestObject {
+    PyObject_HEAD
+    void *h; /* the UCX request while in flight, else NULL */
+    int status;
+    uint64_t t_done; /* CLOCK_MONOTONIC ns when seen complete (time.monotonic_ns); 0: completed within its call */
+    TagOpsObject *ops; /* while in flight: its list holds a reference to this request */
+    struct RequestObject *prev, *next;
+} RequestObject;
+
+struct TagOpsObject {
+    PyObject_HEAD
+    void *worker;
+    PyObject *worker_obj; /* the ucxx worker, kept alive */
+    int release_gil;      /* another thread (ucxx's progress thread) may hold the worker */
+    uint64_t param[SMC_PARAM_WORDS];
+    uint64_t iov_param[SMC_PARAM_WORDS];
+    RequestObject live; /* sentinel of the list of Request objects in flight */
+    Py_ssize_t n_live;
+    RequestObject *done; /* what an operation that completed within its call returns */
+};
+
+extern PyTypeObject SmcTagOpsType;
+
+uint64_t smc_now_ns(void);
+
+/* Raise through ``callback(status)``; always returns NULL. */
+PyObject *smc_raise_status(PyObject *callback, long status);
+
+/* The raw libucp calls on a TagOps' worker, the GIL let go around them when
+ * another thread may progress it. A post returns a request, NULL (complete
+ * within the call) or an error status pointer (>= SMC_ERR_MIN). */
+void *smc_send(TagOpsObject *ops, uint64_t ep, uint64_t buf, uint64_t count, uint64_t tag, int iov);
+void *smc_recv(TagOpsObject *ops, uint64_t buf, uint64_t count, uint64_t tag, uint64_t mask, int iov);
+/* UCS_INPROGRESS, or the final status (the request is then freed). */
+int smc_poll(TagOpsObject *ops, void *h);
+void smc_cancel(TagOpsObject *ops, void *h);
+unsigned smc_progress(TagOpsObject *ops);
+
+/* A non-negative int below 2**64 (TypeError naming ``name`` otherwise). */
+int smc_as_u64(PyObject *o, uint64_t *out, const char *name);
+int smc_as_ssize(PyObject *o, Py_ssize_t *out, const char *name);
+int smc_ready(TagOpsObject *ops);
+
+/* The worker and server cores (their own files). */
+int smc_add_worker_types(PyObject *module);
+int smc_add_server_types(PyObject *module);
+
+/* torch objects the cores compare against, bound by stepmesh._ucp (bind_torch()). */
+extern PyObject *smc_tensor_type;  /* torch.Tensor */
+extern PyObject *smc_dtypes;       /* dict: torch.dtype -> wire code */
+extern PyObject *smc_str_data_ptr, *smc_str_is_contiguous, *smc_str_nbytes, *smc_str_is_cuda, *smc_str_dtype;
+
+#endif
