@@ -18,6 +18,7 @@
 #include "_ucpc.h"
 
 #include <stdlib.h>
+#include <structmember.h>
 
 #define SEQ_OFFSET 8 /* protocol.SEQ_OFFSET */
 #define SEQ_SHIFT 16 /* protocol.SEQ_SHIFT */
@@ -60,6 +61,7 @@ typedef struct Bufs {
 typedef struct PlanObject {
     PyObject_HEAD
     PyObject *owner; /* stepmesh.worker._Plan: owns the memory and endpoints these addresses belong to */
+    PyObject *event; /* None, or what records a CUDA event before the sends (stepmesh.worker decides) */
     Py_ssize_t n_servers, per, n_gather, n_push, n_recv, n_send;
     uint64_t *eps;
     uint64_t req_tag, hlen, resp_pos;
@@ -196,11 +198,13 @@ static void bufs_give(PlanObject *p, Bufs *b) {
 
 static int Plan_traverse(PlanObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->owner);
+    Py_VISIT(self->event);
     return 0;
 }
 
 static int Plan_clear(PlanObject *self) {
     Py_CLEAR(self->owner);
+    Py_CLEAR(self->event);
     return 0;
 }
 
@@ -225,21 +229,22 @@ static void Plan_dealloc(PlanObject *self) {
     PyObject_GC_Del(self);
 }
 
-/* Plan(owner, eps, req_tag, template, gather, push, parts, per, resp_pos)
+/* Plan(owner, eps, req_tag, template, gather, push, parts, per, resp_pos, event)
  *   eps: [ucp_ep_h per server]; template: the request header (bytes);
  *   gather: [(ptr, n)] pushes gathered behind it; push: [(ptr, n, tag)] pushes of their own;
  *   parts: per server (resp_size, resp_tag, (ptr, n) or None, [(ptr, n, tag)] pulls, [(j, dst, cap)] takes). */
 static PyObject *Plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *owner, *eps, *template, *gather, *push, *parts;
+    PyObject *owner, *eps, *template, *gather, *push, *parts, *event;
     unsigned long long req_tag, resp_pos;
     Py_ssize_t per;
-    if (!PyArg_ParseTuple(args, "OO!KSO!O!O!nK", &owner, &PyList_Type, &eps, &req_tag, &template, &PyList_Type, &gather,
-                          &PyList_Type, &push, &PyList_Type, &parts, &per, &resp_pos))
+    if (!PyArg_ParseTuple(args, "OO!KSO!O!O!nKO", &owner, &PyList_Type, &eps, &req_tag, &template, &PyList_Type, &gather,
+                          &PyList_Type, &push, &PyList_Type, &parts, &per, &resp_pos, &event))
         return NULL;
     PlanObject *p = PyObject_GC_New(PlanObject, type);
     if (p == NULL)
         return NULL;
     p->owner = Py_NewRef(owner);
+    p->event = Py_NewRef(event);
     p->n_servers = PyList_GET_SIZE(eps);
     p->per = per;
     p->req_tag = req_tag;
@@ -318,6 +323,11 @@ static PyGetSetDef Plan_getset[] = {
     {NULL},
 };
 
+static PyMemberDef Plan_members[] = {
+    {"event", T_OBJECT, offsetof(PlanObject, event), READONLY, "None, or what records the CUDA event to send after."},
+    {NULL},
+};
+
 static PyTypeObject PlanType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "stepmesh._ucpc.Plan",
@@ -329,6 +339,7 @@ static PyTypeObject PlanType = {
     .tp_traverse = (traverseproc)Plan_traverse,
     .tp_clear = (inquiry)Plan_clear,
     .tp_getset = Plan_getset,
+    .tp_members = Plan_members,
 };
 
 /* ------------------------------------------------------------------- Call */
@@ -761,7 +772,6 @@ static void trace_keep(WorkerCoreObject *self, CallObject *c) {
     *slot = (CallObject *)Py_NewRef(c);
     if (old != NULL) {
         if (Py_REFCNT(old) == 1) { /* nobody else looks at it: recycle */
-            Py_CLEAR(old->plan);
             old->next_free = self->free_calls;
             self->free_calls = old;
         } else {
@@ -814,6 +824,7 @@ static PyObject *Core_wait(WorkerCoreObject *self, PyObject *const *args, Py_ssi
     }
     c->state = CALL_DONE;
     call_release(c);
+    Py_CLEAR(c->plan); /* a trace keeps its stamps only: plans (and their buffers) go when nothing else uses them */
     trace_keep(self, c);
     Py_DECREF(c);
     return PyLong_FromLong(WAIT_DONE);

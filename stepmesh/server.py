@@ -5,6 +5,11 @@ For each worker a small ring of receive slots stays posted for request headers
 copied out into the destination tensors; otherwise one receive per push tensor
 is posted straight into the destination: a registered buffer's chunk when one
 is registered for (worker, key), a fresh tensor otherwise.
+
+Where the C extension is built, its ``ServerCore`` runs the rings, takes in
+requests of known layouts and sends the common answers; this module decodes
+new layouts, makes fresh tensors, and handles everything unusual. Without it
+the same protocol runs here in Python.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ._tensors import (
     check_keys,
     check_tensors,
 )
+from ._ucp import failure
 from .errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from .node import Node
 
@@ -41,6 +47,7 @@ _LAYOUTS_KEEP = 16  # recent request layouts remembered per worker
 _SEQ = P.SEQ_STRUCT
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
 _NONE: list[Any] = []  # a request with no payload messages (never appended to)
+_SPINS = 256  # busy-poll steps inside the C core between Python's liveness checks (polling mode)
 _now = time.monotonic_ns
 
 
@@ -160,6 +167,9 @@ class AFTensorServer(Node):
         self._resp_pool = BufferPool(P.response_header_size(P.MAX_PULLS) + P.INLINE_MAX)
         self._device = torch.device("cpu")
         self._deferred: list[tuple[Any, Any, _Request, list[torch.Tensor]]] = []  # (event, backend, request, answers)
+        self._core: Any = None  # stepmesh._ucpc.ServerCore where the C extension is built
+        self._slots: list[list[HostBuffer]] = []  # its receive slots' memory
+        self._spins = 0
 
     def start(self) -> None:
         super().start()
@@ -178,6 +188,20 @@ class AFTensorServer(Node):
         self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
         self._ready = [deque() for _ in self.workers]
         self._rings = []
+        native = self.data.native
+        if native is not None:
+            native.bind_torch(torch.Tensor, DTYPE_CODE)
+            self._slots = [[HostBuffer(_SLOT) for _ in range(RING_DEPTH)] for _ in self.workers]
+            self._core = native.ServerCore(
+                self._ops, self._handles, list(self._eps), self._ring_tags,
+                [P.make_tag(P.TAG_PUSH, p.node_id) for p in self.workers],
+                [[slot.ptr for slot in ring] for ring in self._slots], _SLOT, P.TAG_MASK_KIND_NODE,
+                self._resp_tag, self._pull_tag, P.DATA_VERSION, _LAYOUTS_KEEP, self._resp_pool.size,
+                self._native_layout, self._native_fill,
+            )
+            self.data.on_close(self._core.close)
+            self._spins = _SPINS if self.data.mode == "polling" else 0
+            return
         for w in range(len(self.workers)):
             ring: deque[_Slot] = deque()
             for _ in range(RING_DEPTH):
@@ -266,16 +290,8 @@ class AFTensorServer(Node):
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
         if last.gen != self._reg_gen:
-            dest = last.dest = [self._registered_view(w, m) for m in last.hdr.tensors]
-            last.fresh = [i for i, v in enumerate(dest) if v is None]
-            host = [i for i, _, _ in last.copies if dest[i] is not None and not dest[i].is_cuda]
-            last.moves = [(dest[i].data_ptr(), pos, n) for i, pos, n in last.copies if i in host]  # type: ignore[union-attr]
-            last.takes = [(i, pos, n) for i, pos, n in last.copies if i not in host]
-            last.gen = self._reg_gen
-        tensors = list(last.dest)  # registered pushes land in their chunk's view
-        for i in last.fresh:  # the others in memory of their own
-            m = last.hdr.tensors[i]
-            tensors[i] = torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device)
+            self._place(w, last)
+        tensors = self._fresh(last)
         r = _Request(w, seq, tensors, last)
         if last.separate:  # first, so that UCX moves them while the inline ones are copied
             recv = self._ops.recv
@@ -291,6 +307,60 @@ class AFTensorServer(Node):
         else:
             r.t_recv = _now()
             self._ready[w].append(r)
+
+    def _place(self, w: int, lay: _Layout) -> None:
+        """Where the pushes of ``lay`` land under the buffers registered now."""
+        dest = lay.dest = [self._registered_view(w, m) for m in lay.hdr.tensors]
+        lay.fresh = [i for i, v in enumerate(dest) if v is None]
+        host = [i for i, _, _ in lay.copies if dest[i] is not None and not dest[i].is_cuda]
+        lay.moves = [(dest[i].data_ptr(), pos, n) for i, pos, n in lay.copies if i in host]  # type: ignore[union-attr]
+        lay.takes = [(i, pos, n) for i, pos, n in lay.copies if i not in host]
+        lay.gen = self._reg_gen
+
+    def _fresh(self, lay: _Layout) -> list[torch.Tensor]:
+        """A request's push tensors: registered pushes land in their chunk's view, the others in memory of their own."""
+        tensors = list(lay.dest)
+        for i in lay.fresh:
+            m = lay.hdr.tensors[i]
+            tensors[i] = torch.empty(m.shape, dtype=CODE_DTYPE[m.dtype], device=self._device)
+        return tensors
+
+    def _native_layout(self, w: int, k: int, status: int) -> Any:
+        """For the C core: slot ``k`` of worker ``w`` holds a header not seen lately (or failed with ``status``).
+
+        Raises:
+            ProtocolError: a malformed request, or one UCX could not receive (too large, say).
+        """
+        peer = self.workers[w]
+        raw = self._slots[w][k].raw
+        try:
+            if status:
+                raise failure(status)
+            hdr = P.decode_request(raw, _SLOT, ITEMSIZE)
+            if hdr.n_servers != self._n_servers:
+                raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
+        except Exception as e:
+            raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
+        lay = _Layout(
+            raw[: P.SEQ_OFFSET].tobytes(), hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(),
+            hdr.pulls_for(self.server_index), peer.node_id,
+        )
+        self._place(w, lay)
+        dest = lay.dest
+        sep = [(i, 0 if dest[i] is None else dest[i].data_ptr(), hdr.tensors[i].nbytes) for i in lay.separate]  # type: ignore[union-attr]
+        fill = bool(lay.fresh or lay.takes)
+        return self.data.native.Layout(  # type: ignore[union-attr]
+            lay, raw[: hdr.size].tobytes(), lay.keys, list(dest), fill, sep, lay.moves, lay.caps,
+            [int(f) for f in lay.small], lay.resp_pos,
+        )
+
+    def _native_fill(self, w: int, k: int, lay: _Layout) -> list[torch.Tensor]:
+        """For the C core: a request's tensors where some need fresh memory or a copy the core does not make."""
+        tensors = self._fresh(lay)
+        slot = self._slots[w][k]
+        for i, pos, n in lay.takes:
+            slot.take(pos, tensors[i], n)
+        return tensors
 
     def _registered_view(self, w: int, m: P.TensorMeta) -> torch.Tensor | None:
         """The registered chunk for (worker, key) viewed as ``m``, or None when there is none that fits."""
@@ -324,6 +394,12 @@ class AFTensorServer(Node):
             raise StepMeshError("get_batch() on a server that is not running: call init() first")
         if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0):
             raise ArgumentError(f"timeout_ms must be None or a non-negative number, got {timeout_ms!r}")
+        core = self._core
+        if core is not None:
+            if self._deferred:
+                self._send_deferred()
+            batch = core.get_batch(self._spins)
+            return batch if batch is not None else self._native_batch(timeout_ms)
         if self._spare:
             self._repost()
         ready = self._ready
@@ -353,6 +429,40 @@ class AFTensorServer(Node):
             self._handles[r.handle] = r
             batch.append((r.handle, r.tensors, r.layout.keys))
         return batch
+
+    def _native_batch(self, timeout_ms: int | None) -> list[tuple[int, list[torch.Tensor], list[int]]]:
+        """get_batch with the C core, once not every worker had a request at once.
+
+        Raises:
+            PeerError: a worker of this group (or the scheduler) died.
+            ProtocolError: a worker sent a malformed request.
+        """
+        data = self.data
+        core = self._core
+        assert data is not None
+        forever = timeout_ms is None
+        deadline = time.monotonic() + (3600.0 if forever else timeout_ms / 1000)  # type: ignore[operator]
+        got: list[Any] = [None]
+
+        def done() -> bool:
+            if self._deferred:
+                self._send_deferred()
+            got[0] = core.get_batch(0)
+            return got[0] is not None
+
+        while True:
+            self._check_workers()
+            if self._spins and not self._deferred:  # the busy-poll runs inside the core
+                batch = core.get_batch(self._spins)
+                if batch is not None:
+                    return batch
+                if time.monotonic() < deadline:
+                    continue
+            elif data.progress_until(done, deadline, self._check_workers):
+                return got[0]
+            if not forever:
+                return []
+            deadline = time.monotonic() + 3600.0
 
     def _check_workers(self) -> None:
         self.check_alive()
@@ -397,6 +507,10 @@ class AFTensorServer(Node):
                 does not fit the worker's buffer (raised before any data is sent).
             PeerError: the worker died.
         """
+        core = self._core
+        if core is not None and need_event is False and self._fatal is None and not self.dead:
+            if not core.respond(tensors, handle):  # sent; else nothing was, and the checks below say why
+                return
         r = self._handles.get(handle) if isinstance(handle, int) else None
         # The common case, checked in one pass: a list of contiguous tensors of
         # known dtypes, one per pull, each fitting the worker's buffer.
@@ -586,10 +700,12 @@ class AFTensorServer(Node):
             if self._deferred:
                 self._send_deferred()
             self._reap_sends()
-            return not self._sends and not self._deferred
+            in_core = self._core.reap() if self._core is not None else 0
+            return not self._sends and not in_core and not self._deferred
 
         if not data.progress_until(done, time.monotonic() + timeout_ms / 1000, self._check_workers):
-            raise TimeoutError(f"{len(self._sends)} answer message(s) not delivered after {timeout_ms} ms")
+            in_core = self._core.reap() if self._core is not None else 0
+            raise TimeoutError(f"{len(self._sends) + in_core} answer message(s) not delivered after {timeout_ms} ms")
 
     def _reap_sends(self) -> None:
         keep = []
@@ -636,6 +752,8 @@ class AFTensorServer(Node):
                 c = i * len(keys) + k
                 self._registered[(w, key)] = raw[c * size : (c + 1) * size]
         self._reg_gen += 1
+        if self._core is not None:  # its layouts point at the chunks registered before
+            self._core.forget_layouts()
 
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # get_batch() and respond() consult self.dead

@@ -69,7 +69,7 @@ class _Plan:
     """
 
     __slots__ = (
-        "core", "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
+        "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
         "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "starts", "takes", "template",
     )
 
@@ -189,26 +189,15 @@ class AFTensorWorker(Node):
                 if len(self._plans) > _PLANS_KEEP:
                     self._plans.popitem(last=False)
         core = self._core
-        if core is not None and plan.event is None:
-            handle = core.push_pull(plan.core, push_tensors, True)
-            if handle is not None:
-                return handle
+        if core is not None:  # plan is the C core's (its owner the _Plan)
+            if plan.event is None:
+                handle = core.push_pull(plan, push_tensors, True)
+                if handle is not None:
+                    return handle
+            return self._push_pull_native(core, plan, push_tensors)
         pending = self._pending
-        if len(pending) >= P.MAX_IN_FLIGHT:
-            raise ArgumentError(
-                f"push_pull: {len(pending)} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); "
-                "wait() for some first"
-            )
+        self._check_in_flight()
         event = plan.event() if plan.event is not None else None
-        if core is not None:  # device pushes whose stream may still be producing them
-            if event is None or event.query():
-                handle = core.push_pull(plan.core, push_tensors, True)
-                if event is not None:
-                    plan.release(event)
-            else:  # post the sends from a later call, never block here
-                handle = core.push_pull(plan.core, push_tensors, False)
-                self._deferred.append((handle, event, plan))
-            return handle
         t_start = _now()
         seq = self._seq = (self._seq + 1) & _SEQ_MASK
         handle = self._next_handle
@@ -247,6 +236,27 @@ class AFTensorWorker(Node):
                 reqs.append(ops.recv_iov(iov, resp_tag | bits))
             for ptr, n, tag in pull_recvs:
                 reqs.append(recv(ptr, n, tag | bits))
+        return handle
+
+    def _check_in_flight(self) -> None:
+        n = len(self._pending)
+        if n >= P.MAX_IN_FLIGHT:
+            raise ArgumentError(
+                f"push_pull: {n} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); wait() for some first"
+            )
+
+    def _push_pull_native(self, core: Any, plan: Any, push_tensors: list[torch.Tensor]) -> int:
+        """push_pull through the C core when the fast way did not do: the in-flight limit, or a CUDA event."""
+        self._check_in_flight()
+        event = plan.event()
+        owner = plan.owner
+        if event is None or event.query():
+            handle = core.push_pull(plan, push_tensors, True)
+            if event is not None:
+                owner.release(event)  # completed: the backend may record it again
+        else:  # the stream is still producing the pushes: post the sends from a later call, never block here
+            handle = core.push_pull(plan, push_tensors, False)
+            self._deferred.append((handle, event, owner))
         return handle
 
     def _post(self, plan: _Plan, seq: int, hb: HostBuffer) -> list[Any]:
@@ -294,8 +304,10 @@ class AFTensorWorker(Node):
 
     def _plan(
         self, push_tensors: Any, push_keys: Any, pull_tensors: Any, pull_keys: Any, need_event: Any
-    ) -> _Plan:
+    ) -> Any:
         """Validate a call's arguments and precompute what does not change between calls.
+
+        Returns the :class:`_Plan`, or with the C core its ``Plan`` (whose ``owner`` is the _Plan).
 
         Raises:
             ArgumentError: naming the offending argument.
@@ -401,16 +413,6 @@ class AFTensorWorker(Node):
         ]
         plan.req_tag = P.make_tag(P.TAG_REQUEST, me)
         plan.event = None
-        plan.core = None
-        if self._core is not None:
-            plan.core = self.data.native.Plan(  # type: ignore[union-attr]
-                plan, plan.eps, plan.req_tag, template.tobytes(), plan.gather, plan.push_sends,
-                [
-                    (pool.size, resp_tag, scatter, pull_recvs, [(j, dst, cap) for j, dst, cap in take])
-                    for (pool, resp_tag, pull_recvs, scatter), take in zip(plan.recvs, plan.takes)
-                ],
-                plan.per, plan.resp_pos,
-            )
         if need_event and any(t.is_cuda for t in push):
             from .backends import select
 
@@ -418,7 +420,17 @@ class AFTensorWorker(Node):
             backend = select(None, first)
             plan.event = partial(backend.record_event, first.device)  # on the stream of the pushes' device
             plan.release = backend.release_event
-        return plan
+        if self._core is None:
+            return plan
+        # The C core's plan refers to this one (never the other way round: no cycle to collect).
+        return self.data.native.Plan(  # type: ignore[union-attr]
+            plan, plan.eps, plan.req_tag, template.tobytes(), plan.gather, plan.push_sends,
+            [
+                (pool.size, resp_tag, scatter, pull_recvs, [(j, dst, cap) for j, dst, cap in take])
+                for (pool, resp_tag, pull_recvs, scatter), take in zip(plan.recvs, plan.takes)
+            ],
+            plan.per, plan.resp_pos, plan.event,
+        )
 
     def _check_servers(self) -> None:
         if self._returned:
