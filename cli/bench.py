@@ -69,7 +69,7 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--contenders", callback=_parse_contenders, default="stepmesh,protocol,ucxx,gloo,nixl", show_default=True,
               help="What to measure (nixl runs only where it is installed; protocol is stepmesh's messages with none of its bookkeeping).")
 @click.option("--traces/--no-traces", default=True, show_default=True,
-              help="Collect fetch_trace stamps for the per-stage breakdown (costs a little per call).")
+              help="Collect fetch_trace stamps for the per-stage breakdown (read after each timed round).")
 @click.option("--need-event/--no-need-event", default=True, show_default=True,
               help="push_pull's need_event: wait for the caller's CUDA stream before sending (device tensors).")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,

@@ -29,7 +29,7 @@ PyObject *smc_on_refused;
 PyObject *smc_on_failed;
 PyObject *smc_tensor_type;
 PyObject *smc_dtypes;
-PyObject *smc_str_data_ptr, *smc_str_is_contiguous, *smc_str_nbytes, *smc_str_is_cuda, *smc_str_dtype;
+PyObject *smc_str_data_ptr, *smc_str_is_contiguous, *smc_str_nbytes, *smc_str_is_cuda, *smc_str_dtype, *smc_str_shape;
 
 #define ucp_send smc_ucp_send
 #define ucp_recv smc_ucp_recv
@@ -573,7 +573,9 @@ PyMODINIT_FUNC PyInit__ucpc(void) {
     smc_str_nbytes = PyUnicode_InternFromString("nbytes");
     smc_str_is_cuda = PyUnicode_InternFromString("is_cuda");
     smc_str_dtype = PyUnicode_InternFromString("dtype");
+    smc_str_shape = PyUnicode_InternFromString("shape");
     if (!smc_str_data_ptr || !smc_str_is_contiguous || !smc_str_nbytes || !smc_str_is_cuda || !smc_str_dtype ||
+        !smc_str_shape ||
         PyModule_AddObjectRef(m, "Request", (PyObject *)&RequestType) < 0 ||
         PyModule_AddObjectRef(m, "TagOps", (PyObject *)&TagOpsType) < 0 || smc_add_worker_types(m) < 0 ||
         smc_add_server_types(m) < 0) {

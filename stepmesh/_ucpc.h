@@ -86,6 +86,7 @@ int smc_add_server_types(PyObject *module);
 /* torch objects the cores compare against, bound by stepmesh._ucp (bind_torch()). */
 extern PyObject *smc_tensor_type;  /* torch.Tensor */
 extern PyObject *smc_dtypes;       /* dict: torch.dtype -> wire code */
-extern PyObject *smc_str_data_ptr, *smc_str_is_contiguous, *smc_str_nbytes, *smc_str_is_cuda, *smc_str_dtype;
+extern PyObject *smc_str_data_ptr, *smc_str_is_contiguous, *smc_str_nbytes, *smc_str_is_cuda, *smc_str_dtype,
+    *smc_str_shape;
 
 #endif

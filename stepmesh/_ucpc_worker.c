@@ -49,6 +49,18 @@ typedef struct {
     Take *takes;
 } Part;
 
+#define SIG_NDIM 8   /* protocol.MAX_NDIM */
+#define SIG_MAX 256  /* protocol.MAX_PULLS: tensors per side a remembered signature may have */
+#define PLANS_MRU 16 /* signatures matched here; the rest go through stepmesh.worker's dict */
+
+/* What a plan depends on of one tensor: a call matches when each of its tensors has the same. */
+typedef struct {
+    uint64_t ptr, nbytes;
+    PyObject *dtype; /* torch dtypes are never freed: compared by identity, not referenced */
+    int ndim, contig, cuda;
+    int64_t dims[SIG_NDIM];
+} Sig;
+
 /* One call's host memory; a plan keeps the ones not in use. */
 typedef struct Bufs {
     struct Bufs *next;
@@ -70,6 +82,11 @@ typedef struct PlanObject {
     Msg *push;
     Part *parts;
     Bufs *free;
+    /* the call signature it was built for (set by WorkerCore.remember) */
+    Py_ssize_t sig_push, sig_pull;
+    int sig_event;
+    int64_t *sig_keys; /* push keys, then pull keys */
+    Sig *sigs;         /* push tensors, then pull tensors */
 } PlanObject;
 
 typedef struct CallObject {
@@ -104,6 +121,10 @@ typedef struct {
     uint32_t seq;
     CallObject **traces; /* ring of trace_keep completed calls, by call number */
     CallObject *free_calls;
+    PlanObject *mru[PLANS_MRU]; /* plans of recent signatures, most recent first */
+    Py_ssize_t n_mru;
+    Sig scratch[2 * SIG_MAX];   /* a call's tensors, read once per call */
+    int64_t scratch_keys[2 * SIG_MAX];
 } WorkerCoreObject;
 
 static PyTypeObject PlanType;
@@ -226,6 +247,8 @@ static void Plan_dealloc(PlanObject *self) {
     PyMem_Free(self->template);
     PyMem_Free(self->gather);
     PyMem_Free(self->push);
+    PyMem_Free(self->sig_keys);
+    PyMem_Free(self->sigs);
     PyObject_GC_Del(self);
 }
 
@@ -257,6 +280,10 @@ static PyObject *Plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     p->parts = NULL;
     p->free = NULL;
     p->n_gather = p->n_push = 0;
+    p->sig_push = p->sig_pull = -1;
+    p->sig_event = 0;
+    p->sig_keys = NULL;
+    p->sigs = NULL;
     PyObject_GC_Track(p);
     if (PyList_GET_SIZE(parts) != p->n_servers || p->n_servers == 0) {
         PyErr_SetString(PyExc_ValueError, "Plan: one part per endpoint, at least one");
@@ -740,6 +767,195 @@ static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, P
     return key;
 }
 
+/* ---------------------------------------------------------- signatures */
+
+static int read_int(PyObject *o, int64_t *out) {
+    int overflow;
+    if (!PyLong_CheckExact(o))
+        return -1;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int read_bool(PyObject *o) { return o == Py_True ? 1 : o == Py_False ? 0 : -1; }
+
+/* The facts of tensor t a plan depends on (its shape only for pushes); -1 when t is not a plain tensor. */
+static int read_sig(PyObject *t, Sig *out, int push) {
+    if (!PyObject_TypeCheck(t, (PyTypeObject *)smc_tensor_type))
+        return -1;
+    PyObject *v = PyObject_CallMethodNoArgs(t, smc_str_data_ptr);
+    if (v == NULL)
+        goto fail;
+    out->ptr = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttr(t, smc_str_nbytes)) == NULL)
+        goto fail;
+    out->nbytes = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if ((v = PyObject_CallMethodNoArgs(t, smc_str_is_contiguous)) == NULL)
+        goto fail;
+    out->contig = v == Py_True;
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttr(t, smc_str_is_cuda)) == NULL)
+        goto fail;
+    out->cuda = v == Py_True;
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttr(t, smc_str_dtype)) == NULL)
+        goto fail;
+    out->dtype = v; /* a torch dtype: lives as long as torch */
+    Py_DECREF(v);
+    out->ndim = 0;
+    if (push) {
+        if ((v = PyObject_GetAttr(t, smc_str_shape)) == NULL)
+            goto fail;
+        if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) > SIG_NDIM) {
+            Py_DECREF(v);
+            return -1;
+        }
+        out->ndim = (int)PyTuple_GET_SIZE(v);
+        for (int d = 0; d < out->ndim; d++)
+            out->dims[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(v, d));
+        Py_DECREF(v);
+    }
+    if (PyErr_Occurred())
+        goto fail;
+    return 0;
+fail:
+    PyErr_Clear();
+    return -1;
+}
+
+static int same_sig(const Sig *a, const Sig *b) {
+    if (a->ptr != b->ptr || a->nbytes != b->nbytes || a->dtype != b->dtype || a->contig != b->contig ||
+        a->cuda != b->cuda || a->ndim != b->ndim)
+        return 0;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->dims[d] != b->dims[d])
+            return 0;
+    return 1;
+}
+
+/* Read a call's arguments into the scratch signature: -1 when they are not the plain kind (lists of
+   tensors, int keys, a bool) that a remembered plan can match; stepmesh.worker then looks closer. */
+static int read_call(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t *n_push, Py_ssize_t *n_pull, int *event) {
+    PyObject *push = args[0], *pkeys = args[1], *pull = args[2], *qkeys = args[3];
+    if (!PyList_CheckExact(push) || !PyList_CheckExact(pkeys) || !PyList_CheckExact(pull) || !PyList_CheckExact(qkeys))
+        return -1;
+    Py_ssize_t np = PyList_GET_SIZE(push), nq = PyList_GET_SIZE(pull);
+    if (np > SIG_MAX || nq > SIG_MAX || PyList_GET_SIZE(pkeys) != np || PyList_GET_SIZE(qkeys) != nq ||
+        (*event = read_bool(args[4])) < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < np; i++)
+        if (read_int(PyList_GET_ITEM(pkeys, i), &self->scratch_keys[i]) < 0 ||
+            read_sig(PyList_GET_ITEM(push, i), &self->scratch[i], 1) < 0)
+            return -1;
+    for (Py_ssize_t i = 0; i < nq; i++)
+        if (read_int(PyList_GET_ITEM(qkeys, i), &self->scratch_keys[np + i]) < 0 ||
+            read_sig(PyList_GET_ITEM(pull, i), &self->scratch[np + i], 0) < 0)
+            return -1;
+    *n_push = np;
+    *n_pull = nq;
+    return 0;
+}
+
+static int plan_matches(WorkerCoreObject *self, PlanObject *p, Py_ssize_t np, Py_ssize_t nq, int event) {
+    if (p->sig_push != np || p->sig_pull != nq || p->sig_event != event)
+        return 0;
+    if (memcmp(p->sig_keys, self->scratch_keys, (np + nq) * sizeof(int64_t)) != 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < np + nq; i++)
+        if (!same_sig(&p->sigs[i], &self->scratch[i]))
+            return 0;
+    return 1;
+}
+
+static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+/* call(push_tensors, push_keys, pull_tensors, pull_keys, need_event) -> handle, or None: push_pull when the
+   call's signature is one of the plans remembered here (and needs no CUDA event); None leaves it to Python. */
+static PyObject *Core_call(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t np, nq;
+    int event;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "call(push_tensors, push_keys, pull_tensors, pull_keys, need_event)");
+        return NULL;
+    }
+    if (self->n_mru == 0 || read_call(self, args, &np, &nq, &event) < 0)
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < self->n_mru; i++) {
+        PlanObject *p = self->mru[i];
+        if (!plan_matches(self, p, np, nq, event))
+            continue;
+        if (p->event != Py_None)
+            Py_RETURN_NONE;
+        if (i) {
+            memmove(self->mru + 1, self->mru, i * sizeof(PlanObject *));
+            self->mru[0] = p;
+        }
+        PyObject *pp_args[3] = {(PyObject *)p, args[0], Py_True};
+        return Core_push_pull(self, pp_args, 3);
+    }
+    Py_RETURN_NONE;
+}
+
+/* remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event): let call() match it. */
+static PyObject *Core_remember(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t np, nq;
+    int event;
+    if (nargs != 6 || Py_TYPE(args[0]) != &PlanType) {
+        PyErr_SetString(PyExc_TypeError, "remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event)");
+        return NULL;
+    }
+    PlanObject *p = (PlanObject *)args[0];
+    if (read_call(self, args + 1, &np, &nq, &event) < 0)
+        Py_RETURN_FALSE;
+    Py_ssize_t n = np + nq ? np + nq : 1;
+    int64_t *keys = PyMem_Malloc(n * sizeof(int64_t));
+    Sig *sigs = PyMem_Malloc(n * sizeof(Sig));
+    if (keys == NULL || sigs == NULL) {
+        PyMem_Free(keys);
+        PyMem_Free(sigs);
+        return PyErr_NoMemory();
+    }
+    memcpy(keys, self->scratch_keys, (np + nq) * sizeof(int64_t));
+    memcpy(sigs, self->scratch, (np + nq) * sizeof(Sig));
+    PyMem_Free(p->sig_keys);
+    PyMem_Free(p->sigs);
+    p->sig_keys = keys;
+    p->sigs = sigs;
+    p->sig_push = np;
+    p->sig_pull = nq;
+    p->sig_event = event;
+    Py_ssize_t at = self->n_mru;
+    for (Py_ssize_t i = 0; i < self->n_mru; i++)
+        if (self->mru[i] == p)
+            at = i;
+    if (at == self->n_mru) { /* not remembered yet: the least recent goes */
+        if (self->n_mru == PLANS_MRU)
+            Py_DECREF(self->mru[--self->n_mru]);
+        at = self->n_mru++;
+        self->mru[at] = (PlanObject *)Py_NewRef(p);
+    }
+    memmove(self->mru + 1, self->mru, at * sizeof(PlanObject *));
+    self->mru[0] = p;
+    Py_RETURN_TRUE;
+}
+
+static void forget_plans(WorkerCoreObject *self) {
+    while (self->n_mru)
+        Py_DECREF(self->mru[--self->n_mru]);
+}
+
+static PyObject *Core_forget_plans(WorkerCoreObject *self, PyObject *unused) {
+    forget_plans(self);
+    Py_RETURN_NONE;
+}
+
 static CallObject *pending_call(WorkerCoreObject *self, PyObject *handle) {
     if (!PyLong_CheckExact(handle))
         return NULL;
@@ -953,6 +1169,7 @@ static int Core_init(WorkerCoreObject *self, PyObject *args, PyObject *kwds) {
 }
 
 static void Core_dealloc(WorkerCoreObject *self) {
+    forget_plans(self);
     if (self->traces != NULL) {
         for (Py_ssize_t i = 0; i < self->trace_keep; i++)
             Py_XDECREF(self->traces[i]);
@@ -974,6 +1191,13 @@ static PyMethodDef Core_methods[] = {
     {"push_pull", (PyCFunction)(void (*)(void))Core_push_pull, METH_FASTCALL,
      "push_pull(plan, keep, send) -> handle, or None at max_in_flight: post one call of ``plan`` (its sends only "
      "with ``send``; else send(handle) later). ``keep`` stays referenced until the call is complete."},
+    {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL,
+     "call(push_tensors, push_keys, pull_tensors, pull_keys, need_event) -> handle, or None: push_pull when the "
+     "arguments match a remembered plan's signature (and it needs no CUDA event)."},
+    {"remember", (PyCFunction)(void (*)(void))Core_remember, METH_FASTCALL,
+     "remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event) -> bool: call() matches "
+     "these arguments to plan from now on (False: they are not of the kind it matches)."},
+    {"forget_plans", (PyCFunction)Core_forget_plans, METH_NOARGS, "Forget every remembered plan (endpoints changed)."},
     {"send", (PyCFunction)Core_send, METH_O, "send(handle): post the sends of a call made with send=False."},
     {"wait", (PyCFunction)(void (*)(void))Core_wait, METH_FASTCALL,
      "wait(handle, timeout_ms, spins) -> 0 done, 1 pending, 2 unknown handle, 3 bad timeout_ms, 4 failed "

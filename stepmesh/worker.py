@@ -162,6 +162,12 @@ class AFTensorWorker(Node):
             PeerError: a server of this group is dead.
             StepMeshError: not initialised or already stopped.
         """
+        core = self._core
+        if core is not None and self._fatal is None and not self.dead and not self._deferred and not self._stopped:
+            # A signature the core remembers: matched, posted and returned without Python.
+            handle = core.call(push_tensors, push_keys, pull_tensors, pull_keys, need_event)
+            if handle is not None:
+                return handle
         data = self.data
         if data is None or self._stopped or not self.servers:
             raise StepMeshError("push_pull() on a worker that is not running: call init() first")
@@ -188,9 +194,9 @@ class AFTensorWorker(Node):
                 self._plans[sig] = plan
                 if len(self._plans) > _PLANS_KEEP:
                     self._plans.popitem(last=False)
-        core = self._core
         if core is not None:  # plan is the C core's (its owner the _Plan)
             if plan.event is None:
+                core.remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event)
                 handle = core.push_pull(plan, push_tensors, True)
                 if handle is not None:
                     return handle
@@ -736,6 +742,8 @@ class AFTensorWorker(Node):
         """A server rejoined: address it at its new endpoint from the next push_pull on."""
         self._address_servers()
         self._plans.clear()  # they hold the old endpoints
+        if self._core is not None:
+            self._core.forget_plans()
 
     def _address_servers(self) -> None:
         self.servers = [p for p in self.peers if p.role is P.Role.SERVER]
