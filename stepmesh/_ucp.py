@@ -46,6 +46,7 @@ _lib: Any = None
 _check: Any = None
 _free: Any = None
 _native: Any = None  # the bound _ucpc module; False when it cannot be imported
+_torch_bound = False
 
 
 class UcpError(StepMeshError):
@@ -158,10 +159,21 @@ def _check_layout(mod: Any) -> None:
 
 
 def native_module(ops: Any) -> Any:
-    """The C module when ``ops`` are its tag operations and it has the worker and server cores, else None."""
+    """The C module when ``ops`` are its tag operations and it has the worker and server cores, else None.
+
+    Its cores compare tensors against torch's types: they are bound here, once.
+    """
+    global _torch_bound
     mod = _native or None
     if mod is None or type(ops) is not mod.TagOps or not hasattr(mod, "WorkerCore"):
         return None
+    if not _torch_bound:
+        import torch
+
+        from ._tensors import DTYPE_CODE
+
+        mod.bind_torch(torch.Tensor, DTYPE_CODE)
+        _torch_bound = True
     return mod
 
 

@@ -837,6 +837,10 @@ static int ServerCore_init(ServerCoreObject *self, PyObject *args, PyObject *kwd
         PyErr_SetString(PyExc_RuntimeError, "ServerCore is already initialised");
         return -1;
     }
+    if (smc_tensor_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "stepmesh._ucpc.bind_torch() was not called");
+        return -1;
+    }
     Py_ssize_t n = PyList_GET_SIZE(eps);
     if (n < 1 || PyList_GET_SIZE(ring_tags) != n || PyList_GET_SIZE(push_tags) != n || PyList_GET_SIZE(slots) != n ||
         keep < 1 || slot_size < SEQ_OFFSET + 4 || resp_max < RESP_FIXED || !PyCallable_Check(new_layout) ||

@@ -1147,6 +1147,10 @@ static int Core_init(WorkerCoreObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "WorkerCore is already initialised");
         return -1;
     }
+    if (smc_tensor_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "stepmesh._ucpc.bind_torch() was not called");
+        return -1;
+    }
     if (n_servers < 1 || max_in_flight < 1 || keep < 1) {
         PyErr_SetString(PyExc_ValueError, "WorkerCore: n_servers, max_in_flight and trace_keep must be >= 1");
         return -1;

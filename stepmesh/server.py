@@ -190,7 +190,6 @@ class AFTensorServer(Node):
         self._rings = []
         native = self.data.native
         if native is not None:
-            native.bind_torch(torch.Tensor, DTYPE_CODE)
             self._slots = [[HostBuffer(_SLOT) for _ in range(RING_DEPTH)] for _ in self.workers]
             self._core = native.ServerCore(
                 self._ops, self._handles, list(self._eps), self._ring_tags,

@@ -19,6 +19,8 @@ here in Python.
 
 from __future__ import annotations
 
+import numbers
+import operator
 import time
 from collections import OrderedDict
 from ctypes import memmove
@@ -56,7 +58,7 @@ _now = time.monotonic_ns
 
 
 def _check_timeout(timeout_ms: Any) -> None:
-    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real) or not timeout_ms >= 0:
         raise ArgumentError(f"timeout_ms must be a non-negative number, got {timeout_ms!r}")
 
 
@@ -418,14 +420,7 @@ class AFTensorWorker(Node):
             (t.data_ptr(), t.nbytes, P.make_tag(P.TAG_PUSH, me, 0, i)) for i, t in enumerate(push) if not inline[i]
         ]
         plan.req_tag = P.make_tag(P.TAG_REQUEST, me)
-        plan.event = None
-        if need_event and any(t.is_cuda for t in push):
-            from .backends import select
-
-            first = next(t for t in push if t.is_cuda)
-            backend = select(None, first)
-            plan.event = partial(backend.record_event, first.device)  # on the stream of the pushes' device
-            plan.release = backend.release_event
+        plan.event, plan.release = self._event_source(push) if need_event else (None, None)
         if self._core is None:
             return plan
         # The C core's plan refers to this one (never the other way round: no cycle to collect).
@@ -437,6 +432,17 @@ class AFTensorWorker(Node):
             ],
             plan.per, plan.resp_pos, plan.event,
         )
+
+    @staticmethod
+    def _event_source(push: list[torch.Tensor]) -> tuple[Any, Any]:
+        """What records an event on the stream producing ``push`` (and takes it back), or (None, None) on the host."""
+        for t in push:
+            if t.is_cuda:
+                from .backends import select
+
+                backend = select(None, t)
+                return partial(backend.record_event, t.device), backend.release_event  # the pushes' device's stream
+        return None, None
 
     def _check_servers(self) -> None:
         if self._returned:
@@ -502,19 +508,25 @@ class AFTensorWorker(Node):
     def _wait_native(self, handle: Any, timeout_ms: Any, rc: int) -> None:
         """What ``WorkerCore.wait`` did not settle at once: odd arguments, waiting longer, failures."""
         core = self._core
-        if rc == _W_UNKNOWN and type(handle) is not int and isinstance(handle, int) and not isinstance(handle, bool):
-            handle = int(handle)  # an int of another type (numpy's, say)
-            rc = core.wait(handle, timeout_ms, 0)
-        if rc == _W_UNKNOWN:
-            raise ArgumentError(f"handle {handle!r} is unknown: never returned by push_pull, or already waited for")
         if rc == _W_BAD_TIMEOUT:
             _check_timeout(timeout_ms)
             timeout_ms = float(timeout_ms)  # a number of another type
             rc = core.wait(handle, timeout_ms, 0)
+        if rc == _W_UNKNOWN and type(handle) is not int and not isinstance(handle, bool):
+            try:
+                handle = operator.index(handle)  # an integer of another type (numpy's, say)
+            except TypeError:
+                pass
+            else:
+                rc = core.wait(handle, timeout_ms, 0)
+        if rc == _W_UNKNOWN:
+            raise ArgumentError(f"handle {handle!r} is unknown: never returned by push_pull, or already waited for")
         if rc == _W_PENDING:
             rc = self._wait_longer(handle, timeout_ms)
         if rc == _W_FAILED:
             self._native_failure(handle)
+        elif rc != _W_DONE:
+            raise StepMeshError(f"push_pull handle {handle}: the C core's wait returned {rc}")
 
     def _wait_longer(self, handle: int, timeout_ms: float) -> int:
         """Wait for a call of the C core with the deadline, liveness checks and deferred sends.

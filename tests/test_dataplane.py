@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -16,10 +17,25 @@ SMALL = 64  # elements: travels inline with the header
 LARGE = 300_000  # elements: travels by rendezvous into the destination
 
 
+# Every test here runs on both implementations of the steady state: the C cores
+# (stepmesh._ucpc) and the Python bookkeeping over ctypes (STEPMESH_NATIVE=0,
+# what runs where no compiler was there at install).
+_NATIVE = {"c": "1", "python": "0"}
+_impl = ["c"]
+
+
+@pytest.fixture(params=sorted(_NATIVE), autouse=True)
+def impl(request):
+    _impl[0] = request.param
+    yield request.param
+    _impl[0] = "c"
+
+
 def _mesh(target, **kw):
-    kw.setdefault("env", FAST)
+    env = dict(kw.pop("env", FAST))
+    env.setdefault("STEPMESH_NATIVE", _NATIVE[_impl[0]])
     kw.setdefault("timeout", 90)
-    results = run_mesh(target, **kw)
+    results = run_mesh(target, env=env, **kw)
     assert results.pop("scheduler") is None
     return results
 
@@ -121,8 +137,9 @@ def test_each_server_trace_says_when_its_own_answer_arrived():
 # ---------------------------------------------------------- stages in flight
 def _stages(ctx: NodeContext) -> int:
     f.init()
-    ops = (ctx.args or {}).get("ops")
-    assert ops is None or type(f._node.data.ops).__module__ == ops
+    native = os.environ["STEPMESH_NATIVE"] == "1"
+    assert type(f._node.data.ops).__module__ == ("stepmesh._ucpc" if native else "stepmesh._ucp")
+    assert (f._node._core is not None) == native, "the implementation asked for"
     n_stages, rounds = 3, 4
     if ctx.role == "worker":
         buf = torch.arange(LARGE, dtype=torch.float32)
@@ -159,11 +176,134 @@ def test_stages_in_every_progress_mode(mode):
     assert set(_mesh(_stages, env={**FAST, "STEPMESH_PROGRESS": mode}).values()) == {4}
 
 
+# ------------------------------------------------- a signature changed in place
+def _changed_in_place(ctx: NodeContext) -> int:
+    """The same tensor objects, altered in place between calls: each call is sent as it is now."""
+    f.init()
+    calls = 0
+    if ctx.role == "worker":
+        push = torch.arange(64, dtype=torch.float32)
+        out = torch.zeros(64)
+        for _ in range(2):  # once to plan, once to match the plan
+            f.wait(f.push_pull([push], [1], [out], [9]))
+        assert torch.equal(out, push + 1)
+        push.resize_(4, 8)  # same memory, another shape (and fewer bytes)
+        f.wait(f.push_pull([push], [1], [out], [9]))
+        assert torch.equal(out[:32], push.reshape(-1) + 1)
+        f.wait(f.push_pull([push.view(torch.int32)], [1], [out], [9]))  # same memory, another dtype
+        f.wait(f.push_pull([push], [2], [out], [9]))  # another key
+        f.wait(f.push_pull([push], [1], [out], [9], need_event=False))  # another need_event
+        out.resize_(8)  # a smaller pull buffer: the answer must not fit
+        h = f.push_pull([push], [1], [out], [9])
+        with pytest.raises(f.PeerError, match="holds only"):
+            f.wait(h)
+        calls = 7
+    else:
+        seen = []
+        for _ in range(7):
+            (h, (t,), keys), = f.get_batch()
+            seen.append((tuple(t.shape), t.dtype, keys))
+            if t.dtype is torch.int32:
+                f.respond([t], h)
+            elif keys == [1] and seen[-1][0] == (4, 8) and len(seen) == 7:
+                with pytest.raises(f.ArgumentError, match="holds only"):
+                    f.respond([t.reshape(-1) + 1], h)
+            else:
+                f.respond([t.reshape(-1) + 1], h)
+        assert seen == [
+            ((64,), torch.float32, [1]), ((64,), torch.float32, [1]), ((4, 8), torch.float32, [1]),
+            ((4, 8), torch.int32, [1]), ((4, 8), torch.float32, [2]), ((4, 8), torch.float32, [1]),
+            ((4, 8), torch.float32, [1]),
+        ], seen
+        calls = len(seen)
+    f.stop()
+    return calls
+
+
 @pytest.mark.timeout(120)
-def test_the_ctypes_fallback_carries_the_data_path_too():
-    """STEPMESH_NATIVE=0 (or no C compiler at install): the same traffic through ctypes."""
-    env = {**FAST, "STEPMESH_PROGRESS": "polling", "STEPMESH_NATIVE": "0"}
-    assert set(_mesh(_stages, env=env, args={"ops": "stepmesh._ucp"}).values()) == {4}
+def test_tensors_changed_in_place_are_sent_as_they_are_now():
+    assert _mesh(_changed_in_place) == {"server-0-0": 7, "worker-0-0": 7}
+
+
+# ------------------------------------------------------------- waiting longer
+def _answers_late(ctx: NodeContext) -> str:
+    import numpy as np
+
+    f.init()
+    if ctx.role == "worker":
+        out = [torch.zeros(8)]
+        h = f.push_pull([torch.ones(8)], [0], out, [0])
+        t0 = time.monotonic()
+        with pytest.raises(f.TimeoutError, match="no response yet from: server rank 0"):
+            f.wait(h, timeout_ms=300)
+        assert 0.25 < time.monotonic() - t0 < 5
+        with pytest.raises(f.ArgumentError, match="timeout_ms"):
+            f.wait(h, timeout_ms="soon")
+        f.wait(np.int64(h), timeout_ms=np.float32(20000))  # numbers of other types do
+        assert torch.all(out[0] == 2)
+        with pytest.raises(f.ArgumentError, match="unknown"):
+            f.wait(h)
+    else:
+        (h, (t,), _), = f.get_batch()
+        time.sleep(1.0)
+        f.respond([t * 2], h)
+    f.stop()
+    return "ok"
+
+
+@pytest.mark.timeout(120)
+def test_a_wait_that_times_out_names_the_server_and_the_call_stays_valid():
+    assert set(_mesh(_answers_late).values()) == {"ok"}
+
+
+# ------------------------------------------------ sends that wait for a stream
+class _LateEvent:
+    """A stream event that completes only at its fourth look (a CUDA stream still busy)."""
+
+    def __init__(self, *args) -> None:
+        self.looks = 0
+
+    def query(self) -> bool:
+        self.looks += 1
+        return self.looks > 3
+
+
+def _late_events(ctx: NodeContext) -> int:
+    """need_event's path with host tensors: events that complete late hold the sends back, never the caller."""
+    from types import SimpleNamespace
+
+    from stepmesh.server import AFTensorServer
+    from stepmesh.worker import AFTensorWorker
+
+    released = []
+    AFTensorWorker._event_source = staticmethod(lambda push: (_LateEvent, released.append))
+    backend = SimpleNamespace(release_event=released.append, wait_event=lambda e: None)
+    AFTensorServer._event = staticmethod(lambda ts: (_LateEvent(), backend))
+    f.init()
+    rounds = 3
+    if ctx.role == "worker":
+        for r in range(rounds):
+            calls = []
+            for s, n in enumerate((SMALL, LARGE, 5)):
+                push = torch.full((n,), float(r + s))
+                out = torch.zeros(n)
+                calls.append((f.push_pull([push], [s], [out], [s]), out, push + 1))
+            for h, out, expect in calls:
+                f.wait(h)
+                assert torch.equal(out, expect)
+    else:
+        for _ in range(rounds):
+            for _ in range(3):
+                (h, (t,), _), = f.get_batch()
+                f.respond([t + 1], h, need_event=True)
+    f.stop()
+    assert len(released) == 3 * rounds, released  # every event went back to its backend
+    return len(released)
+
+
+@pytest.mark.timeout(120)
+def test_sends_wait_for_their_stream_event_without_blocking_the_caller():
+    assert _mesh(_late_events) == {"server-0-0": 9, "worker-0-0": 9}
 
 
 # ------------------------------------------------------------ dynamic sizes
