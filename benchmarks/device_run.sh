@@ -10,10 +10,11 @@ if [ ! -d "$site/ucxx" ]; then
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -e stepmesh/cli ] || ln -s ../cli stepmesh/cli   # what the package-dir mapping does when installed
-# The C tag operations, built in place as pip install builds them (stepmesh falls back to ctypes without).
+# The C extension, built in place as pip install builds it (stepmesh falls back to Python over ctypes without).
 ext=stepmesh/_ucpc$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-[ "$ext" -nt stepmesh/_ucpc.c ] || cc -O2 -shared -fPIC $(python3 -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
-  stepmesh/_ucpc.c -o "$ext" || echo "stepmesh._ucpc not built: the data path runs on ctypes"
+stale=$(find stepmesh -maxdepth 1 -name '_ucpc*.[ch]' -newer "$ext" 2>/dev/null | head -1)
+{ [ -e "$ext" ] && [ -z "$stale" ]; } || cc -O2 -shared -fPIC $(python3 -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
+  stepmesh/_ucpc.c stepmesh/_ucpc_worker.c stepmesh/_ucpc_server.c -o "$ext" || echo "stepmesh._ucpc not built: the data path runs on ctypes"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import torch, ucxx; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'ucxx', ucxx.__version__)"
 python -m stepmesh.cli info | tee "$out/info.txt" | head -40

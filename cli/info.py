@@ -87,11 +87,22 @@ def _versions() -> dict[str, str | None]:
     try:
         from stepmesh._ucp import library_path, native_available
 
-        via = "C (stepmesh._ucpc)" if native_available() else "ctypes: stepmesh._ucpc was not built"
+        if not native_available():
+            via = "ctypes, the steady state in Python: stepmesh._ucpc was not built"
+        elif _has_cores():
+            via = "C: stepmesh._ucpc, with the worker and server cores"
+        else:
+            via = "C: stepmesh._ucpc, an old build without the cores (reinstall stepmesh)"
         out["libucp"] = f"{library_path()} (the data path calls it directly, through {via})"
     except Exception as e:
         out["libucp"] = f"not available ({_error(e)})"
     return out
+
+
+def _has_cores() -> bool:
+    from stepmesh import _ucpc  # type: ignore[attr-defined]
+
+    return hasattr(_ucpc, "WorkerCore") and hasattr(_ucpc, "ServerCore")
 
 
 def _ucx() -> dict[str, Any]:

@@ -1113,13 +1113,19 @@ static PyObject *Core_close(WorkerCoreObject *self, PyObject *unused) {
     Py_DECREF(calls); /* InPlaceConcat returned a new reference to the same list */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(calls); i++) {
         CallObject *c = (CallObject *)PyList_GET_ITEM(calls, i);
+        int busy = 0;
         for (Py_ssize_t r = 0; r < c->n_reqs; r++) {
             if (c->req[r] != NULL) {
                 smc_cancel(self->ops, c->req[r]);
                 smc_ucp_free(c->req[r]);
                 c->req[r] = NULL;
                 c->status[r] = UCS_ERR_CANCELED;
+                busy = 1;
             }
+        }
+        if (busy) { /* UCX may still finish with their memory while the worker is torn down: left to leak */
+            c->bufs = NULL;
+            c->keep = NULL;
         }
         c->state = CALL_FAILED;
         call_release(c);
