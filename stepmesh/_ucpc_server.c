@@ -42,6 +42,7 @@ typedef struct {
     PyObject *dest; /* the registered chunk views (copied per request), unless fill */
     int fill;       /* stepmesh.server makes each request's tensors (fresh memory, device copies) */
     uint8_t *head;  /* the header's bytes (the sequence number's are not compared) */
+    uint64_t hash;  /* of those bytes but the sequence number's */
     Py_ssize_t size, n_tensors, n_sep, n_moves, n_pulls;
     Sep *sep;
     Move *moves;
@@ -81,7 +82,7 @@ typedef struct {
     PyObject *handles;    /* dict: handle -> ServeRequest (stepmesh.server reads it too) */
     PyObject *new_layout; /* callable(w, k, status) -> Layout: slot k of worker w holds a header not seen lately */
     PyObject *fill;       /* callable(w, k, layout) -> tensors of a request whose layout has fill set */
-    Py_ssize_t n_workers, depth, slot_size, keep;
+    Py_ssize_t n_workers, depth, slot_size, keep; /* keep: layout slots per worker, a power of two */
     uint64_t mask, resp_tag, pull_tag;
     int data_version;
     uint64_t *eps, *ring_tags, *push_tags, *slot_buf; /* slot_buf: n_workers x depth */
@@ -91,8 +92,7 @@ typedef struct {
     Py_ssize_t *head, *count;
     Py_ssize_t *spare; /* per worker, slot indexes to post again */
     Py_ssize_t *n_spare;
-    LayoutObject **layouts; /* per worker, keep most recent first */
-    Py_ssize_t *n_layouts;
+    LayoutObject **layouts; /* per worker, keep slots by header hash (direct-mapped: a newer layout takes its slot) */
     Queue *ready;
     ServeRequestObject *arriving; /* requests whose separate pushes are still coming */
     int64_t next_handle;
@@ -115,6 +115,38 @@ static uint32_t rd32(const uint8_t *p) {
 static void wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+static uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* The size of the request header at buf as its fixed part and tensor entries say, or -1 (then Python decodes it). */
+static Py_ssize_t header_size(const uint8_t *buf, Py_ssize_t limit) {
+    if (limit < SEQ_OFFSET + 4)
+        return -1;
+    Py_ssize_t n_push = rd16(buf + 2), pulls = (Py_ssize_t)rd16(buf + 4) * rd16(buf + 6), pos = SEQ_OFFSET + 4;
+    for (Py_ssize_t i = 0; i < n_push; i++) { /* key q, dtype B, ndim B, nbytes Q, then ndim q */
+        if (pos + 18 > limit || buf[pos + 9] > 8)
+            return -1;
+        pos += 18 + 8 * (Py_ssize_t)buf[pos + 9];
+    }
+    pos += 16 * pulls; /* key q, capacity Q */
+    return pos <= limit ? pos : -1;
+}
+
+static uint64_t header_hash(const uint8_t *buf, Py_ssize_t size) {
+    uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a, skipping the sequence number */
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (i == SEQ_OFFSET)
+            i += 4;
+        if (i >= size)
+            break;
+        h = (h ^ buf[i]) * 0x100000001b3ULL;
+    }
+    return h ^ (uint64_t)size;
+}
 
 static int rows(PyObject *list, Py_ssize_t n, uint64_t **out, Py_ssize_t *n_out, const char *what) {
     if (!PyList_Check(list)) {
@@ -189,10 +221,11 @@ static PyObject *Layout_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         goto fail;
     }
     memcpy(l->head, PyBytes_AS_STRING(head), l->size);
-    if (l->size < SEQ_OFFSET + 4) {
-        PyErr_SetString(PyExc_ValueError, "Layout: a header shorter than its fixed part");
+    if (l->size < SEQ_OFFSET + 4 || header_size(l->head, l->size) != l->size) {
+        PyErr_SetString(PyExc_ValueError, "Layout: head is not one whole request header");
         goto fail;
     }
+    l->hash = header_hash(l->head, l->size);
     if (rows(sep, 3, (uint64_t **)&l->sep, &l->n_sep, "sep") < 0 || rows(moves, 3, (uint64_t **)&l->moves, &l->n_moves, "moves") < 0 ||
         rows(caps, 1, &l->caps, &l->n_pulls, "caps") < 0 || rows(small, 1, &small64, &n_small, "small") < 0)
         goto fail;
@@ -328,32 +361,20 @@ static void repost(ServerCoreObject *self) {
 }
 
 static LayoutObject *find_layout(ServerCoreObject *self, Py_ssize_t w, const uint8_t *buf) {
-    LayoutObject **mine = self->layouts + w * self->keep;
-    Py_ssize_t n = self->n_layouts[w];
-    for (Py_ssize_t i = 0; i < n; i++) {
-        LayoutObject *l = mine[i];
-        if (l->size <= self->slot_size && memcmp(buf, l->head, SEQ_OFFSET) == 0 &&
-            memcmp(buf + SEQ_OFFSET + 4, l->head + SEQ_OFFSET + 4, l->size - SEQ_OFFSET - 4) == 0) {
-            if (i) { /* most recent first */
-                memmove(mine + 1, mine, i * sizeof(LayoutObject *));
-                mine[0] = l;
-            }
-            return l;
-        }
-    }
-    return NULL;
+    Py_ssize_t size = header_size(buf, self->slot_size);
+    if (size < 0)
+        return NULL;
+    uint64_t h = header_hash(buf, size);
+    LayoutObject *l = self->layouts[w * self->keep + (Py_ssize_t)(h & (uint64_t)(self->keep - 1))];
+    if (l == NULL || l->hash != h || l->size != size || memcmp(buf, l->head, SEQ_OFFSET) != 0 ||
+        memcmp(buf + SEQ_OFFSET + 4, l->head + SEQ_OFFSET + 4, size - SEQ_OFFSET - 4) != 0)
+        return NULL;
+    return l;
 }
 
 static void remember_layout(ServerCoreObject *self, Py_ssize_t w, LayoutObject *l) {
-    LayoutObject **mine = self->layouts + w * self->keep;
-    Py_ssize_t n = self->n_layouts[w];
-    if (n == self->keep) {
-        Py_DECREF(mine[n - 1]);
-        n--;
-    }
-    memmove(mine + 1, mine, n * sizeof(LayoutObject *));
-    mine[0] = (LayoutObject *)Py_NewRef(l);
-    self->n_layouts[w] = n + 1;
+    Py_XSETREF(self->layouts[w * self->keep + (Py_ssize_t)(l->hash & (uint64_t)(self->keep - 1))],
+               (LayoutObject *)Py_NewRef(l));
 }
 
 static uint64_t data_ptr(PyObject *t) {
@@ -765,8 +786,6 @@ static PyObject *ServerCore_reap(ServerCoreObject *self, PyObject *unused) {
 static void forget_layouts(ServerCoreObject *self) {
     for (Py_ssize_t i = 0; i < self->n_workers * self->keep; i++)
         Py_CLEAR(self->layouts[i]);
-    for (Py_ssize_t w = 0; w < self->n_workers; w++)
-        self->n_layouts[w] = 0;
 }
 
 static PyObject *ServerCore_forget_layouts(ServerCoreObject *self, PyObject *unused) {
@@ -843,7 +862,7 @@ static int ServerCore_init(ServerCoreObject *self, PyObject *args, PyObject *kwd
     }
     Py_ssize_t n = PyList_GET_SIZE(eps);
     if (n < 1 || PyList_GET_SIZE(ring_tags) != n || PyList_GET_SIZE(push_tags) != n || PyList_GET_SIZE(slots) != n ||
-        keep < 1 || slot_size < SEQ_OFFSET + 4 || resp_max < RESP_FIXED || !PyCallable_Check(new_layout) ||
+        keep < 1 || (keep & (keep - 1)) || slot_size < SEQ_OFFSET + 4 || resp_max < RESP_FIXED || !PyCallable_Check(new_layout) ||
         !PyCallable_Check(fill)) {
         PyErr_SetString(PyExc_ValueError, "ServerCore: one endpoint, ring tag, push tag and slot list per worker");
         return -1;
@@ -876,7 +895,6 @@ static int ServerCore_init(ServerCoreObject *self, PyObject *args, PyObject *kwd
     ALLOC(spare, n * depth, Py_ssize_t)
     ALLOC(n_spare, n, Py_ssize_t)
     ALLOC(layouts, n * keep, LayoutObject *)
-    ALLOC(n_layouts, n, Py_ssize_t)
     ALLOC(ready, n, Queue)
     for (Py_ssize_t w = 0; w < n; w++) {
         PyObject *mine = PyList_GET_ITEM(slots, w);
@@ -931,7 +949,6 @@ static void ServerCore_dealloc(ServerCoreObject *self) {
     PyMem_Free(self->spare);
     PyMem_Free(self->n_spare);
     PyMem_Free(self->layouts);
-    PyMem_Free(self->n_layouts);
     PyMem_Free(self->ready);
     Py_XDECREF(self->new_layout);
     Py_XDECREF(self->fill);

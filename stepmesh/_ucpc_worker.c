@@ -51,7 +51,7 @@ typedef struct {
 
 #define SIG_NDIM 8   /* protocol.MAX_NDIM */
 #define SIG_MAX 256  /* protocol.MAX_PULLS: tensors per side a remembered signature may have */
-#define PLANS_MRU 16 /* signatures matched here; the rest go through stepmesh.worker's dict */
+#define PLAN_SLOTS 512 /* remembered signatures: a direct-mapped table, by a hash of the call's facts */
 
 /* What a plan depends on of one tensor: a call matches when each of its tensors has the same. */
 typedef struct {
@@ -83,6 +83,7 @@ typedef struct PlanObject {
     Part *parts;
     Bufs *free;
     /* the call signature it was built for (set by WorkerCore.remember) */
+    uint64_t sig_hash;
     Py_ssize_t sig_push, sig_pull;
     int sig_event;
     int64_t *sig_keys; /* push keys, then pull keys */
@@ -121,8 +122,8 @@ typedef struct {
     uint32_t seq;
     CallObject **traces; /* ring of trace_keep completed calls, by call number */
     CallObject *free_calls;
-    PlanObject *mru[PLANS_MRU]; /* plans of recent signatures, most recent first */
-    Py_ssize_t n_mru;
+    PlanObject *plans[PLAN_SLOTS]; /* by signature hash; a newer plan takes its slot */
+    Py_ssize_t n_plans;
     Sig scratch[2 * SIG_MAX];   /* a call's tensors, read once per call */
     int64_t scratch_keys[2 * SIG_MAX];
 } WorkerCoreObject;
@@ -874,6 +875,30 @@ static int plan_matches(WorkerCoreObject *self, PlanObject *p, Py_ssize_t np, Py
     return 1;
 }
 
+static uint64_t mix(uint64_t h, uint64_t v) {
+    h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h;
+}
+
+/* A hash of the call read into the scratch signature (what plan_matches then compares in full). */
+static uint64_t call_hash(WorkerCoreObject *self, Py_ssize_t np, Py_ssize_t nq, int event) {
+    uint64_t h = mix(mix((uint64_t)np, (uint64_t)nq), (uint64_t)event);
+    for (Py_ssize_t i = 0; i < np + nq; i++) {
+        const Sig *s = &self->scratch[i];
+        h = mix(h, s->ptr);
+        h = mix(h, s->nbytes);
+        h = mix(h, (uintptr_t)s->dtype);
+        h = mix(h, ((uint64_t)s->ndim << 2) | ((uint64_t)s->contig << 1) | (uint64_t)s->cuda);
+        for (int d = 0; d < s->ndim; d++)
+            h = mix(h, (uint64_t)s->dims[d]);
+        h = mix(h, (uint64_t)self->scratch_keys[i]);
+    }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    return h;
+}
+
 static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* call(push_tensors, push_keys, pull_tensors, pull_keys, need_event) -> handle, or None: push_pull when the
@@ -885,22 +910,14 @@ static PyObject *Core_call(WorkerCoreObject *self, PyObject *const *args, Py_ssi
         PyErr_SetString(PyExc_TypeError, "call(push_tensors, push_keys, pull_tensors, pull_keys, need_event)");
         return NULL;
     }
-    if (self->n_mru == 0 || read_call(self, args, &np, &nq, &event) < 0)
+    if (self->n_plans == 0 || read_call(self, args, &np, &nq, &event) < 0)
         Py_RETURN_NONE;
-    for (Py_ssize_t i = 0; i < self->n_mru; i++) {
-        PlanObject *p = self->mru[i];
-        if (!plan_matches(self, p, np, nq, event))
-            continue;
-        if (p->event != Py_None)
-            Py_RETURN_NONE;
-        if (i) {
-            memmove(self->mru + 1, self->mru, i * sizeof(PlanObject *));
-            self->mru[0] = p;
-        }
-        PyObject *pp_args[3] = {(PyObject *)p, args[0], Py_True};
-        return Core_push_pull(self, pp_args, 3);
-    }
-    Py_RETURN_NONE;
+    uint64_t h = call_hash(self, np, nq, event);
+    PlanObject *p = self->plans[h & (PLAN_SLOTS - 1)];
+    if (p == NULL || p->sig_hash != h || !plan_matches(self, p, np, nq, event) || p->event != Py_None)
+        Py_RETURN_NONE;
+    PyObject *pp_args[3] = {(PyObject *)p, args[0], Py_True};
+    return Core_push_pull(self, pp_args, 3);
 }
 
 /* remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event): let call() match it. */
@@ -931,24 +948,20 @@ static PyObject *Core_remember(WorkerCoreObject *self, PyObject *const *args, Py
     p->sig_push = np;
     p->sig_pull = nq;
     p->sig_event = event;
-    Py_ssize_t at = self->n_mru;
-    for (Py_ssize_t i = 0; i < self->n_mru; i++)
-        if (self->mru[i] == p)
-            at = i;
-    if (at == self->n_mru) { /* not remembered yet: the least recent goes */
-        if (self->n_mru == PLANS_MRU)
-            Py_DECREF(self->mru[--self->n_mru]);
-        at = self->n_mru++;
-        self->mru[at] = (PlanObject *)Py_NewRef(p);
+    p->sig_hash = call_hash(self, np, nq, event);
+    PlanObject **slot = &self->plans[p->sig_hash & (PLAN_SLOTS - 1)];
+    if (*slot != p) {
+        if (*slot == NULL)
+            self->n_plans++;
+        Py_XSETREF(*slot, (PlanObject *)Py_NewRef(p));
     }
-    memmove(self->mru + 1, self->mru, at * sizeof(PlanObject *));
-    self->mru[0] = p;
     Py_RETURN_TRUE;
 }
 
 static void forget_plans(WorkerCoreObject *self) {
-    while (self->n_mru)
-        Py_DECREF(self->mru[--self->n_mru]);
+    for (Py_ssize_t i = 0; i < PLAN_SLOTS; i++)
+        Py_CLEAR(self->plans[i]);
+    self->n_plans = 0;
 }
 
 static PyObject *Core_forget_plans(WorkerCoreObject *self, PyObject *unused) {

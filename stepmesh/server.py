@@ -44,6 +44,7 @@ log = logging.getLogger("stepmesh.server")
 
 RING_DEPTH = 4
 _LAYOUTS_KEEP = 16  # recent request layouts remembered per worker
+_NATIVE_LAYOUTS = 256  # the C core's per worker (a direct-mapped table: dynamic token counts stay matched)
 _SEQ = P.SEQ_STRUCT
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
 _NONE: list[Any] = []  # a request with no payload messages (never appended to)
@@ -195,7 +196,7 @@ class AFTensorServer(Node):
                 self._ops, self._handles, list(self._eps), self._ring_tags,
                 [P.make_tag(P.TAG_PUSH, p.node_id) for p in self.workers],
                 [[slot.ptr for slot in ring] for ring in self._slots], _SLOT, P.TAG_MASK_KIND_NODE,
-                self._resp_tag, self._pull_tag, P.DATA_VERSION, _LAYOUTS_KEEP, self._resp_pool.size,
+                self._resp_tag, self._pull_tag, P.DATA_VERSION, _NATIVE_LAYOUTS, self._resp_pool.size,
                 self._native_layout, self._native_fill,
             )
             self.data.on_close(self._core.close)

@@ -113,10 +113,15 @@ def test_the_cores_refuse_what_does_not_describe_a_mesh(loop):
         mod.Plan(None, [ep.handle], REQ_TAG, bytes(4), [], [], [(100, RESP_TAG, None, [], [])], 1, 50, None)
     with pytest.raises(ValueError, match="beyond the answers"):
         mod.Plan(None, [ep.handle], REQ_TAG, bytes(28), [], [], [(100, RESP_TAG, None, [], [(3, out.data_ptr(), 4)])], 1, 50, None)
+    header = bytearray(P.request_header_size([(4,)], 1))
+    P.REQ_FIXED.pack_into(header, 0, P.DATA_VERSION, P.FLAG_INLINE, 1, 1, 1, 0)
+    P.tensor_struct(1).pack_into(header, P.REQ_FIXED.size, 0, DTYPE_CODE[torch.uint8], 1, 4, 4)
     with pytest.raises(ValueError, match="needs fill"):
-        mod.Layout(None, bytes(28), [0], [None], False, [], [], [4], [1], 50)
+        mod.Layout(None, bytes(header), [0], [None], False, [], [], [4], [1], 50)
     with pytest.raises(ValueError, match="one small flag per answer"):
-        mod.Layout(None, bytes(28), [0], [out], False, [], [], [4], [], 50)
+        mod.Layout(None, bytes(header), [0], [out], False, [], [], [4], [], 50)
+    with pytest.raises(ValueError, match="one whole request header"):
+        mod.Layout(None, bytes(header) + b"x", [0], [out], False, [], [], [4], [1], 50)
 
 
 @pytest.mark.timeout(30)
