@@ -96,6 +96,7 @@ typedef struct CallObject {
     PlanObject *plan; /* held while in flight and until released */
     Bufs *bufs;
     PyObject *keep;   /* the push tensors, until complete */
+    PyObject *keep_pull; /* the pull tensors, likewise (a plan holds no tensor: its addresses are checked anew) */
     PyObject *key;    /* its handle as a Python int (the pending dict's key) */
     int64_t handle;
     uint32_t seq;
@@ -395,6 +396,7 @@ static void call_release(CallObject *c) {
         c->bufs = NULL;
     }
     Py_CLEAR(c->keep);
+    Py_CLEAR(c->keep_pull);
     Py_CLEAR(c->key);
 }
 
@@ -440,6 +442,7 @@ static CallObject *call_take(WorkerCoreObject *core, PlanObject *p) {
         c->plan = NULL;
         c->bufs = NULL;
         c->keep = NULL;
+        c->keep_pull = NULL;
         c->key = NULL;
         c->req = NULL;
         c->status = NULL;
@@ -715,10 +718,10 @@ static PyObject *abandon(WorkerCoreObject *core, CallObject *c) {
     return smc_raise_status(smc_on_refused, status);
 }
 
-/* push_pull(plan, keep, send) -> handle, or None when max_in_flight calls are outstanding */
+/* push_pull(plan, push_tensors, pull_tensors, send) -> handle, or None when max_in_flight calls are outstanding */
 static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || Py_TYPE(args[0]) != &PlanType) {
-        PyErr_SetString(PyExc_TypeError, "push_pull(plan: Plan, keep, send: bool)");
+    if (nargs != 4 || Py_TYPE(args[0]) != &PlanType) {
+        PyErr_SetString(PyExc_TypeError, "push_pull(plan: Plan, push_tensors, pull_tensors, send: bool)");
         return NULL;
     }
     if (smc_ready(self->ops) < 0)
@@ -732,7 +735,7 @@ static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, P
         PyErr_SetString(PyExc_ValueError, "push_pull: a plan for another number of servers");
         return NULL;
     }
-    int send = PyObject_IsTrue(args[2]);
+    int send = PyObject_IsTrue(args[3]);
     if (send < 0)
         return NULL;
     uint64_t t_start = smc_now_ns();
@@ -753,6 +756,7 @@ static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, P
     }
     self->next_handle += self->n_servers + 1;
     c->keep = Py_NewRef(args[1]);
+    c->keep_pull = Py_NewRef(args[2]);
     memcpy(c->bufs->hdr + SEQ_OFFSET, &c->seq, 4);
     if (PyDict_SetItem(self->pending, c->key, (PyObject *)c) < 0) {
         call_release(c);
@@ -916,8 +920,8 @@ static PyObject *Core_call(WorkerCoreObject *self, PyObject *const *args, Py_ssi
     PlanObject *p = self->plans[h & (PLAN_SLOTS - 1)];
     if (p == NULL || p->sig_hash != h || !plan_matches(self, p, np, nq, event) || p->event != Py_None)
         Py_RETURN_NONE;
-    PyObject *pp_args[3] = {(PyObject *)p, args[0], Py_True};
-    return Core_push_pull(self, pp_args, 3);
+    PyObject *pp_args[4] = {(PyObject *)p, args[0], args[2], Py_True};
+    return Core_push_pull(self, pp_args, 4);
 }
 
 /* remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event): let call() match it. */
@@ -1046,6 +1050,7 @@ static PyObject *Core_wait(WorkerCoreObject *self, PyObject *const *args, Py_ssi
         return NULL;
     }
     Py_CLEAR(c->keep);
+    Py_CLEAR(c->keep_pull);
     if (call_finish(self, c) < 0) {
         c->state = CALL_FAILED;
         Py_XSETREF(self->failed, (PyObject *)c);
@@ -1139,6 +1144,7 @@ static PyObject *Core_close(WorkerCoreObject *self, PyObject *unused) {
         if (busy) { /* UCX may still finish with their memory while the worker is torn down: left to leak */
             c->bufs = NULL;
             c->keep = NULL;
+            c->keep_pull = NULL;
         }
         c->state = CALL_FAILED;
         call_release(c);
@@ -1212,8 +1218,9 @@ static void Core_dealloc(WorkerCoreObject *self) {
 
 static PyMethodDef Core_methods[] = {
     {"push_pull", (PyCFunction)(void (*)(void))Core_push_pull, METH_FASTCALL,
-     "push_pull(plan, keep, send) -> handle, or None at max_in_flight: post one call of ``plan`` (its sends only "
-     "with ``send``; else send(handle) later). ``keep`` stays referenced until the call is complete."},
+     "push_pull(plan, push_tensors, pull_tensors, send) -> handle, or None at max_in_flight: post one call of "
+     "``plan`` (its sends only with ``send``; else send(handle) later). The tensors stay referenced until the call "
+     "is complete."},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL,
      "call(push_tensors, push_keys, pull_tensors, pull_keys, need_event) -> handle, or None: push_pull when the "
      "arguments match a remembered plan's signature (and it needs no CUDA event)."},

@@ -71,7 +71,7 @@ class _Plan:
     """
 
     __slots__ = (
-        "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "pulls", "release",
+        "endpoints", "ends", "eps", "event", "free", "gather", "hlen", "n_servers", "per", "release",
         "push_sends", "recvs", "req_tag", "resp_pos", "resp_struct", "servers", "starts", "takes", "template",
     )
 
@@ -87,13 +87,16 @@ class _Plan:
 class _Pending:
     """One push_pull in flight: its UCX requests and every buffer they use."""
 
-    __slots__ = ("event", "hb", "keep", "plan", "reqs", "resp", "seq", "sreqs", "t_sent", "t_start")
+    __slots__ = ("event", "hb", "keep", "keep_pull", "plan", "reqs", "resp", "seq", "sreqs", "t_sent", "t_start")
 
-    def __init__(self, plan: _Plan, seq: int, hb: HostBuffer, keep: list[torch.Tensor], t_start: int) -> None:
+    def __init__(
+        self, plan: _Plan, seq: int, hb: HostBuffer, keep: list[torch.Tensor], pulls: list[torch.Tensor], t_start: int
+    ) -> None:
         self.plan = plan
         self.seq = seq
         self.hb = hb
-        self.keep = keep  # the push tensors, alive until complete
+        self.keep = keep  # the push and pull tensors, alive until complete (a plan holds no tensor)
+        self.keep_pull = pulls
         self.t_start = t_start
         self.t_sent = 0
         self.reqs: list[Any] = []  # receives, server by server: reqs[starts[s]:ends[s]] are server s's
@@ -199,10 +202,10 @@ class AFTensorWorker(Node):
         if core is not None:  # plan is the C core's (its owner the _Plan)
             if plan.event is None:
                 core.remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event)
-                handle = core.push_pull(plan, push_tensors, True)
+                handle = core.push_pull(plan, push_tensors, pull_tensors, True)
                 if handle is not None:
                     return handle
-            return self._push_pull_native(core, plan, push_tensors)
+            return self._push_pull_native(core, plan, push_tensors, pull_tensors)
         pending = self._pending
         self._check_in_flight()
         event = plan.event() if plan.event is not None else None
@@ -218,13 +221,13 @@ class AFTensorWorker(Node):
         if event is None or event.query():
             sreqs = self._post(plan, seq, hb)
             t_sent = _now()
-            pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
+            pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, pull_tensors, t_start)
             pend.sreqs = sreqs
             pend.t_sent = t_sent
             if event is not None:  # completed: the backend may record it again
                 plan.release(event)
         else:  # the stream is still producing the pushes: post the sends from a later call, never block here
-            pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, t_start)
+            pend = pending[handle] = _Pending(plan, seq, hb, push_tensors, pull_tensors, t_start)
             pend.event = event
             self._deferred.append(pend)
         ops = self._ops
@@ -253,17 +256,19 @@ class AFTensorWorker(Node):
                 f"push_pull: {n} calls are already in flight (the limit is {P.MAX_IN_FLIGHT}); wait() for some first"
             )
 
-    def _push_pull_native(self, core: Any, plan: Any, push_tensors: list[torch.Tensor]) -> int:
+    def _push_pull_native(
+        self, core: Any, plan: Any, push_tensors: list[torch.Tensor], pull_tensors: list[torch.Tensor]
+    ) -> int:
         """push_pull through the C core when the fast way did not do: the in-flight limit, or a CUDA event."""
         self._check_in_flight()
         event = plan.event()
         owner = plan.owner
         if event is None or event.query():
-            handle = core.push_pull(plan, push_tensors, True)
+            handle = core.push_pull(plan, push_tensors, pull_tensors, True)
             if event is not None:
                 owner.release(event)  # completed: the backend may record it again
         else:  # the stream is still producing the pushes: post the sends from a later call, never block here
-            handle = core.push_pull(plan, push_tensors, False)
+            handle = core.push_pull(plan, push_tensors, pull_tensors, False)
             self._deferred.append((handle, event, owner))
         return handle
 
@@ -352,7 +357,6 @@ class AFTensorWorker(Node):
         plan = _Plan()
         per = plan.per = len(pulls) // n_servers
         plan.n_servers = n_servers
-        plan.pulls = pulls
         sizes = [t.nbytes for t in push]
         caps = [t.nbytes for t in pulls]
         # Device tensors never ride inline: that would need a synchronous copy

@@ -65,7 +65,7 @@ def test_a_worker_core_copies_good_answers_out_and_hands_bad_ones_back(loop):
 
     def call() -> tuple[int, int]:
         got = tp.ops.recv(request.data_ptr(), 64, REQ_TAG, P.TAG_MASK_KIND_NODE)
-        h = core.push_pull(plan, [], True)
+        h = core.push_pull(plan, [], [out], True)
         _until(tp, lambda: got.completed)
         seq = int.from_bytes(request[P.SEQ_OFFSET : P.SEQ_OFFSET + 4].numpy().tobytes(), "little")
         return h, seq
@@ -94,8 +94,8 @@ def test_a_worker_core_copies_good_answers_out_and_hands_bad_ones_back(loop):
         assert core.take_failed() is None
 
     assert core.wait(h, "soon", 0) == BAD_TIMEOUT
-    assert all(core.push_pull(plan, [], True) is not None for _ in range(8))
-    assert core.push_pull(plan, [], True) is None  # max_in_flight is 8
+    assert all(core.push_pull(plan, [], [out], True) is not None for _ in range(8))
+    assert core.push_pull(plan, [], [out], True) is None  # max_in_flight is 8
     core.close()  # cancels every receive still posted
     assert core.pending == {} and tp.ops.in_flight == 0
 

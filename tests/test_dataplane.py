@@ -306,6 +306,38 @@ def test_sends_wait_for_their_stream_event_without_blocking_the_caller():
     assert _mesh(_late_events) == {"server-0-0": 9, "worker-0-0": 9}
 
 
+# ------------------------------------------------- fresh tensors every call
+def _fresh_every_call(ctx: NodeContext) -> int:
+    """Tensors allocated anew for every call (as `x = layer(x)` does): nothing may hold on to them after."""
+    import gc
+    import weakref
+
+    f.init()
+    alive = 0
+    if ctx.role == "worker":
+        made = []
+        for i in range(50):
+            push, out = torch.full((SMALL,), float(i)), torch.empty(LARGE)
+            made += [weakref.ref(push), weakref.ref(out)]
+            f.wait(f.push_pull([push, torch.full((LARGE,), float(i))], [0, 1], [out], [0]))
+            assert out[0] == i + 1 and out[-1] == i + 1
+        del push, out
+        gc.collect()
+        alive = sum(r() is not None for r in made)
+    else:
+        for _ in range(50):
+            (h, (_, t), _), = f.get_batch()
+            f.respond([t + 1], h)
+    f.stop()
+    return alive
+
+
+@pytest.mark.timeout(120)
+def test_tensors_made_for_one_call_are_not_held_after_it():
+    """(Plans once held their pull tensors: every fresh one stayed alive, up to 256 of them.)"""
+    assert _mesh(_fresh_every_call) == {"server-0-0": 0, "worker-0-0": 0}
+
+
 # ------------------------------------------------------------ dynamic sizes
 def _short_and_long(ctx: NodeContext) -> str:
     f.init()
