@@ -68,18 +68,7 @@ static int observe(RequestObject *self) {
     void *h = self->h;
     if (h == NULL)
         return 1;
-    int status;
-    if (self->ops->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        status = ucp_check(h);
-        if (status != UCS_INPROGRESS)
-            ucp_free(h);
-        Py_END_ALLOW_THREADS
-    } else {
-        status = ucp_check(h);
-        if (status != UCS_INPROGRESS)
-            ucp_free(h);
-    }
+    int status = smc_poll(self->ops, h);
     if (status == UCS_INPROGRESS)
         return 0;
     self->status = status;
@@ -210,36 +199,12 @@ static int iov_of(PyObject *iov, uint64_t *ptr, uint64_t *count) {
     return rc;
 }
 
-static PyObject *post_send(TagOpsObject *self, uint64_t ep, uint64_t buf, uint64_t count, uint64_t tag, const void *param) {
-    void *h;
-    if (self->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param);
-        Py_END_ALLOW_THREADS
-    } else {
-        h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param);
-    }
-    return wrap_result(self, h);
-}
-
-static PyObject *post_recv(TagOpsObject *self, uint64_t buf, uint64_t count, uint64_t tag, uint64_t mask, const void *param) {
-    void *h;
-    if (self->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        h = ucp_recv(self->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param);
-        Py_END_ALLOW_THREADS
-    } else {
-        h = ucp_recv(self->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param);
-    }
-    return wrap_result(self, h);
-}
-
 static PyObject *TagOps_send(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t ep, ptr, n, tag;
     if (smc_ready(self) || check_nargs("send", nargs, 4, 4) || smc_as_u64(args[0], &ep, "ep") || smc_as_u64(args[1], &ptr, "ptr") ||
         smc_as_u64(args[2], &n, "nbytes") || smc_as_u64(args[3], &tag, "tag"))
         return NULL;
-    return post_send(self, ep, ptr, n, tag, self->param);
+    return wrap_result(self, smc_send(self, ep, ptr, n, tag, 0));
 }
 
 static PyObject *TagOps_recv(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -247,7 +212,7 @@ static PyObject *TagOps_recv(TagOpsObject *self, PyObject *const *args, Py_ssize
     if (smc_ready(self) || check_nargs("recv", nargs, 3, 4) || smc_as_u64(args[0], &ptr, "ptr") || smc_as_u64(args[1], &n, "nbytes") ||
         smc_as_u64(args[2], &tag, "tag") || (nargs > 3 && smc_as_u64(args[3], &mask, "mask")))
         return NULL;
-    return post_recv(self, ptr, n, tag, mask, self->param);
+    return wrap_result(self, smc_recv(self, ptr, n, tag, mask, 0));
 }
 
 static PyObject *TagOps_send_iov(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -255,7 +220,7 @@ static PyObject *TagOps_send_iov(TagOpsObject *self, PyObject *const *args, Py_s
     if (smc_ready(self) || check_nargs("send_iov", nargs, 3, 3) || smc_as_u64(args[0], &ep, "ep") || iov_of(args[1], &ptr, &count) ||
         smc_as_u64(args[2], &tag, "tag"))
         return NULL;
-    return post_send(self, ep, ptr, count, tag, self->iov_param);
+    return wrap_result(self, smc_send(self, ep, ptr, count, tag, 1));
 }
 
 static PyObject *TagOps_recv_iov(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -263,7 +228,7 @@ static PyObject *TagOps_recv_iov(TagOpsObject *self, PyObject *const *args, Py_s
     if (smc_ready(self) || check_nargs("recv_iov", nargs, 2, 3) || iov_of(args[0], &ptr, &count) || smc_as_u64(args[1], &tag, "tag") ||
         (nargs > 2 && smc_as_u64(args[2], &mask, "mask")))
         return NULL;
-    return post_recv(self, ptr, count, tag, mask, self->iov_param);
+    return wrap_result(self, smc_recv(self, ptr, count, tag, mask, 1));
 }
 
 static PyObject *TagOps_cancel(TagOpsObject *self, PyObject *r) {
@@ -290,17 +255,6 @@ static unsigned progress_once(TagOpsObject *self) {
 }
 
 /* ------------------------------------------------ raw calls for the cores */
-
-int smc_as_ssize(PyObject *o, Py_ssize_t *out, const char *name) {
-    Py_ssize_t v = PyLong_Check(o) ? PyLong_AsSsize_t(o) : -1;
-    if (v < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a non-negative int", name);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
 
 void *smc_send(TagOpsObject *ops, uint64_t ep, uint64_t buf, uint64_t count, uint64_t tag, int iov) {
     const void *param = iov ? ops->iov_param : ops->param;

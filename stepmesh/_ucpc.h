@@ -76,8 +76,27 @@ unsigned smc_progress(TagOpsObject *ops);
 
 /* A non-negative int below 2**64 (TypeError naming ``name`` otherwise). */
 int smc_as_u64(PyObject *o, uint64_t *out, const char *name);
-int smc_as_ssize(PyObject *o, Py_ssize_t *out, const char *name);
 int smc_ready(TagOpsObject *ops);
+
+/* Little-endian fields of the wire headers (x86-64 and aarch64 are little-endian; memcpy: unaligned). */
+static inline uint16_t smc_rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline uint32_t smc_rd32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline uint64_t smc_rd64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+static inline void smc_wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void smc_wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void smc_wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 /* The worker and server cores (their own files). */
 int smc_add_worker_types(PyObject *module);

@@ -106,27 +106,12 @@ typedef struct {
 static PyTypeObject LayoutType;
 static PyTypeObject ServeRequestType;
 
-static uint32_t rd32(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-static void wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-static void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-
-static uint16_t rd16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
-}
 
 /* The size of the request header at buf as its fixed part and tensor entries say, or -1 (then Python decodes it). */
 static Py_ssize_t header_size(const uint8_t *buf, Py_ssize_t limit) {
     if (limit < SEQ_OFFSET + 4)
         return -1;
-    Py_ssize_t n_push = rd16(buf + 2), pulls = (Py_ssize_t)rd16(buf + 4) * rd16(buf + 6), pos = SEQ_OFFSET + 4;
+    Py_ssize_t n_push = smc_rd16(buf + 2), pulls = (Py_ssize_t)smc_rd16(buf + 4) * smc_rd16(buf + 6), pos = SEQ_OFFSET + 4;
     for (Py_ssize_t i = 0; i < n_push; i++) { /* key q, dtype B, ndim B, nbytes Q, then ndim q */
         if (pos + 18 > limit || buf[pos + 9] > 8)
             return -1;
@@ -423,7 +408,7 @@ static int take(ServerCoreObject *self, Py_ssize_t w, Py_ssize_t k, int status) 
     r->lay = lay;
     r->tensors = tensors;
     r->worker = w;
-    r->seq = rd32(buf + SEQ_OFFSET);
+    r->seq = smc_rd32(buf + SEQ_OFFSET);
     r->handle = 0;
     r->t_recv = r->t_proc = 0;
     r->n_open = 0;
@@ -727,16 +712,16 @@ static PyObject *ServerCore_respond(ServerCoreObject *self, PyObject *const *arg
     uint64_t now = smc_now_ns();
     buf[0] = (uint8_t)self->data_version;
     buf[1] = 0;
-    wr16(buf + 2, 0);
-    wr16(buf + 4, (uint16_t)lay->n_pulls);
-    wr32(buf + 6, r->seq);
-    wr64(buf + 10, r->t_recv);
-    wr64(buf + 18, r->t_proc);
-    wr64(buf + 26, now);
-    wr64(buf + 34, now);
+    smc_wr16(buf + 2, 0);
+    smc_wr16(buf + 4, (uint16_t)lay->n_pulls);
+    smc_wr32(buf + 6, r->seq);
+    smc_wr64(buf + 10, r->t_recv);
+    smc_wr64(buf + 18, r->t_proc);
+    smc_wr64(buf + 26, now);
+    smc_wr64(buf + 34, now);
     pos = lay->resp_pos;
     for (Py_ssize_t j = 0; j < lay->n_pulls; j++) {
-        wr64(buf + RESP_FIXED + 8 * j, answers[j].n);
+        smc_wr64(buf + RESP_FIXED + 8 * j, answers[j].n);
         /* Small answers are copied, not gathered from the tensors: a send UCX cannot start at once would
            read them later, and the caller may write its next answer there as soon as respond returns. */
         if (lay->small[j] && answers[j].n) {

@@ -559,24 +559,6 @@ static void call_cancel(TagOpsObject *ops, CallObject *c) {
             smc_cancel(ops, c->req[i]);
 }
 
-static uint16_t rd16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
-}
-
-static uint32_t rd32(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-static uint64_t rd64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v;
-}
-
 /* Check every response and copy inline answers out: 0, or -1 with c->problem set (buffers kept). */
 static int call_finish(WorkerCoreObject *core, CallObject *c) {
     PlanObject *p = c->plan;
@@ -594,18 +576,18 @@ static int call_finish(WorkerCoreObject *core, CallObject *c) {
                 arrived = c->t_done[i];
         st[4] = arrived;
         c->problem[s] = PROBLEM_NONE;
-        if (buf[0] != core->data_version || rd16(buf + RESP_STATUS_AT) != 0 || rd16(buf + RESP_N_AT) != p->per ||
-            rd32(buf + RESP_SEQ_AT) != c->seq) {
+        if (buf[0] != core->data_version || smc_rd16(buf + RESP_STATUS_AT) != 0 || smc_rd16(buf + RESP_N_AT) != p->per ||
+            smc_rd32(buf + RESP_SEQ_AT) != c->seq) {
             c->problem[s] = PROBLEM_HEADER;
             failed = 1;
             continue;
         }
         for (int k = 0; k < 4; k++)
-            st[k] = rd64(buf + RESP_STAMPS_AT + 8 * k);
+            st[k] = smc_rd64(buf + RESP_STAMPS_AT + 8 * k);
         uint64_t pos = p->resp_pos;
         for (Py_ssize_t t = 0; t < part->n_takes; t++) {
             Take *tk = &part->takes[t];
-            uint64_t n = rd64(buf + RESP_FIXED + 8 * tk->j);
+            uint64_t n = smc_rd64(buf + RESP_FIXED + 8 * tk->j);
             if (n > tk->cap || (tk->dst && pos + n > part->resp_size)) {
                 c->problem[s] = PROBLEM_TOO_LONG;
                 failed = 1;
