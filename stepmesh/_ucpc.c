@@ -334,6 +334,9 @@ static PyObject *TagOps_wait(TagOpsObject *self, PyObject *const *args, Py_ssize
         PyErr_Format(PyExc_TypeError, "wait() takes a list of Request, got %s", Py_TYPE(list)->tp_name);
         return NULL;
     }
+    int any = nargs > 2 ? PyObject_IsTrue(args[2]) : 0; /* first: a __bool__ could change the list */
+    if (any < 0)
+        return NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
         if (Py_TYPE(PyList_GET_ITEM(list, i)) != &RequestType) {
             PyErr_Format(PyExc_TypeError, "wait(): item %zd is a %s, not a Request", i,
@@ -341,9 +344,6 @@ static PyObject *TagOps_wait(TagOpsObject *self, PyObject *const *args, Py_ssize
             return NULL;
         }
     }
-    int any = nargs > 2 ? PyObject_IsTrue(args[2]) : 0;
-    if (any < 0)
-        return NULL;
     /* Nothing here runs Python code (observing a request calls libucp and drops a
        reference that the caller's list doubles), so the list cannot change while
        this runs; unless the GIL is let go around UCX: then a copy is walked. */

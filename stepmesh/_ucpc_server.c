@@ -106,6 +106,12 @@ typedef struct {
 static PyTypeObject LayoutType;
 static PyTypeObject ServeRequestType;
 
+#define SERVER_READY(self)                                                                                     \
+    if ((self)->ops == NULL) {                                                                                     \
+        PyErr_SetString(PyExc_RuntimeError, "ServerCore was not initialised");                                   \
+        return NULL;                                                                                               \
+    }
+
 
 /* The size of the request header at buf as its fixed part and tensor entries say, or -1 (then Python decodes it). */
 static Py_ssize_t header_size(const uint8_t *buf, Py_ssize_t limit) {
@@ -214,9 +220,16 @@ static PyObject *Layout_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     if (rows(sep, 3, (uint64_t **)&l->sep, &l->n_sep, "sep") < 0 || rows(moves, 3, (uint64_t **)&l->moves, &l->n_moves, "moves") < 0 ||
         rows(caps, 1, &l->caps, &l->n_pulls, "caps") < 0 || rows(small, 1, &small64, &n_small, "small") < 0)
         goto fail;
-    if (n_small != l->n_pulls || (l->small = PyMem_Malloc(n_small ? n_small : 1)) == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "Layout: one small flag per answer");
+    if (n_small != l->n_pulls) {
+        PyErr_SetString(PyExc_ValueError, "Layout: one small flag per answer");
+        goto fail;
+    }
+    if (l->resp_pos < RESP_FIXED + 8 * (uint64_t)l->n_pulls) {
+        PyErr_SetString(PyExc_ValueError, "Layout: resp_pos leaves no room for the response's fixed part and sizes");
+        goto fail;
+    }
+    if ((l->small = PyMem_Malloc(n_small ? n_small : 1)) == NULL) {
+        PyErr_NoMemory();
         goto fail;
     }
     for (Py_ssize_t j = 0; j < n_small; j++)
@@ -387,6 +400,13 @@ static int take(ServerCoreObject *self, Py_ssize_t w, Py_ssize_t k, int status) 
             return -1;
         }
         lay = (LayoutObject *)got;
+        for (Py_ssize_t m = 0; m < lay->n_moves; m++) {
+            if (lay->moves[m].pos > (uint64_t)self->slot_size || lay->moves[m].n > (uint64_t)self->slot_size - lay->moves[m].pos) {
+                PyErr_SetString(PyExc_ValueError, "new_layout: an inline push beyond the receive slot");
+                Py_DECREF(lay);
+                return -1;
+            }
+        }
         remember_layout(self, w, lay);
     }
     PyObject *tensors = lay->fill ? PyObject_CallFunction(self->fill, "nnO", w, k, lay->obj)
@@ -448,7 +468,15 @@ static int take(ServerCoreObject *self, Py_ssize_t w, Py_ssize_t k, int status) 
         Move *mv = &lay->moves[m];
         memmove((void *)(uintptr_t)mv->dst, buf + mv->pos, mv->n);
     }
-    if (r->n_open) {
+    for (Py_ssize_t s = 0; r->n_open == 0 && s < lay->n_sep; s++) {
+        if (r->status[s] != 0) { /* refused, and nothing of the request in flight: report it now */
+            int status = r->status[s];
+            Py_DECREF(r);
+            smc_raise_status(smc_on_refused, status);
+            return -1;
+        }
+    }
+    if (r->n_open) { /* a refused receive among them is reported once the others are complete */
         r->next = self->arriving;
         self->arriving = r;
     } else {
@@ -551,6 +579,7 @@ static PyObject *batch(ServerCoreObject *self) {
 /* get_batch(spins) -> one (handle, tensors, keys) per worker, or None when not every worker has one yet. */
 static PyObject *ServerCore_get_batch(ServerCoreObject *self, PyObject *arg) {
     uint64_t spins;
+    SERVER_READY(self)
     if (smc_as_u64(arg, &spins, "spins") < 0 || smc_ready(self->ops) < 0)
         return NULL;
     if (self->closed) {
@@ -598,17 +627,27 @@ static void pool_put(ServerCoreObject *self, uint8_t *b) {
 
 static void reap(ServerCoreObject *self) {
     Py_ssize_t keep = 0;
+    PyObject *done[64];
+    Py_ssize_t n_done = 0;
     for (Py_ssize_t i = 0; i < self->n_sends; i++) {
-        Send *s = &self->sends[i];
-        if (smc_poll(self->ops, s->h) == UCS_INPROGRESS) {
-            self->sends[keep++] = *s;
+        int st = smc_poll(self->ops, self->sends[i].h);
+        Send s = self->sends[i]; /* after the poll (which may let go of the GIL) */
+        if (st == UCS_INPROGRESS) {
+            self->sends[keep++] = s;
             continue;
         }
-        if (s->buf != NULL)
-            pool_put(self, s->buf);
-        Py_XDECREF(s->keep);
+        if (s.buf != NULL)
+            pool_put(self, s.buf);
+        if (s.keep != NULL) { /* dropped once the list is consistent again (a tensor's finalizer may run) */
+            if (n_done == 64)
+                Py_DECREF(s.keep);
+            else
+                done[n_done++] = s.keep;
+        }
     }
     self->n_sends = keep;
+    for (Py_ssize_t i = 0; i < n_done; i++)
+        Py_DECREF(done[i]);
 }
 
 static int track(ServerCoreObject *self, void *h, uint8_t *buf, PyObject *keep) {
@@ -662,12 +701,23 @@ static int check_answer(PyObject *t, uint64_t cap, int small, Answer *a) {
             return -2;
     }
     a->ptr = data_ptr(t);
-    a->t = t;
     return PyErr_Occurred() ? -1 : 0;
 }
 
 /* respond(tensors, handle) -> RESPOND_*: sent, unknown handle, let Python check, let Python send */
+static void drop_answers(Answer *answers, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++)
+        Py_CLEAR(answers[j].t);
+}
+
+static PyObject *respond_code(ServeRequestObject *r, Answer *answers, Py_ssize_t n, int code) {
+    drop_answers(answers, n);
+    Py_XDECREF(r);
+    return PyLong_FromLong(code);
+}
+
 static PyObject *ServerCore_respond(ServerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    SERVER_READY(self)
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "respond(tensors, handle)");
         return NULL;
@@ -682,30 +732,41 @@ static PyObject *ServerCore_respond(ServerCoreObject *self, PyObject *const *arg
         PyErr_Clear();
         return PyLong_FromLong(RESPOND_UNKNOWN);
     }
+    Py_INCREF(r); /* torch's getters below may run Python code */
     LayoutObject *lay = r->lay;
-    if (!PyList_CheckExact(tensors) || PyList_GET_SIZE(tensors) != lay->n_pulls || lay->n_pulls > 256)
-        return PyLong_FromLong(RESPOND_CHECK);
+    Py_ssize_t n = lay->n_pulls;
     Answer answers[256];
-    for (Py_ssize_t j = 0; j < lay->n_pulls; j++) {
-        int rc = check_answer(PyList_GET_ITEM(tensors, j), lay->caps[j], lay->small[j], &answers[j]);
+    if (!PyList_CheckExact(tensors) || PyList_GET_SIZE(tensors) != n || n > 256)
+        return respond_code(r, answers, 0, RESPOND_CHECK);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (PyList_GET_SIZE(tensors) != n) /* changed by such code */
+            return respond_code(r, answers, j, RESPOND_CHECK);
+        answers[j].t = Py_NewRef(PyList_GET_ITEM(tensors, j));
+        int rc = check_answer(answers[j].t, lay->caps[j], lay->small[j], &answers[j]);
         if (rc < 0) {
             PyErr_Clear();
-            return PyLong_FromLong(rc == -2 ? RESPOND_PYTHON : RESPOND_CHECK);
+            return respond_code(r, answers, j + 1, rc == -2 ? RESPOND_PYTHON : RESPOND_CHECK);
         }
     }
     uint64_t pos = lay->resp_pos;
-    for (Py_ssize_t j = 0; j < lay->n_pulls; j++)
+    for (Py_ssize_t j = 0; j < n; j++)
         if (lay->small[j])
             pos += answers[j].n;
-    if (pos > (uint64_t)self->resp_max)
-        return PyLong_FromLong(RESPOND_CHECK);
+    if (pos > (uint64_t)self->resp_max || PyDict_GetItemWithError(self->handles, key) != (PyObject *)r) {
+        PyErr_Clear();
+        return respond_code(r, answers, n, RESPOND_CHECK);
+    }
     uint8_t *buf = pool_get(self);
-    if (buf == NULL)
-        return NULL;
-    Py_INCREF(r); /* the handle goes now: before anything is sent, and answered once whatever follows */
-    if (PyDict_DelItem(self->handles, key) < 0) {
+    if (buf == NULL) {
+        drop_answers(answers, n);
         Py_DECREF(r);
+        return NULL;
+    }
+    /* The handle goes now: before anything is sent, and answered once whatever follows. */
+    if (PyDict_DelItem(self->handles, key) < 0) {
         pool_put(self, buf);
+        drop_answers(answers, n);
+        Py_DECREF(r);
         return NULL;
     }
     int had = self->n_sends > 0;
@@ -713,14 +774,14 @@ static PyObject *ServerCore_respond(ServerCoreObject *self, PyObject *const *arg
     buf[0] = (uint8_t)self->data_version;
     buf[1] = 0;
     smc_wr16(buf + 2, 0);
-    smc_wr16(buf + 4, (uint16_t)lay->n_pulls);
+    smc_wr16(buf + 4, (uint16_t)n);
     smc_wr32(buf + 6, r->seq);
     smc_wr64(buf + 10, r->t_recv);
     smc_wr64(buf + 18, r->t_proc);
     smc_wr64(buf + 26, now);
     smc_wr64(buf + 34, now);
     pos = lay->resp_pos;
-    for (Py_ssize_t j = 0; j < lay->n_pulls; j++) {
+    for (Py_ssize_t j = 0; j < n; j++) {
         smc_wr64(buf + RESP_FIXED + 8 * j, answers[j].n);
         /* Small answers are copied, not gathered from the tensors: a send UCX cannot start at once would
            read them later, and the caller may write its next answer there as soon as respond returns. */
@@ -739,21 +800,23 @@ static PyObject *ServerCore_respond(ServerCoreObject *self, PyObject *const *arg
     } else if (h == NULL) {
         pool_put(self, buf); /* sent within the call: UCX copied it out */
     } else if (track(self, h, buf, NULL) < 0) {
-        Py_DECREF(r);
-        return NULL; /* the buffer leaks rather than be freed under UCX */
+        failed = -1; /* out of memory: the buffer leaks rather than be freed under UCX */
     }
-    for (Py_ssize_t j = 0; j < lay->n_pulls && !failed; j++) {
+    for (Py_ssize_t j = 0; j < n && !failed; j++) {
         if (lay->small[j])
             continue;
         h = smc_send(self->ops, ep, answers[j].ptr, answers[j].n, self->pull_tag | bits | (uint64_t)j, 0);
-        if ((uintptr_t)h >= SMC_ERR_MIN)
+        if ((uintptr_t)h >= SMC_ERR_MIN) {
             failed = (int)(intptr_t)h;
-        else if (h != NULL && track(self, h, NULL, answers[j].t) < 0) {
-            Py_DECREF(r);
-            return NULL;
+        } else if (h != NULL && track(self, h, NULL, answers[j].t) < 0) {
+            answers[j].t = NULL; /* out of memory: UCX reads this tensor: it leaks rather than be freed */
+            failed = -1;
         }
     }
+    drop_answers(answers, n);
     Py_DECREF(r);
+    if (failed == -1)
+        return NULL;
     if (failed)
         return smc_raise_status(smc_on_refused, failed);
     if (had) /* after the answer is on its way */
@@ -763,6 +826,7 @@ static PyObject *ServerCore_respond(ServerCoreObject *self, PyObject *const *arg
 
 /* reap() -> answer messages still in flight */
 static PyObject *ServerCore_reap(ServerCoreObject *self, PyObject *unused) {
+    SERVER_READY(self)
     if (self->n_sends)
         reap(self);
     return PyLong_FromSsize_t(self->n_sends);
@@ -774,6 +838,7 @@ static void forget_layouts(ServerCoreObject *self) {
 }
 
 static PyObject *ServerCore_forget_layouts(ServerCoreObject *self, PyObject *unused) {
+    SERVER_READY(self)
     forget_layouts(self);
     Py_RETURN_NONE;
 }
@@ -812,10 +877,29 @@ static PyObject *ServerCore_close(ServerCoreObject *self, PyObject *unused) {
         while (self->ready[w].n)
             Py_DECREF(queue_pop(&self->ready[w]));
     forget_layouts(self);
+    Py_CLEAR(self->new_layout); /* the server's bound methods: no cycle through a closed core */
+    Py_CLEAR(self->fill);
     Py_RETURN_NONE;
 }
 
-static PyObject *ServerCore_get_handles(ServerCoreObject *self, void *closure) { return Py_NewRef(self->handles); }
+static int ServerCore_traverse(ServerCoreObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->new_layout);
+    Py_VISIT(self->fill);
+    Py_VISIT(self->handles);
+    Py_VISIT(self->ops);
+    return 0;
+}
+
+static int ServerCore_clear(ServerCoreObject *self) {
+    Py_CLEAR(self->new_layout);
+    Py_CLEAR(self->fill);
+    return 0;
+}
+
+static PyObject *ServerCore_get_handles(ServerCoreObject *self, void *closure) {
+    SERVER_READY(self)
+    return Py_NewRef(self->handles);
+}
 static PyObject *ServerCore_get_next_handle(ServerCoreObject *self, void *closure) {
     return PyLong_FromLongLong(self->next_handle);
 }
@@ -837,10 +921,12 @@ static int ServerCore_init(ServerCoreObject *self, PyObject *args, PyObject *kwd
                           &PyList_Type, &ring_tags, &PyList_Type, &push_tags, &PyList_Type, &slots, &slot_size, &mask,
                           &resp_tag, &pull_tag, &version, &keep, &resp_max, &new_layout, &fill))
         return -1;
-    if (self->ops != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "ServerCore is already initialised");
+    if (self->ops != NULL || self->eps != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ServerCore is already initialised (or its initialisation failed)");
         return -1;
     }
+    if (smc_ready((TagOpsObject *)ops) < 0)
+        return -1;
     if (smc_tensor_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "stepmesh._ucpc.bind_torch() was not called");
         return -1;
@@ -907,6 +993,13 @@ static int ServerCore_init(ServerCoreObject *self, PyObject *args, PyObject *kwd
 #undef ALLOC
 
 static void ServerCore_dealloc(ServerCoreObject *self) {
+    PyObject_GC_UnTrack(self);
+    if (!self->closed && self->ops != NULL && self->slot_req != NULL) { /* cancel first: UCX must not use freed memory */
+        PyObject *r = ServerCore_close(self, NULL);
+        if (r == NULL)
+            PyErr_WriteUnraisable((PyObject *)self);
+        Py_XDECREF(r);
+    }
     if (self->layouts != NULL)
         forget_layouts(self);
     while (self->arriving != NULL) {
@@ -965,11 +1058,14 @@ static PyTypeObject ServerCoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "stepmesh._ucpc.ServerCore",
     .tp_basicsize = sizeof(ServerCoreObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A server's receive rings, request layouts and answers (built by stepmesh.server).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)ServerCore_init,
     .tp_dealloc = (destructor)ServerCore_dealloc,
+    .tp_traverse = (traverseproc)ServerCore_traverse,
+    .tp_clear = (inquiry)ServerCore_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_methods = ServerCore_methods,
     .tp_getset = ServerCore_getset,
 };

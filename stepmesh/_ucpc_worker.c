@@ -93,6 +93,7 @@ typedef struct PlanObject {
 typedef struct CallObject {
     PyObject_HEAD
     struct CallObject *next_free;
+    TagOpsObject *ops; /* whose worker its operations are on */
     PlanObject *plan; /* held while in flight and until released */
     Bufs *bufs;
     PyObject *keep;   /* the push tensors, until complete */
@@ -338,6 +339,10 @@ static PyObject *Plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
             }
         p->n_recv += 1 + part->n_pulls;
     }
+    if (per < 0 || p->resp_pos < RESP_FIXED + 8 * (uint64_t)per) {
+        PyErr_SetString(PyExc_ValueError, "Plan: resp_pos leaves no room for the response's fixed part and sizes");
+        goto fail;
+    }
     p->n_send = p->n_servers * (1 + p->n_push);
     return (PyObject *)p;
 fail:
@@ -400,8 +405,38 @@ static void call_release(CallObject *c) {
     Py_CLEAR(c->key);
 }
 
+/* Whether UCX may still use the call's memory (an operation posted and not seen complete). */
+static int call_busy(CallObject *c) {
+    for (Py_ssize_t i = 0; i < c->n_reqs; i++)
+        if (c->req[i] != NULL)
+            return 1;
+    return 0;
+}
+
+/* Cancel and free what is still in flight, and leave what it points at to leak (UCX may still finish
+   with that memory): for a call dropped or closed in flight. */
+static void call_abandon_memory(CallObject *c) {
+    if (c->req == NULL || !call_busy(c))
+        return;
+    for (Py_ssize_t i = 0; i < c->n_reqs; i++) {
+        if (c->req[i] != NULL) {
+            if (c->ops != NULL && c->ops->worker_obj != NULL) {
+                smc_cancel(c->ops, c->req[i]);
+                smc_ucp_free(c->req[i]);
+            }
+            c->req[i] = NULL;
+            c->status[i] = UCS_ERR_CANCELED;
+        }
+    }
+    c->bufs = NULL;
+    c->keep = NULL;
+    c->keep_pull = NULL;
+}
+
 static void Call_dealloc(CallObject *self) {
+    call_abandon_memory(self); /* dropped in flight (its pending entry deleted, say) */
     call_release(self);
+    Py_CLEAR(self->ops);
     Py_CLEAR(self->plan);
     call_arrays_free(self);
     PyObject_Free(self);
@@ -439,6 +474,7 @@ static CallObject *call_take(WorkerCoreObject *core, PlanObject *p) {
         if (c == NULL)
             return NULL;
         c->next_free = NULL;
+        c->ops = NULL;
         c->plan = NULL;
         c->bufs = NULL;
         c->keep = NULL;
@@ -457,6 +493,8 @@ static CallObject *call_take(WorkerCoreObject *core, PlanObject *p) {
         return NULL;
     }
     Py_XSETREF(c->plan, (PlanObject *)Py_NewRef(p));
+    if (c->ops != core->ops)
+        Py_XSETREF(c->ops, (TagOpsObject *)Py_NewRef(core->ops));
     c->n_servers = p->n_servers;
     c->n_recv = p->n_recv;
     c->n_reqs = p->n_recv;
@@ -562,6 +600,7 @@ static void call_cancel(TagOpsObject *ops, CallObject *c) {
 /* Check every response and copy inline answers out: 0, or -1 with c->problem set (buffers kept). */
 static int call_finish(WorkerCoreObject *core, CallObject *c) {
     PlanObject *p = c->plan;
+    memset(c->problem, 0, p->n_servers * sizeof(int));
     for (Py_ssize_t i = 0; i < c->n_reqs; i++)
         if (c->status[i] != 0)
             return -1; /* a UCX failure: Python reports it before looking at any response */
@@ -629,6 +668,10 @@ static PyObject *Call_response(CallObject *self, PyObject *arg) {
 }
 
 static PyObject *Call_release(CallObject *self, PyObject *unused) {
+    if (self->req != NULL && call_busy(self)) {
+        PyErr_SetString(PyExc_RuntimeError, "release(): the call still has operations in flight");
+        return NULL;
+    }
     call_release(self);
     Py_RETURN_NONE;
 }
@@ -701,7 +744,14 @@ static PyObject *abandon(WorkerCoreObject *core, CallObject *c) {
 }
 
 /* push_pull(plan, push_tensors, pull_tensors, send) -> handle, or None when max_in_flight calls are outstanding */
+#define CORE_READY(self)                                                                                       \
+    if ((self)->ops == NULL) {                                                                                         \
+        PyErr_SetString(PyExc_RuntimeError, "WorkerCore was not initialised");                                       \
+        return NULL;                                                                                                   \
+    }
+
 static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CORE_READY(self)
     if (nargs != 4 || Py_TYPE(args[0]) != &PlanType) {
         PyErr_SetString(PyExc_TypeError, "push_pull(plan: Plan, push_tensors, pull_tensors, send: bool)");
         return NULL;
@@ -780,11 +830,11 @@ static int read_sig(PyObject *t, Sig *out, int push) {
         goto fail;
     out->ptr = PyLong_AsUnsignedLongLong(v);
     Py_DECREF(v);
-    if ((v = PyObject_GetAttr(t, smc_str_nbytes)) == NULL)
+    if (PyErr_Occurred() || (v = PyObject_GetAttr(t, smc_str_nbytes)) == NULL)
         goto fail;
     out->nbytes = PyLong_AsUnsignedLongLong(v);
     Py_DECREF(v);
-    if ((v = PyObject_CallMethodNoArgs(t, smc_str_is_contiguous)) == NULL)
+    if (PyErr_Occurred() || (v = PyObject_CallMethodNoArgs(t, smc_str_is_contiguous)) == NULL)
         goto fail;
     out->contig = v == Py_True;
     Py_DECREF(v);
@@ -805,7 +855,7 @@ static int read_sig(PyObject *t, Sig *out, int push) {
             return -1;
         }
         out->ndim = (int)PyTuple_GET_SIZE(v);
-        for (int d = 0; d < out->ndim; d++)
+        for (int d = 0; d < out->ndim && !PyErr_Occurred(); d++)
             out->dims[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(v, d));
         Py_DECREF(v);
     }
@@ -837,14 +887,21 @@ static int read_call(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t *
     if (np > SIG_MAX || nq > SIG_MAX || PyList_GET_SIZE(pkeys) != np || PyList_GET_SIZE(qkeys) != nq ||
         (*event = read_bool(args[4])) < 0)
         return -1;
-    for (Py_ssize_t i = 0; i < np; i++)
-        if (read_int(PyList_GET_ITEM(pkeys, i), &self->scratch_keys[i]) < 0 ||
-            read_sig(PyList_GET_ITEM(push, i), &self->scratch[i], 1) < 0)
+    for (Py_ssize_t i = 0; i < np + nq; i++) {
+        PyObject *keys = i < np ? pkeys : qkeys, *list = i < np ? push : pull;
+        Py_ssize_t j = i < np ? i : i - np;
+        /* torch's getters may run Python code (a subclass, a TorchFunctionMode): hold the item,
+           and look at the lists' sizes again each time */
+        if (PyList_GET_SIZE(list) <= j || PyList_GET_SIZE(keys) <= j || read_int(PyList_GET_ITEM(keys, j), &self->scratch_keys[i]) < 0)
             return -1;
-    for (Py_ssize_t i = 0; i < nq; i++)
-        if (read_int(PyList_GET_ITEM(qkeys, i), &self->scratch_keys[np + i]) < 0 ||
-            read_sig(PyList_GET_ITEM(pull, i), &self->scratch[np + i], 0) < 0)
+        PyObject *t = Py_NewRef(PyList_GET_ITEM(list, j));
+        int rc = read_sig(t, &self->scratch[i], i < np);
+        Py_DECREF(t);
+        if (rc < 0)
             return -1;
+    }
+    if (PyList_GET_SIZE(push) != np || PyList_GET_SIZE(pull) != nq)
+        return -1;
     *n_push = np;
     *n_pull = nq;
     return 0;
@@ -892,6 +949,7 @@ static PyObject *Core_push_pull(WorkerCoreObject *self, PyObject *const *args, P
 static PyObject *Core_call(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t np, nq;
     int event;
+    CORE_READY(self)
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "call(push_tensors, push_keys, pull_tensors, pull_keys, need_event)");
         return NULL;
@@ -902,14 +960,17 @@ static PyObject *Core_call(WorkerCoreObject *self, PyObject *const *args, Py_ssi
     PlanObject *p = self->plans[h & (PLAN_SLOTS - 1)];
     if (p == NULL || p->sig_hash != h || !plan_matches(self, p, np, nq, event) || p->event != Py_None)
         Py_RETURN_NONE;
-    PyObject *pp_args[4] = {(PyObject *)p, args[0], args[2], Py_True};
-    return Core_push_pull(self, pp_args, 4);
+    PyObject *pp_args[4] = {(PyObject *)Py_NewRef(p), args[0], args[2], Py_True};
+    PyObject *handle = Core_push_pull(self, pp_args, 4);
+    Py_DECREF(p);
+    return handle;
 }
 
 /* remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event): let call() match it. */
 static PyObject *Core_remember(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t np, nq;
     int event;
+    CORE_READY(self)
     if (nargs != 6 || Py_TYPE(args[0]) != &PlanType) {
         PyErr_SetString(PyExc_TypeError, "remember(plan, push_tensors, push_keys, pull_tensors, pull_keys, need_event)");
         return NULL;
@@ -968,6 +1029,7 @@ static CallObject *pending_call(WorkerCoreObject *self, PyObject *handle) {
 
 /* send(handle): post the sends of a call made with send=False (its CUDA event has completed). */
 static PyObject *Core_send(WorkerCoreObject *self, PyObject *handle) {
+    CORE_READY(self)
     CallObject *c = pending_call(self, handle);
     if (c == NULL || c->state != CALL_UNSENT) {
         PyErr_Format(PyExc_KeyError, "send(): %R is not a call waiting to be sent", handle);
@@ -997,6 +1059,7 @@ static void trace_keep(WorkerCoreObject *self, CallObject *c) {
 
 /* wait(handle, timeout_ms, spins) -> WAIT_*: busy-polls at most ``spins`` progress steps. */
 static PyObject *Core_wait(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CORE_READY(self)
     uint64_t spins;
     if (nargs != 3 || smc_as_u64(args[2], &spins, "spins") < 0) {
         if (!PyErr_Occurred())
@@ -1014,6 +1077,7 @@ static PyObject *Core_wait(WorkerCoreObject *self, PyObject *const *args, Py_ssi
     CallObject *c = pending_call(self, args[0]);
     if (c == NULL)
         return PyLong_FromLong(WAIT_UNKNOWN);
+    Py_INCREF(c);
     TagOpsObject *ops = self->ops;
     int done = call_settled(ops, c);
     for (uint64_t i = 0; i < spins && !done; i++) {
@@ -1024,16 +1088,18 @@ static PyObject *Core_wait(WorkerCoreObject *self, PyObject *const *args, Py_ssi
         if (moved || !(i & 3))
             done = call_settled(ops, c);
     }
-    if (!done)
+    if (!done) {
+        Py_DECREF(c);
         return PyLong_FromLong(WAIT_PENDING);
-    Py_INCREF(c);
+    }
     if (PyDict_DelItem(self->pending, c->key) < 0) {
         Py_DECREF(c);
         return NULL;
     }
+    int finished = call_finish(self, c); /* copies inline answers into the pull tensors: still held */
     Py_CLEAR(c->keep);
     Py_CLEAR(c->keep_pull);
-    if (call_finish(self, c) < 0) {
+    if (finished < 0) {
         c->state = CALL_FAILED;
         Py_XSETREF(self->failed, (PyObject *)c);
         return PyLong_FromLong(WAIT_FAILED);
@@ -1054,6 +1120,7 @@ static PyObject *Core_take_failed(WorkerCoreObject *self, PyObject *unused) {
 
 /* waiting(handle) -> indexes of the servers whose answer is not complete yet, or None (unknown handle). */
 static PyObject *Core_waiting(WorkerCoreObject *self, PyObject *handle) {
+    CORE_READY(self)
     CallObject *c = pending_call(self, handle);
     if (c == NULL)
         Py_RETURN_NONE;
@@ -1075,6 +1142,7 @@ static PyObject *Core_waiting(WorkerCoreObject *self, PyObject *handle) {
 
 /* trace(handle) -> per server [t_start, t_sent, 4 response stamps, seen complete, t_end], or None. */
 static PyObject *Core_trace(WorkerCoreObject *self, PyObject *handle) {
+    CORE_READY(self)
     long long h = PyLong_CheckExact(handle) ? PyLong_AsLongLong(handle) : -1;
     if (h < 1) {
         PyErr_Clear();
@@ -1113,21 +1181,7 @@ static PyObject *Core_close(WorkerCoreObject *self, PyObject *unused) {
     Py_DECREF(calls); /* InPlaceConcat returned a new reference to the same list */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(calls); i++) {
         CallObject *c = (CallObject *)PyList_GET_ITEM(calls, i);
-        int busy = 0;
-        for (Py_ssize_t r = 0; r < c->n_reqs; r++) {
-            if (c->req[r] != NULL) {
-                smc_cancel(self->ops, c->req[r]);
-                smc_ucp_free(c->req[r]);
-                c->req[r] = NULL;
-                c->status[r] = UCS_ERR_CANCELED;
-                busy = 1;
-            }
-        }
-        if (busy) { /* UCX may still finish with their memory while the worker is torn down: left to leak */
-            c->bufs = NULL;
-            c->keep = NULL;
-            c->keep_pull = NULL;
-        }
+        call_abandon_memory(c); /* UCX may still finish with their memory while the worker is torn down */
         c->state = CALL_FAILED;
         call_release(c);
     }
@@ -1140,7 +1194,10 @@ static PyObject *Core_get_next_handle(WorkerCoreObject *self, void *closure) {
     return PyLong_FromLongLong(self->next_handle);
 }
 
-static PyObject *Core_get_pending(WorkerCoreObject *self, void *closure) { return Py_NewRef(self->pending); }
+static PyObject *Core_get_pending(WorkerCoreObject *self, void *closure) {
+    CORE_READY(self)
+    return Py_NewRef(self->pending);
+}
 
 static int Core_init(WorkerCoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"ops", "pending", "n_servers", "data_version", "max_in_flight", "trace_keep", NULL};
@@ -1158,6 +1215,8 @@ static int Core_init(WorkerCoreObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "stepmesh._ucpc.bind_torch() was not called");
         return -1;
     }
+    if (smc_ready((TagOpsObject *)ops) < 0)
+        return -1;
     if (n_servers < 1 || max_in_flight < 1 || keep < 1) {
         PyErr_SetString(PyExc_ValueError, "WorkerCore: n_servers, max_in_flight and trace_keep must be >= 1");
         return -1;
@@ -1179,7 +1238,15 @@ static int Core_init(WorkerCoreObject *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
+static PyObject *Core_close(WorkerCoreObject *self, PyObject *unused);
+
 static void Core_dealloc(WorkerCoreObject *self) {
+    if (self->ops != NULL) { /* what is still in flight is cancelled, its memory left to leak */
+        PyObject *r = Core_close(self, NULL);
+        if (r == NULL)
+            PyErr_WriteUnraisable((PyObject *)self);
+        Py_XDECREF(r);
+    }
     forget_plans(self);
     if (self->traces != NULL) {
         for (Py_ssize_t i = 0; i < self->trace_keep; i++)
@@ -1201,8 +1268,8 @@ static void Core_dealloc(WorkerCoreObject *self) {
 static PyMethodDef Core_methods[] = {
     {"push_pull", (PyCFunction)(void (*)(void))Core_push_pull, METH_FASTCALL,
      "push_pull(plan, push_tensors, pull_tensors, send) -> handle, or None at max_in_flight: post one call of "
-     "``plan`` (its sends only with ``send``; else send(handle) later). The tensors stay referenced until the call "
-     "is complete."},
+     "``plan`` (its sends only with ``send``; else send(handle) later). The two lists stay referenced until the "
+     "call is complete (not a copy of them: the caller must not change them meanwhile)."},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL,
      "call(push_tensors, push_keys, pull_tensors, pull_keys, need_event) -> handle, or None: push_pull when the "
      "arguments match a remembered plan's signature (and it needs no CUDA event)."},

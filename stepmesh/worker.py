@@ -296,14 +296,14 @@ class AFTensorWorker(Node):
         """Post the sends of push_pulls whose CUDA event has completed since."""
         still = []
         if self._core is not None:
+            ready = []
             for item in self._deferred:
-                handle, event, plan = item
-                if event.query():
-                    self._core.send(handle)
-                    plan.release(event)  # completed: the backend may record it again
-                else:
-                    still.append(item)
-            self._deferred = still
+                (ready if item[1].query() else still).append(item)
+            self._deferred = still  # before sending: a send UCX refuses raises, and that call is gone
+            for _, event, plan in ready:
+                plan.release(event)  # completed: the backend may record it again
+            for handle, _, _ in ready:
+                self._core.send(handle)
             return
         for pend in self._deferred:
             if pend.event.query():

@@ -6,7 +6,9 @@ these hand them messages directly, to pin down what each checks and sends.
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import pytest
 import torch
@@ -46,6 +48,16 @@ def _worker_plan(mod, ep, out: torch.Tensor):
     template = bytearray(P.request_header_size([], 1))
     P.REQ_FIXED.pack_into(template, 0, P.DATA_VERSION, P.FLAG_INLINE, 0, 1, 1, 0)
     return mod.Plan(object(), [ep.handle], REQ_TAG, bytes(template), [], [], parts, 1, resp_pos, None)
+
+
+def _assert_unclaimed(tp, ep, tag: int) -> None:
+    """A message with ``tag`` reaches a receive posted now: none posted earlier is still waiting for it."""
+    dst = torch.zeros(8, dtype=torch.uint8)
+    mine = tp.ops.recv(dst.data_ptr(), 8, tag)
+    src = torch.full((8,), 5, dtype=torch.uint8)
+    s = tp.ops.send(ep.handle, src.data_ptr(), 8, tag)
+    _until(tp, lambda: mine.completed and s.completed)
+    assert dst.tolist() == [5] * 8
 
 
 def _answer(tp, ep, seq: int, body: bytes, version: int = P.DATA_VERSION, status: int = 0, size: int | None = None):
@@ -179,3 +191,72 @@ def test_a_server_core_takes_in_a_known_layout_and_answers_it(loop):
     assert asked == [(0, 0, 0)]  # decoded once, matched the second time
     assert core.reap() == 0
     core.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_call_in_flight_cannot_be_released_and_may_be_dropped(loop):
+    tp, ep, mod = loop
+    core = mod.WorkerCore(tp.ops, {}, 1, P.DATA_VERSION, 8, 16)
+    plan = _worker_plan(mod, ep, torch.zeros(16, dtype=torch.uint8))
+    h = core.push_pull(plan, [], [torch.zeros(16, dtype=torch.uint8)], True)
+    with pytest.raises(RuntimeError, match="in flight"):
+        core.pending[h].release()
+    del core.pending[h]  # its operations are cancelled, its memory left to UCX
+    assert core.wait(h, 1000, 0) == UNKNOWN
+    _assert_unclaimed(tp, ep, RESP_TAG | (1 << P.SEQ_SHIFT))  # its response receive (seq 1) is gone
+
+
+@pytest.mark.timeout(30)
+def test_an_answer_lands_in_a_pull_tensor_only_the_call_holds(loop):
+    """The call keeps its pull tensors until the inline answers are copied in (run under ASan once to see it)."""
+    tp, ep, mod = loop
+    core = mod.WorkerCore(tp.ops, {}, 1, P.DATA_VERSION, 8, 16)
+    out = torch.zeros(16, dtype=torch.uint8)
+    plan = _worker_plan(mod, ep, out)
+    request = torch.zeros(64, dtype=torch.uint8)
+    got = tp.ops.recv(request.data_ptr(), 64, REQ_TAG, P.TAG_MASK_KIND_NODE)
+    pulls = [out]
+    ref = weakref.ref(out)
+    h = core.push_pull(plan, [], pulls, True)
+    del out, pulls
+    assert ref() is not None  # the call holds it
+    _until(tp, lambda: got.completed)
+    seq = int.from_bytes(request[P.SEQ_OFFSET : P.SEQ_OFFSET + 4].numpy().tobytes(), "little")
+    _answer(tp, ep, seq, bytes(range(16)))
+    assert core.wait(h, 1000, 100_000) == DONE
+    assert ref() is None  # and lets it go once the answer is in
+
+
+def test_cores_that_were_never_initialised_refuse_instead_of_crashing(loop):
+    tp, ep, mod = loop
+    worker = mod.WorkerCore.__new__(mod.WorkerCore)
+    server = mod.ServerCore.__new__(mod.ServerCore)
+    for call in (lambda: worker.wait(1, 1, 0), lambda: worker.trace(1), lambda: worker.pending,
+                 lambda: worker.call([], [], [], [], True), lambda: server.get_batch(0),
+                 lambda: server.respond([], 1), lambda: server.handles, lambda: server.reap()):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()
+
+
+def test_a_server_core_does_not_keep_its_server_alive(loop):
+    """The core calls back into bound methods of its server: the cycle must be collectable."""
+    tp, ep, mod = loop
+
+    class Owner:
+        def new_layout(self, w, k, status):
+            raise AssertionError
+
+        def fill(self, w, k, lay):
+            raise AssertionError
+
+    owner = Owner()
+    slot = torch.zeros(P.HEADER_MAX + P.INLINE_MAX, dtype=torch.uint8)
+    owner.core = mod.ServerCore(
+        tp.ops, {}, [ep.handle], [REQ_TAG], [P.make_tag(P.TAG_PUSH, 1)], [[slot.data_ptr()]], slot.numel(),
+        P.TAG_MASK_KIND_NODE, RESP_TAG, PULL_TAG, P.DATA_VERSION, 4, 1 << 16, owner.new_layout, owner.fill,
+    )
+    ref = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert ref() is None
+    _assert_unclaimed(tp, ep, REQ_TAG)  # the collected core cancelled its posted receive
