@@ -1040,7 +1040,8 @@ static PyMethodDef ServerCore_methods[] = {
      "get_batch(spins) -> [(handle, tensors, keys)] one per worker, or None: busy-polls at most ``spins`` steps."},
     {"respond", (PyCFunction)(void (*)(void))ServerCore_respond, METH_FASTCALL,
      "respond(tensors, handle) -> 0 sent, 1 unknown handle, 2 for Python to check, 3 for Python to send "
-     "(small answers in device memory). Nothing is sent unless it returns 0."},
+     "(small answers in device memory). It returns 1-3 before sending anything; once it sends, the handle is "
+     "used up, and a send UCX refuses raises."},
     {"reap", (PyCFunction)ServerCore_reap, METH_NOARGS, "reap() -> answer messages still in flight."},
     {"forget_layouts", (PyCFunction)ServerCore_forget_layouts, METH_NOARGS,
      "Forget every remembered layout (registered buffers changed)."},
