@@ -168,6 +168,81 @@ int smc_as_u64(PyObject *o, uint64_t *out, const char *name) {
     return 0;
 }
 
+int smc_u64_tuple(PyObject *item, uint64_t *out, Py_ssize_t n, const char *what) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != n) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a tuple of %zd ints", what, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (smc_as_u64(PyTuple_GET_ITEM(item, i), &out[i], what) < 0)
+            return -1;
+    return 0;
+}
+
+int smc_u64_rows(PyObject *list, Py_ssize_t n, uint64_t **out, Py_ssize_t *n_out, const char *what) {
+    if (!PyList_Check(list)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list", what);
+        return -1;
+    }
+    Py_ssize_t rows = PyList_GET_SIZE(list);
+    *n_out = rows;
+    if ((*out = PyMem_Calloc(rows ? rows * n : 1, sizeof(uint64_t))) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (n == 1 ? smc_as_u64(item, *out + i, what) < 0 : smc_u64_tuple(item, *out + i * n, n, what) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int smc_read_tensor(PyObject *t, SmcTensor *out, int shape) {
+    if (!PyObject_TypeCheck(t, (PyTypeObject *)smc_tensor_type))
+        return -1;
+    PyObject *v = PyObject_CallMethodNoArgs(t, smc_str_data_ptr);
+    if (v == NULL)
+        goto fail;
+    out->ptr = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (PyErr_Occurred() || (v = PyObject_GetAttr(t, smc_str_nbytes)) == NULL)
+        goto fail;
+    out->nbytes = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (PyErr_Occurred() || (v = PyObject_CallMethodNoArgs(t, smc_str_is_contiguous)) == NULL)
+        goto fail;
+    out->contig = v == Py_True;
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttr(t, smc_str_is_cuda)) == NULL)
+        goto fail;
+    out->cuda = v == Py_True;
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttr(t, smc_str_dtype)) == NULL)
+        goto fail;
+    out->dtype = v; /* a torch dtype: lives as long as torch */
+    Py_DECREF(v);
+    out->ndim = 0;
+    if (shape) {
+        if ((v = PyObject_GetAttr(t, smc_str_shape)) == NULL)
+            goto fail;
+        if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) > SMC_MAX_NDIM) {
+            Py_DECREF(v);
+            return -1;
+        }
+        out->ndim = (int)PyTuple_GET_SIZE(v);
+        for (int d = 0; d < out->ndim && !PyErr_Occurred(); d++)
+            out->dims[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(v, d));
+        Py_DECREF(v);
+    }
+    if (PyErr_Occurred())
+        goto fail;
+    return 0;
+fail:
+    PyErr_Clear();
+    return -1;
+}
+
 int smc_ready(TagOpsObject *self) {
     if (self->worker_obj == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TagOps was not initialised (call TagOps(worker, handle))");
@@ -242,15 +317,20 @@ static PyObject *TagOps_cancel(TagOpsObject *self, PyObject *r) {
     Py_RETURN_NONE;
 }
 
+/* Run ``stmt`` (a libucp call) with the GIL let go when another thread may progress the worker. */
+#define UNLOCKED(ops, stmt)                                                                                            \
+    do {                                                                                                               \
+        if ((ops)->release_gil) {                                                                                      \
+            Py_BEGIN_ALLOW_THREADS stmt;                                                                               \
+            Py_END_ALLOW_THREADS                                                                                       \
+        } else {                                                                                                       \
+            stmt;                                                                                                      \
+        }                                                                                                              \
+    } while (0)
+
 static unsigned progress_once(TagOpsObject *self) {
     unsigned n;
-    if (self->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        n = ucp_progress(self->worker);
-        Py_END_ALLOW_THREADS
-    } else {
-        n = ucp_progress(self->worker);
-    }
+    UNLOCKED(self, n = ucp_progress(self->worker));
     return n;
 }
 
@@ -259,48 +339,47 @@ static unsigned progress_once(TagOpsObject *self) {
 void *smc_send(TagOpsObject *ops, uint64_t ep, uint64_t buf, uint64_t count, uint64_t tag, int iov) {
     const void *param = iov ? ops->iov_param : ops->param;
     void *h;
-    if (ops->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param);
-        Py_END_ALLOW_THREADS
-    } else {
-        h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param);
-    }
+    UNLOCKED(ops, h = ucp_send((void *)(uintptr_t)ep, (const void *)(uintptr_t)buf, (size_t)count, tag, param));
     return h;
 }
 
 void *smc_recv(TagOpsObject *ops, uint64_t buf, uint64_t count, uint64_t tag, uint64_t mask, int iov) {
     const void *param = iov ? ops->iov_param : ops->param;
     void *h;
-    if (ops->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        h = ucp_recv(ops->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param);
-        Py_END_ALLOW_THREADS
-    } else {
-        h = ucp_recv(ops->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param);
-    }
+    UNLOCKED(ops, h = ucp_recv(ops->worker, (void *)(uintptr_t)buf, (size_t)count, tag, mask, param));
     return h;
+}
+
+static int check_and_free(void *h) {
+    int status = ucp_check(h);
+    if (status != UCS_INPROGRESS)
+        ucp_free(h);
+    return status;
 }
 
 int smc_poll(TagOpsObject *ops, void *h) {
     int status;
-    if (ops->release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        status = ucp_check(h);
-        if (status != UCS_INPROGRESS)
-            ucp_free(h);
-        Py_END_ALLOW_THREADS
-    } else {
-        status = ucp_check(h);
-        if (status != UCS_INPROGRESS)
-            ucp_free(h);
-    }
+    UNLOCKED(ops, status = check_and_free(h));
     return status;
 }
 
 void smc_cancel(TagOpsObject *ops, void *h) { ucp_cancel(ops->worker, h); }
 
 unsigned smc_progress(TagOpsObject *ops) { return progress_once(ops); }
+
+int smc_spin(TagOpsObject *ops, uint64_t spins, int (*settled)(void *), void *arg) {
+    int done = settled(arg);
+    for (uint64_t i = 0; i < spins && done == 0; i++) {
+        unsigned moved = progress_once(ops);
+        if (moved)
+            while (progress_once(ops))
+                ;
+        /* UCX reports a CUDA copy's completion through progress; still, look every 4th idle spin */
+        if (moved || !(i & 3))
+            done = settled(arg);
+    }
+    return done;
+}
 
 static PyObject *TagOps_progress(TagOpsObject *self, PyObject *unused) {
     if (smc_ready(self))
@@ -323,6 +402,16 @@ static int settled(PyObject *seq, int any) {
         }
     }
     return all;
+}
+
+typedef struct {
+    PyObject *seq;
+    int any;
+} WaitArgs;
+
+static int wait_settled(void *arg) {
+    WaitArgs *wa = arg;
+    return settled(wa->seq, wa->any);
 }
 
 static PyObject *TagOps_wait(TagOpsObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -350,17 +439,8 @@ static PyObject *TagOps_wait(TagOpsObject *self, PyObject *const *args, Py_ssize
     PyObject *seq = self->release_gil ? PyList_AsTuple(list) : Py_NewRef(list);
     if (seq == NULL)
         return NULL;
-    int done = settled(seq, any);
-    for (uint64_t i = 0; i < spins && !done; i++) {
-        unsigned moved = progress_once(self);
-        if (moved) {
-            while (progress_once(self))
-                ;
-        }
-        /* UCX reports a CUDA copy's completion through progress; still, look every 4th idle spin */
-        if (moved || !(i & 3))
-            done = settled(seq, any);
-    }
+    WaitArgs wa = {seq, any};
+    int done = smc_spin(self, spins, wait_settled, &wa);
     if (!done)
         done = settled(seq, any);
     Py_DECREF(seq);

@@ -73,10 +73,18 @@ void *smc_recv(TagOpsObject *ops, uint64_t buf, uint64_t count, uint64_t tag, ui
 int smc_poll(TagOpsObject *ops, void *h);
 void smc_cancel(TagOpsObject *ops, void *h);
 unsigned smc_progress(TagOpsObject *ops);
+/* The busy-poll: progress the worker (draining it while it reports work) for at most ``spins`` steps, asking
+   ``settled(arg)`` first, after UCX moved something and every 4th idle step; its last answer (1 done, 0 not
+   yet, negative: an error is set). */
+int smc_spin(TagOpsObject *ops, uint64_t spins, int (*settled)(void *), void *arg);
 
 /* A non-negative int below 2**64 (TypeError naming ``name`` otherwise). */
 int smc_as_u64(PyObject *o, uint64_t *out, const char *name);
 int smc_ready(TagOpsObject *ops);
+/* A tuple of n such ints into out; a list of them (n == 1: of plain ints) into a fresh array of n_out * n
+   (PyMem_Free it, also when this fails). TypeError naming ``what`` otherwise. */
+int smc_u64_tuple(PyObject *item, uint64_t *out, Py_ssize_t n, const char *what);
+int smc_u64_rows(PyObject *list, Py_ssize_t n, uint64_t **out, Py_ssize_t *n_out, const char *what);
 
 /* Little-endian fields of the wire headers (x86-64 and aarch64 are little-endian; memcpy: unaligned). */
 static inline uint16_t smc_rd16(const uint8_t *p) {
@@ -97,6 +105,20 @@ static inline uint64_t smc_rd64(const uint8_t *p) {
 static inline void smc_wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void smc_wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static inline void smc_wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+#define SMC_MAX_NDIM 8 /* protocol.MAX_NDIM */
+
+/* What the cores read off a torch tensor (its shape only when asked for). */
+typedef struct {
+    uint64_t ptr, nbytes;
+    PyObject *dtype; /* torch dtypes are never freed: compared by identity, not referenced */
+    int ndim, contig, cuda;
+    int64_t dims[SMC_MAX_NDIM];
+} SmcTensor;
+
+/* Read t's data pointer, bytes, contiguity, device and dtype (and shape) with torch's own getters:
+   0, or -1 with no error set when t is not a plain tensor (or its getters fail). */
+int smc_read_tensor(PyObject *t, SmcTensor *out, int shape);
 
 /* The worker and server cores (their own files). */
 int smc_add_worker_types(PyObject *module);

@@ -139,34 +139,6 @@ static uint64_t header_hash(const uint8_t *buf, Py_ssize_t size) {
     return h ^ (uint64_t)size;
 }
 
-static int rows(PyObject *list, Py_ssize_t n, uint64_t **out, Py_ssize_t *n_out, const char *what) {
-    if (!PyList_Check(list)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a list", what);
-        return -1;
-    }
-    Py_ssize_t m = PyList_GET_SIZE(list);
-    *n_out = m;
-    if ((*out = PyMem_Calloc(m ? m * n : 1, sizeof(uint64_t))) == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < m; i++) {
-        PyObject *item = PyList_GET_ITEM(list, i);
-        if (n == 1) {
-            if (smc_as_u64(item, *out + i, what) < 0)
-                return -1;
-            continue;
-        }
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != n) {
-            PyErr_Format(PyExc_TypeError, "%s: expected tuples of %zd ints", what, n);
-            return -1;
-        }
-        for (Py_ssize_t j = 0; j < n; j++)
-            if (smc_as_u64(PyTuple_GET_ITEM(item, j), *out + i * n + j, what) < 0)
-                return -1;
-    }
-    return 0;
-}
 
 /* ------------------------------------------------------------------ Layout */
 
@@ -217,8 +189,9 @@ static PyObject *Layout_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         goto fail;
     }
     l->hash = header_hash(l->head, l->size);
-    if (rows(sep, 3, (uint64_t **)&l->sep, &l->n_sep, "sep") < 0 || rows(moves, 3, (uint64_t **)&l->moves, &l->n_moves, "moves") < 0 ||
-        rows(caps, 1, &l->caps, &l->n_pulls, "caps") < 0 || rows(small, 1, &small64, &n_small, "small") < 0)
+    if (smc_u64_rows(sep, 3, (uint64_t **)&l->sep, &l->n_sep, "sep") < 0 ||
+        smc_u64_rows(moves, 3, (uint64_t **)&l->moves, &l->n_moves, "moves") < 0 ||
+        smc_u64_rows(caps, 1, &l->caps, &l->n_pulls, "caps") < 0 || smc_u64_rows(small, 1, &small64, &n_small, "small") < 0)
         goto fail;
     if (n_small != l->n_pulls) {
         PyErr_SetString(PyExc_ValueError, "Layout: one small flag per answer");
@@ -576,6 +549,12 @@ static PyObject *batch(ServerCoreObject *self) {
     return out;
 }
 
+/* Take in what arrived; whether every worker now has a request (-1: an error is set). */
+static int pump_ready(void *arg) {
+    ServerCoreObject *self = arg;
+    return pump(self) < 0 ? -1 : all_ready(self);
+}
+
 /* get_batch(spins) -> one (handle, tensors, keys) per worker, or None when not every worker has one yet. */
 static PyObject *ServerCore_get_batch(ServerCoreObject *self, PyObject *arg) {
     uint64_t spins;
@@ -587,17 +566,10 @@ static PyObject *ServerCore_get_batch(ServerCoreObject *self, PyObject *arg) {
         return NULL;
     }
     repost(self);
-    if (pump(self) < 0)
+    int ready = smc_spin(self->ops, spins, pump_ready, self);
+    if (ready < 0)
         return NULL;
-    for (uint64_t i = 0; i < spins && !all_ready(self); i++) {
-        unsigned moved = smc_progress(self->ops);
-        if (moved)
-            while (smc_progress(self->ops))
-                ;
-        if ((moved || !(i & 3)) && pump(self) < 0)
-            return NULL;
-    }
-    if (!all_ready(self))
+    if (!ready)
         Py_RETURN_NONE;
     return batch(self);
 }
@@ -675,33 +647,15 @@ typedef struct {
 
 /* One answer checked as stepmesh.server.respond's common case does: 0, or -1 (Python says what is wrong). */
 static int check_answer(PyObject *t, uint64_t cap, int small, Answer *a) {
-    if (!PyObject_TypeCheck(t, (PyTypeObject *)smc_tensor_type))
+    SmcTensor info;
+    if (smc_read_tensor(t, &info, 0) < 0 || !info.contig || PyDict_Contains(smc_dtypes, info.dtype) != 1 ||
+        info.nbytes > cap)
         return -1;
-    PyObject *v = PyObject_CallMethodNoArgs(t, smc_str_is_contiguous);
-    int ok = v == Py_True;
-    Py_XDECREF(v);
-    if (!ok)
-        return -1;
-    if ((v = PyObject_GetAttr(t, smc_str_dtype)) == NULL)
-        return -1;
-    ok = PyDict_Contains(smc_dtypes, v) == 1;
-    Py_DECREF(v);
-    if (!ok || (v = PyObject_GetAttr(t, smc_str_nbytes)) == NULL)
-        return -1;
-    a->n = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    if (PyErr_Occurred() || a->n > cap)
-        return -1;
-    if (small && a->n) { /* copied into the response here: host memory only */
-        if ((v = PyObject_GetAttr(t, smc_str_is_cuda)) == NULL)
-            return -1;
-        ok = v == Py_False;
-        Py_DECREF(v);
-        if (!ok)
-            return -2;
-    }
-    a->ptr = data_ptr(t);
-    return PyErr_Occurred() ? -1 : 0;
+    if (small && info.nbytes && info.cuda) /* copied into the response here: host memory only */
+        return -2;
+    a->n = info.nbytes;
+    a->ptr = info.ptr;
+    return 0;
 }
 
 /* respond(tensors, handle) -> RESPOND_*: sent, unknown handle, let Python check, let Python send */

@@ -49,17 +49,11 @@ typedef struct {
     Take *takes;
 } Part;
 
-#define SIG_NDIM 8   /* protocol.MAX_NDIM */
 #define SIG_MAX 256  /* protocol.MAX_PULLS: tensors per side a remembered signature may have */
 #define PLAN_SLOTS 512 /* remembered signatures: a direct-mapped table, by a hash of the call's facts */
 
 /* What a plan depends on of one tensor: a call matches when each of its tensors has the same. */
-typedef struct {
-    uint64_t ptr, nbytes;
-    PyObject *dtype; /* torch dtypes are never freed: compared by identity, not referenced */
-    int ndim, contig, cuda;
-    int64_t dims[SIG_NDIM];
-} Sig;
+typedef SmcTensor Sig;
 
 /* One call's host memory; a plan keeps the ones not in use. */
 typedef struct Bufs {
@@ -134,36 +128,6 @@ static PyTypeObject PlanType;
 static PyTypeObject CallType;
 
 /* ------------------------------------------------------------------ helpers */
-
-static int u64_tuple(PyObject *item, uint64_t *out, Py_ssize_t n, const char *what) {
-    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != n) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a tuple of %zd ints", what, n);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (smc_as_u64(PyTuple_GET_ITEM(item, i), &out[i], what) < 0)
-            return -1;
-    return 0;
-}
-
-/* A list of n-int tuples into a fresh array of n_out * n words. */
-static int u64_rows(PyObject *list, Py_ssize_t n, uint64_t **out, Py_ssize_t *n_out, const char *what) {
-    if (!PyList_Check(list)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a list", what);
-        return -1;
-    }
-    Py_ssize_t rows = PyList_GET_SIZE(list);
-    *n_out = rows;
-    *out = PyMem_Calloc(rows ? rows * n : 1, sizeof(uint64_t));
-    if (*out == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < rows; i++)
-        if (u64_tuple(PyList_GET_ITEM(list, i), *out + i * n, n, what) < 0)
-            return -1;
-    return 0;
-}
 
 /* ------------------------------------------------------------------- Plan */
 
@@ -307,8 +271,8 @@ static PyObject *Plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     for (Py_ssize_t s = 0; s < p->n_servers; s++)
         if (smc_as_u64(PyList_GET_ITEM(eps, s), &p->eps[s], "eps") < 0)
             goto fail;
-    if (u64_rows(gather, 2, &p->gather, &p->n_gather, "gather") < 0 ||
-        u64_rows(push, 3, (uint64_t **)&p->push, &p->n_push, "push") < 0)
+    if (smc_u64_rows(gather, 2, &p->gather, &p->n_gather, "gather") < 0 ||
+        smc_u64_rows(push, 3, (uint64_t **)&p->push, &p->n_push, "push") < 0)
         goto fail;
     p->n_recv = 0;
     for (Py_ssize_t s = 0; s < p->n_servers; s++) {
@@ -322,9 +286,9 @@ static PyObject *Plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         uint64_t sp[2] = {0, 0};
         if (smc_as_u64(PyTuple_GET_ITEM(item, 0), &part->resp_size, "resp_size") < 0 ||
             smc_as_u64(PyTuple_GET_ITEM(item, 1), &part->resp_tag, "resp_tag") < 0 ||
-            (scatter != Py_None && u64_tuple(scatter, sp, 2, "scatter") < 0) ||
-            u64_rows(PyTuple_GET_ITEM(item, 3), 3, (uint64_t **)&part->pulls, &part->n_pulls, "pulls") < 0 ||
-            u64_rows(PyTuple_GET_ITEM(item, 4), 3, (uint64_t **)&part->takes, &part->n_takes, "takes") < 0)
+            (scatter != Py_None && smc_u64_tuple(scatter, sp, 2, "scatter") < 0) ||
+            smc_u64_rows(PyTuple_GET_ITEM(item, 3), 3, (uint64_t **)&part->pulls, &part->n_pulls, "pulls") < 0 ||
+            smc_u64_rows(PyTuple_GET_ITEM(item, 4), 3, (uint64_t **)&part->takes, &part->n_takes, "takes") < 0)
             goto fail;
         part->sptr = sp[0];
         part->sn = sp[1];
@@ -590,6 +554,16 @@ static int call_settled(TagOpsObject *ops, CallObject *c) {
     return all;
 }
 
+typedef struct {
+    TagOpsObject *ops;
+    CallObject *c;
+} SettleArgs;
+
+static int settle_call(void *arg) {
+    SettleArgs *sa = arg;
+    return call_settled(sa->ops, sa->c);
+}
+
 /* Cancel what is still in flight; the call stays with its buffers until UCX has let go of all. */
 static void call_cancel(TagOpsObject *ops, CallObject *c) {
     for (Py_ssize_t i = 0; i < c->n_reqs; i++)
@@ -821,52 +795,6 @@ static int read_int(PyObject *o, int64_t *out) {
 
 static int read_bool(PyObject *o) { return o == Py_True ? 1 : o == Py_False ? 0 : -1; }
 
-/* The facts of tensor t a plan depends on (its shape only for pushes); -1 when t is not a plain tensor. */
-static int read_sig(PyObject *t, Sig *out, int push) {
-    if (!PyObject_TypeCheck(t, (PyTypeObject *)smc_tensor_type))
-        return -1;
-    PyObject *v = PyObject_CallMethodNoArgs(t, smc_str_data_ptr);
-    if (v == NULL)
-        goto fail;
-    out->ptr = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    if (PyErr_Occurred() || (v = PyObject_GetAttr(t, smc_str_nbytes)) == NULL)
-        goto fail;
-    out->nbytes = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    if (PyErr_Occurred() || (v = PyObject_CallMethodNoArgs(t, smc_str_is_contiguous)) == NULL)
-        goto fail;
-    out->contig = v == Py_True;
-    Py_DECREF(v);
-    if ((v = PyObject_GetAttr(t, smc_str_is_cuda)) == NULL)
-        goto fail;
-    out->cuda = v == Py_True;
-    Py_DECREF(v);
-    if ((v = PyObject_GetAttr(t, smc_str_dtype)) == NULL)
-        goto fail;
-    out->dtype = v; /* a torch dtype: lives as long as torch */
-    Py_DECREF(v);
-    out->ndim = 0;
-    if (push) {
-        if ((v = PyObject_GetAttr(t, smc_str_shape)) == NULL)
-            goto fail;
-        if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) > SIG_NDIM) {
-            Py_DECREF(v);
-            return -1;
-        }
-        out->ndim = (int)PyTuple_GET_SIZE(v);
-        for (int d = 0; d < out->ndim && !PyErr_Occurred(); d++)
-            out->dims[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(v, d));
-        Py_DECREF(v);
-    }
-    if (PyErr_Occurred())
-        goto fail;
-    return 0;
-fail:
-    PyErr_Clear();
-    return -1;
-}
-
 static int same_sig(const Sig *a, const Sig *b) {
     if (a->ptr != b->ptr || a->nbytes != b->nbytes || a->dtype != b->dtype || a->contig != b->contig ||
         a->cuda != b->cuda || a->ndim != b->ndim)
@@ -895,7 +823,7 @@ static int read_call(WorkerCoreObject *self, PyObject *const *args, Py_ssize_t *
         if (PyList_GET_SIZE(list) <= j || PyList_GET_SIZE(keys) <= j || read_int(PyList_GET_ITEM(keys, j), &self->scratch_keys[i]) < 0)
             return -1;
         PyObject *t = Py_NewRef(PyList_GET_ITEM(list, j));
-        int rc = read_sig(t, &self->scratch[i], i < np);
+        int rc = smc_read_tensor(t, &self->scratch[i], i < np);
         Py_DECREF(t);
         if (rc < 0)
             return -1;
@@ -1078,17 +1006,8 @@ static PyObject *Core_wait(WorkerCoreObject *self, PyObject *const *args, Py_ssi
     if (c == NULL)
         return PyLong_FromLong(WAIT_UNKNOWN);
     Py_INCREF(c);
-    TagOpsObject *ops = self->ops;
-    int done = call_settled(ops, c);
-    for (uint64_t i = 0; i < spins && !done; i++) {
-        unsigned moved = smc_progress(ops);
-        if (moved)
-            while (smc_progress(ops))
-                ;
-        if (moved || !(i & 3))
-            done = call_settled(ops, c);
-    }
-    if (!done) {
+    SettleArgs sa = {self->ops, c};
+    if (!smc_spin(self->ops, spins, settle_call, &sa)) {
         Py_DECREF(c);
         return PyLong_FromLong(WAIT_PENDING);
     }
