@@ -85,11 +85,11 @@ def _versions() -> dict[str, str | None]:
     except Exception as e:
         out["ucx"] = f"not available ({_error(e)})"
     try:
-        from stepmesh._ucp import library_path, native_available
+        from stepmesh._ucp import library_path, native_available, native_cores_available
 
         if not native_available():
             via = "ctypes, the steady state in Python: stepmesh._ucpc was not built"
-        elif _has_cores():
+        elif native_cores_available():
             via = "C: stepmesh._ucpc, with the worker and server cores"
         else:
             via = "C: stepmesh._ucpc, an old build without the cores (reinstall stepmesh)"
@@ -97,12 +97,6 @@ def _versions() -> dict[str, str | None]:
     except Exception as e:
         out["libucp"] = f"not available ({_error(e)})"
     return out
-
-
-def _has_cores() -> bool:
-    from stepmesh import _ucpc  # type: ignore[attr-defined]
-
-    return hasattr(_ucpc, "WorkerCore") and hasattr(_ucpc, "ServerCore")
 
 
 def _ucx() -> dict[str, Any]:

@@ -30,7 +30,8 @@ import numpy as np
 from .errors import StepMeshError
 
 __all__ = [
-    "FULL_MASK", "IoVec", "Request", "TagOps", "UcpError", "library_path", "native_available", "native_module", "tag_ops",
+    "FULL_MASK", "IoVec", "Request", "TagOps", "UcpError", "library_path", "native_available", "native_cores_available",
+    "native_module", "tag_ops",
 ]
 
 _INPROGRESS = 1
@@ -149,13 +150,26 @@ def _check_layout(mod: Any) -> None:
     """
     from . import protocol as P
 
-    if not hasattr(mod, "WorkerCore"):  # built from an older source: its tag operations still serve
+    if not _has_cores(mod):  # built from an older source: its tag operations still serve
         return
     built = (mod.SEQ_OFFSET, mod.SEQ_SHIFT, mod.RESP_FIXED)
     if built != (P.SEQ_OFFSET, P.SEQ_SHIFT, P.RESP_FIXED.size):
         raise StepMeshError(
             f"stepmesh._ucpc was built for another wire layout ({built}): reinstall stepmesh (pip install -e .)"
         )
+
+
+def _has_cores(mod: Any) -> bool:
+    return hasattr(mod, "WorkerCore") and hasattr(mod, "ServerCore")
+
+
+def native_cores_available() -> bool:
+    """Whether the C extension loads with its worker and server cores (not an older build without them).
+
+    Raises:
+        StepMeshError: ucxx (and with it libucp) cannot be loaded.
+    """
+    return native_available() and _has_cores(_native)
 
 
 def native_module(ops: Any) -> Any:
@@ -165,7 +179,7 @@ def native_module(ops: Any) -> Any:
     """
     global _torch_bound
     mod = _native or None
-    if mod is None or type(ops) is not mod.TagOps or not hasattr(mod, "WorkerCore"):
+    if mod is None or type(ops) is not mod.TagOps or not _has_cores(mod):
         return None
     if not _torch_bound:
         import torch

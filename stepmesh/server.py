@@ -48,7 +48,6 @@ _NATIVE_LAYOUTS = 256  # the C core's per worker (a direct-mapped table: dynamic
 _SEQ = P.SEQ_STRUCT
 _SLOT = P.HEADER_MAX + P.INLINE_MAX
 _NONE: list[Any] = []  # a request with no payload messages (never appended to)
-_SPINS = 256  # busy-poll steps inside the C core between Python's liveness checks (polling mode)
 _now = time.monotonic_ns
 
 
@@ -200,7 +199,7 @@ class AFTensorServer(Node):
                 self._native_layout, self._native_fill,
             )
             self.data.on_close(self._core.close)
-            self._spins = _SPINS if self.data.mode == "polling" else 0
+            self._spins = self.data.core_spins
             return
         for w in range(len(self.workers)):
             ring: deque[_Slot] = deque()
@@ -279,13 +278,8 @@ class AFTensorServer(Node):
             if last is not None:
                 seq = _SEQ.unpack_from(raw, P.SEQ_OFFSET)[0]
             else:
-                hdr = P.decode_request(raw, _SLOT, ITEMSIZE)
-                if hdr.n_servers != self._n_servers:
-                    raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
-                seq = hdr.seq
-                last = _Layout(
-                    head, hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(), hdr.pulls_for(self.server_index), peer.node_id
-                )
+                last = self._decode(w, raw)
+                seq = last.hdr.seq
                 layouts.add(last)
         except Exception as e:
             raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
@@ -307,6 +301,20 @@ class AFTensorServer(Node):
         else:
             r.t_recv = _now()
             self._ready[w].append(r)
+
+    def _decode(self, w: int, raw: np.ndarray) -> _Layout:
+        """The layout of the request header in ``raw`` from worker ``w``, decoded and checked.
+
+        Raises:
+            ProtocolError: a malformed header, or one addressed to a mesh of another size.
+        """
+        hdr = P.decode_request(raw, _SLOT, ITEMSIZE)
+        if hdr.n_servers != self._n_servers:
+            raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
+        return _Layout(
+            raw[: P.SEQ_OFFSET].tobytes(), hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(),
+            hdr.pulls_for(self.server_index), self.workers[w].node_id,
+        )
 
     def _place(self, w: int, lay: _Layout) -> None:
         """Where the pushes of ``lay`` land under the buffers registered now."""
@@ -331,21 +339,15 @@ class AFTensorServer(Node):
         Raises:
             ProtocolError: a malformed request, or one UCX could not receive (too large, say).
         """
-        peer = self.workers[w]
         raw = self._slots[w][k].raw
         try:
             if status:
                 raise failure(status)
-            hdr = P.decode_request(raw, _SLOT, ITEMSIZE)
-            if hdr.n_servers != self._n_servers:
-                raise ProtocolError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
+            lay = self._decode(w, raw)
         except Exception as e:
-            raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
-        lay = _Layout(
-            raw[: P.SEQ_OFFSET].tobytes(), hdr, raw[P.SEQ_OFFSET + 4 : hdr.size].tobytes(),
-            hdr.pulls_for(self.server_index), peer.node_id,
-        )
+            raise ProtocolError(f"bad request from {self.workers[w].describe()}: {e}") from e
         self._place(w, lay)
+        hdr = lay.hdr
         dest = lay.dest
         sep = [(i, 0 if dest[i] is None else dest[i].data_ptr(), hdr.tensors[i].nbytes) for i in lay.separate]  # type: ignore[union-attr]
         fill = bool(lay.fresh or lay.takes)

@@ -25,6 +25,7 @@ __all__ = ["Transport", "ControlChannel", "ucx_version"]
 _api: Any = None
 _Array: Any = None
 _THREAD_WAIT_S = 50e-6
+_CORE_SPINS = 256  # busy-poll steps inside a C core between its caller's liveness checks
 _BLOCKING_SLICE_MS = 100
 
 
@@ -101,6 +102,11 @@ class Transport:
         from ._ucp import native_module
 
         return native_module(self.ops)
+
+    @property
+    def core_spins(self) -> int:
+        """How many busy-poll steps a C core may take before returning to Python: none unless polling."""
+        return _CORE_SPINS if self.mode == "polling" else 0
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when this transport closes, before its operations are cancelled (a core's own, say)."""

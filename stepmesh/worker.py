@@ -47,7 +47,6 @@ __all__ = ["AFTensorWorker"]
 _TRACE_KEEP = 4096
 _REFUSAL_WAIT_S = 5.0
 _PLANS_KEEP = 256
-_SPINS = 256  # busy-poll steps inside the C core between Python's liveness checks (polling mode)
 # WorkerCore.wait() results
 _W_DONE, _W_PENDING, _W_UNKNOWN, _W_BAD_TIMEOUT, _W_FAILED = range(5)
 _SEQ = P.SEQ_STRUCT
@@ -95,7 +94,7 @@ class _Pending:
         self.plan = plan
         self.seq = seq
         self.hb = hb
-        self.keep = keep  # the push and pull tensors, alive until complete (a plan holds no tensor)
+        self.keep = keep  # the push tensors and (below) the pull tensors, alive until complete: a plan holds none
         self.keep_pull = pulls
         self.t_start = t_start
         self.t_sent = 0
@@ -141,7 +140,7 @@ class AFTensorWorker(Node):
                 self._ops, self._pending, len(self.servers), P.DATA_VERSION, P.MAX_IN_FLIGHT, _TRACE_KEEP
             )
             data.on_close(self._core.close)
-            self._spins = _SPINS if data.mode == "polling" else 0
+            self._spins = data.core_spins
 
     @property
     def num_servers(self) -> int:
@@ -488,14 +487,9 @@ class AFTensorWorker(Node):
             if not done:
                 plan = pend.plan
                 waiting = [
-                    self.servers[s].describe()
-                    for s in plan.servers
-                    if not all([r.completed for r in pend.reqs[plan.starts[s] : plan.ends[s]]])
+                    s for s in plan.servers if not all([r.completed for r in pend.reqs[plan.starts[s] : plan.ends[s]]])
                 ]
-                raise TimeoutError(
-                    f"push_pull handle {handle} not complete after {timeout_ms} ms; "
-                    f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
-                )
+                raise self._timed_out(handle, timeout_ms, waiting)
         del self._pending[handle]
         try:
             for r in pend.reqs:
@@ -562,11 +556,15 @@ class AFTensorWorker(Node):
                     continue
             elif data.progress_until(done, deadline, self._check_servers):
                 return result[0]
-            waiting = [self.servers[s].describe() for s in core.waiting(handle) or ()]
-            raise TimeoutError(
-                f"push_pull handle {handle} not complete after {timeout_ms} ms; "
-                f"no response yet from: {', '.join(waiting) or 'none (sends still in flight)'}"
-            )
+            raise self._timed_out(handle, timeout_ms, core.waiting(handle) or [])
+
+    def _timed_out(self, handle: int, timeout_ms: float, waiting: list[int]) -> TimeoutError:
+        """The error of a wait that timed out while the servers ``waiting`` (indexes) had not answered."""
+        names = ", ".join(self.servers[s].describe() for s in waiting) or "none (sends still in flight)"
+        return TimeoutError(f"push_pull handle {handle} not complete after {timeout_ms} ms; no response yet from: {names}")
+
+    def _too_long(self, s: int, n: int, cap: int) -> ProtocolError:
+        return ProtocolError(f"{self.servers[s].describe()} sent {n} bytes for a {cap}-byte pull tensor")
 
     def _native_failure(self, handle: int) -> None:
         """Raise what went wrong with a call the C core reported failed.
@@ -593,9 +591,7 @@ class AFTensorWorker(Node):
                     f = plan.resp_struct.unpack_from(raw, 0)
                     for j, _, cap in plan.takes[s]:
                         if f[9 + j] > cap:
-                            raise ProtocolError(
-                                f"{self.servers[s].describe()} sent {f[9 + j]} bytes for a {cap}-byte pull tensor"
-                            )
+                            raise self._too_long(s, f[9 + j], cap)
                     raise ProtocolError(f"{self.servers[s].describe()} sent answers that overrun its response")
                 except StepMeshError as e:
                     error = error or e
@@ -648,7 +644,7 @@ class AFTensorWorker(Node):
                 for j, dst, cap in plan.takes[s]:  # answers that rode inline (host tensors)
                     n = f[9 + j]
                     if n > cap:
-                        raise ProtocolError(f"{self.servers[s].describe()} sent {n} bytes for a {cap}-byte pull tensor")
+                        raise self._too_long(s, n, cap)
                     if dst:  # 0: UCX scattered it into place
                         memmove(dst, base + pos, n)
                         pos += n
