@@ -1,30 +1,66 @@
 #!/usr/bin/env bash
-# GPU-machine run: install the carried ucxx-cu13 wheels (no network there), then
-# the GPU tests and the CUDA benchmark. Usage: benchmarks/device_run.sh [tests|bench|all] [bench args...]
+# Run stepmesh on a GPU machine from a checkout, with nothing fetched there.
+#
+#   benchmarks/device_run.sh [--mps|--no-mps] tests [pytest args...]  the GPU suite (pytest -m gpu)
+#   benchmarks/device_run.sh [--mps|--no-mps] bench [bench args...]   stepmesh bench --device cuda
+#   benchmarks/device_run.sh [--mps|--no-mps] run CMD [ARGS...]        any command in that environment
+#
+# It installs the UCX wheels carried in .gpu-wheels/ (ucxx-cu13 and what it needs,
+# see docs/gpu.md) into a private folder, builds the compiled core in place for
+# this Python when no build for it is there, and puts src/ and cli/ on the path.
+#
+# --mps starts the CUDA MPS daemon for the command and stops it after (it needs
+# root; the output says when it cannot). On one GPU without MPS, worker and
+# server are two time-sliced CUDA contexts and every hand-over between them
+# costs ~140 us: one-GPU figures mean little without it (docs/gpu.md).
 set -uo pipefail
-what=${1:-all}; shift || true
-out=${OUT:-/tmp/out}; mkdir -p "$out"
+cd "$(dirname "$0")/.."
+mps=0
+case "${1:-}" in --mps) mps=1; shift ;; --no-mps) mps=0; shift ;; esac
+what=${1:-tests}; shift || true
+out=${OUT:-/tmp/stepmesh-out}; mkdir -p "$out"
 site=/tmp/stepmesh-site
 if [ ! -d "$site/ucxx" ]; then
-  pip install -q --no-index --no-deps --target "$site" .gpu-wheels/*.whl >"$out/pip.log" 2>&1 || { tail -20 "$out/pip.log"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --target "$site" .gpu-wheels/*.whl >"$out/pip.log" 2>&1 \
+    || { echo "device_run: installing the carried wheels failed:"; tail -20 "$out/pip.log"; exit 1; }
 fi
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -e stepmesh/cli ] || ln -s ../cli stepmesh/cli   # what the package-dir mapping does when installed
-# The C extension, built in place as pip install builds it (stepmesh falls back to Python over ctypes without).
-ext=stepmesh/_ucpc$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-stale=$(find stepmesh -maxdepth 1 -name '_ucpc*.[ch]' -newer "$ext" 2>/dev/null | head -1)
-{ [ -e "$ext" ] && [ -z "$stale" ]; } || cc -O2 -shared -fPIC $(python3 -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
-  stepmesh/_ucpc.c stepmesh/_ucpc_worker.c stepmesh/_ucpc_server.c -o "$ext" || echo "stepmesh._ucpc not built: the data path runs on ctypes"
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-python -c "import torch, ucxx; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'ucxx', ucxx.__version__)"
-python -m stepmesh.cli info | tee "$out/info.txt" | head -40
-rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  python -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt" | tail -15
-  rc=${PIPESTATUS[0]}
+export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}"
+[ -e src/stepmesh/cli ] || ln -s ../../cli src/stepmesh/cli   # what package-dir maps when installed
+suffix=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+if [ ! -e "src/stepmesh/_core/core$suffix" ]; then  # a carried build for this Python is used as it is
+  python3 - <<'EOF' || exit 1
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_wire", "src/stepmesh/data/wire.py")
+wire = importlib.util.module_from_spec(spec); sys.modules[spec.name] = wire; spec.loader.exec_module(wire)
+open("src/stepmesh/_core/wire.pxi", "w").write(wire.cython_constants())
+EOF
+  python3 -m cython -3 src/stepmesh/_core/core.pyx -o src/stepmesh/_core/core.c >"$out/build.log" 2>&1 \
+    && cc -O2 -shared -fPIC $(python3 -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
+         src/stepmesh/_core/core.c -o "src/stepmesh/_core/core$suffix" >>"$out/build.log" 2>&1 \
+    || { echo "device_run: building the core failed:"; tail -20 "$out/build.log"; exit 1; }
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python -m stepmesh.cli bench --device cuda --contenders stepmesh,protocol,ucxx,gloo --json "$out/bench-cuda.json" "$@" 2>&1 \
-    | grep -v "^measuring" | tee "$out/bench-cuda.txt" | tail -12
+
+mps_stop() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; }
+if [ "$mps" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/stepmesh-mps CUDA_MPS_LOG_DIRECTORY=/tmp/stepmesh-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d >/dev/null 2>&1; then
+    trap mps_stop EXIT
+    echo "device_run: CUDA MPS daemon started (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+  else
+    echo "device_run: could not start the CUDA MPS daemon (nvidia-cuda-mps-control -d needs root and a free GPU):"\
+         "running without it; one-GPU figures are then time-sliced"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+else
+  echo "device_run: MPS off"
 fi
-exit $rc
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
+python3 -c "import torch, ucxx; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'ucxx', ucxx.__version__)"
+
+case "$what" in
+  tests) python3 -m pytest -q -rs -m gpu tests -p no:cacheprovider "$@" ;;
+  bench) python3 -m stepmesh.cli bench --device cuda "$@" ;;
+  run) "$@" ;;
+  *) echo "device_run: unknown command $what (tests, bench or run)"; exit 2 ;;
+esac

@@ -25,8 +25,8 @@ _TIMEOUT_S = 120.0
 def _side(role: str, conn: Any, nbytes: int, depth: int, iters: int) -> None:
     import torch
 
-    from stepmesh.node import DATA_UCX_OPTIONS
-    from stepmesh.transport import Transport
+    from stepmesh.data.wire import UCX_OPTIONS as DATA_UCX_OPTIONS
+    from stepmesh.control.transport import Transport
 
     if hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
@@ -34,7 +34,7 @@ def _side(role: str, conn: Any, nbytes: int, depth: int, iters: int) -> None:
     tp = Transport(dict(DATA_UCX_OPTIONS), "polling")
     conn.send(tp.address)
     endpoint = tp.connect(conn.recv())  # kept: the handle is valid while the endpoint lives
-    ep, ops = endpoint.handle, tp.ops
+    ep, ops = endpoint.handle, tp.ucp
     bufs = [(torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)) for _ in range(depth)]
     deadline = time.monotonic() + _TIMEOUT_S
 

@@ -19,20 +19,26 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
         timeout=200,
     )
     assert r.returncode == 0, r.stderr
-    for name in ("stepmesh", "protocol", "ucxx", "gloo"):
+    for name in ("stepmesh", "protocol", "ucxx", "perftest", "gloo"):
         assert any(line.startswith(name) for line in r.stdout.splitlines()), r.stdout
-    # NIXL is measured where it is installed, and said to be "not run" where not: never silently dropped
-    nixl = [line for line in r.stdout.splitlines() if line.startswith("nixl")]
-    assert nixl and ("not run" in nixl[0] or nixl[0].split()[1].replace(".", "").isdigit()), r.stdout
+    # What cannot run here is said to be "not run", with why: never silently dropped
+    for name in ("nixl", "nccl"):
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith(name)]
+        assert line and ("not run" in line[0] or line[0].split()[1].replace(".", "").isdigit()), r.stdout
+    assert "measured on" in r.stdout and "stepmesh p50 / its p50" in r.stdout
     assert "round trip by stage" in r.stdout
     data = json.loads(out.read_text())
-    assert data["schema"] == "stepmesh-bench/1"
+    assert data["schema"] == "stepmesh-bench/2"
+    env = data["environment"]
+    assert env["stepmesh"] and env["torch"] and env["ucx"] and env["host"] and env["date"] and env["core"]
     assert data["workload"]["name"] == "small"
     for name in ("stepmesh", "protocol", "ucxx", "gloo"):
         entry = data["contenders"][name]
         assert entry["stats"]["samples"] == 40 and len(entry["latencies_us"]) == 40
         assert 0 < entry["stats"]["p50_us"] <= entry["stats"]["p99_us"] <= entry["stats"]["max_us"]
-    assert data["contenders"]["ucxx"]["stepmesh_p50_ratio"] > 0
+    assert data["contenders"]["ucxx"]["stepmesh_over_this_p50"] > 0
+    perftest = data["contenders"]["perftest"]  # the C floor: one sample per round
+    assert len(perftest["latencies_us"]) == 2 and perftest["stats"]["p50_us"] > 0
     stages = data["trace_breakdown_us"]["server 0"]
     assert set(stages) >= {"request send", "request network", "response send"}
 
@@ -74,6 +80,18 @@ def test_bench_three_stages_two_by_two(tmp_path):
     assert data["contenders"]["protocol"]["stats"]["samples"] == 40  # one pair's messages, rendezvous both ways
 
 
+def test_bench_checks_for_matplotlib_before_measuring(tmp_path):
+    import importlib.util
+    import time
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here: the check has nothing to refuse")
+    t0 = time.monotonic()
+    r = run_command(cli_command("bench", "--preset", "small", "--plot", str(tmp_path / "cdf.png")), timeout=60)
+    assert r.returncode == 2 and "needs matplotlib" in r.stderr, r.stderr
+    assert "measuring" not in r.stderr and time.monotonic() - t0 < 20  # refused before any contender started
+
+
 def test_bench_rejects_bad_options_by_name():
     r = run_command(cli_command("bench", "--push", "64xq:bfloat16"), timeout=60)
     assert r.returncode == 2 and "--push" in r.stderr and "64xq" in r.stderr
@@ -85,7 +103,7 @@ def test_bench_rejects_bad_options_by_name():
 def test_bench_floor_runs_on_the_transports_the_mesh_is_narrowed_to(tmp_path):
     """STEPMESH_TRANSPORTS narrows the ucxx floor as it narrows stepmesh's data workers (same bytes, same wire).
 
-    Both build their UCX options with ``node.data_ucx_options``; the result records them.
+    Both take their UCX options from the data wire's and the configuration's; the result records them.
     """
     out = tmp_path / "bench.json"
     r = run_command(

@@ -79,29 +79,26 @@ def _versions() -> dict[str, str | None]:
         out["numpy"] = f"not available ({_error(e)})"
     out["ucxx"] = _dist_version("ucxx-cu12", "ucxx-cu13", "ucxx", "ucxx-cu11") or "not installed"
     try:
-        from stepmesh.transport import ucx_version
+        from stepmesh.control.transport import ucx_version
 
         out["ucx"] = ucx_version()
     except Exception as e:
         out["ucx"] = f"not available ({_error(e)})"
     try:
-        from stepmesh._ucp import library_path, native_available, native_cores_available
+        from stepmesh.control.transport import bound_core, ucp_library_path
 
-        if not native_available():
-            via = "ctypes, the steady state in Python: stepmesh._ucpc was not built"
-        elif native_cores_available():
-            via = "C: stepmesh._ucpc, with the worker and server cores"
-        else:
-            via = "C: stepmesh._ucpc, an old build without the cores (reinstall stepmesh)"
-        out["libucp"] = f"{library_path()} (the data path calls it directly, through {via})"
+        core = bound_core()
+        out["libucp"] = f"{ucp_library_path()} (bound at run time by the compiled core)"
+        out["core"] = f"{core.__file__} ({len(core.constants())} wire constants, checked)"
     except Exception as e:
         out["libucp"] = f"not available ({_error(e)})"
+        out["core"] = f"not available ({_error(e)})"
     return out
 
 
 def _ucx() -> dict[str, Any]:
     try:
-        from stepmesh.transport import Transport
+        from stepmesh.control.transport import Transport
 
         transport = Transport({}, "blocking")
         try:

@@ -65,9 +65,9 @@ def _plain(ctx: NodeContext) -> str:
 def test_strangers_sending_garbage_or_hanging_up_do_not_disturb_the_mesh():
     import time
 
-    from stepmesh import protocol as P
+    from stepmesh.control import messages as P
     from stepmesh.testing import spawn_mesh
-    from stepmesh.transport import ControlChannel, Transport
+    from stepmesh.control.transport import ControlChannel, Transport
 
     mesh = spawn_mesh(_plain, env=FAST, timeout=60)
     try:
@@ -106,7 +106,7 @@ def test_a_node_refuses_a_scheduler_that_accepts_its_proof_without_knowing_the_t
     """Mutual authentication: a scheduler that waves every proof through cannot prove itself."""
     import types
 
-    from stepmesh import scheduler as S
+    from stepmesh.control import scheduler as S
 
     monkeypatch.setattr(S, "hmac", types.SimpleNamespace(compare_digest=lambda a, b: True))
     sched = S.Scheduler(f.Config(role="scheduler", root_port=0, num_workers=1, num_servers=1, auth_token="a guess"))

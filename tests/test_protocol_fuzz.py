@@ -1,51 +1,60 @@
-"""Hostile bytes: the decoders answer anything with ProtocolError, never a crash or a huge allocation."""
+"""Hostile bytes: the decoders answer anything with an error, never a crash or a huge allocation.
+
+The request decoder runs twice: Python's (``wire.decode_request``, which the
+server uses for a layout it has not seen) and the compiled core's sizing of a
+header (what it matches known layouts with); where Python accepts a header,
+both agree on its size.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stepmesh import ProtocolError
-from stepmesh import protocol as P
-from stepmesh._tensors import ITEMSIZE
+from stepmesh._core import core
+from stepmesh.control import messages as P
+from stepmesh.data import wire as W
+from stepmesh.data.tensors import ITEMSIZE
 
-SLOT = P.HEADER_MAX + P.INLINE_MAX
+SLOT = W.SLOT_SIZE
 FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _valid_request() -> bytes:
-    buf = np.zeros(SLOT, dtype=np.uint8)
-    P.REQ_FIXED.pack_into(buf, 0, P.DATA_VERSION, P.FLAG_INLINE, 1, 1, 1, 7)
-    st_ = P.tensor_struct(2)
-    st_.pack_into(buf, P.REQ_FIXED.size, 5, 0, 2, 64 * 4 * 4, 64, 4)
-    P.REQ_PULL.pack_into(buf, P.REQ_FIXED.size + st_.size, 9, 1024)
+    buf = bytearray(SLOT)
+    W.REQ_FIXED.pack_into(buf, 0, W.DATA_VERSION, 0, 1, 1, 1, 7)
+    W.REQ_TENSOR.pack_into(buf, W.REQ_FIXED.size, 5, 0, 2, W.Placement.SEPARATE, 0, 64 * 4 * 4)
+    pos = W.REQ_FIXED.size + W.REQ_TENSOR.size
+    W.REQ_DIM.pack_into(buf, pos, 64)
+    W.REQ_DIM.pack_into(buf, pos + 8, 4)
+    W.REQ_PULL.pack_into(buf, pos + 16, 9, 1024, W.Placement.INLINE, 0)
     return bytes(buf)
 
 
 def _decode_request(data: bytes) -> None:
-    buf = np.zeros(SLOT, dtype=np.uint8)
-    buf[: len(data)] = np.frombuffer(data[:SLOT], dtype=np.uint8)
+    buf = bytes(data[:SLOT]) + bytes(max(0, SLOT - len(data)))
+    size = core.header_size(buf)  # never crashes, whatever the bytes
     try:
-        hdr = P.decode_request(buf, SLOT, ITEMSIZE)
-    except ProtocolError:
+        hdr = W.decode_request(buf, ITEMSIZE)
+    except W.WireError:
         return
-    # accepted: then it describes something bounded
-    assert hdr.size <= P.HEADER_MAX
-    assert len(hdr.tensors) <= P.MAX_TENSORS and len(hdr.pulls) <= P.MAX_PULLS
-    assert all(m.nbytes <= P.MAX_TENSOR_BYTES for m in hdr.tensors)
+    # accepted: then it describes something bounded, and the core sizes it the same
+    assert hdr.size <= W.HEADER_MAX and size == hdr.size
+    assert len(hdr.tensors) <= W.MAX_TENSORS and len(hdr.pulls) <= W.MAX_PULLS
+    assert all(m.nbytes <= W.MAX_TENSOR_BYTES for m in hdr.tensors)
 
 
 @FUZZ
 @given(st.binary(max_size=600))
-def test_request_decoder_survives_random_bytes(data):
+def test_request_decoders_survive_random_bytes(data):
     _decode_request(data)
 
 
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=12))
-def test_request_decoder_survives_mutations_of_a_valid_header(flips):
+def test_request_decoders_survive_mutations_of_a_valid_header(flips):
     data = bytearray(_valid_request()[:400])
     for pos, value in flips:
         data[pos] = value
@@ -53,8 +62,16 @@ def test_request_decoder_survives_mutations_of_a_valid_header(flips):
 
 
 def test_valid_request_decodes():
-    hdr = P.decode_request(np.frombuffer(_valid_request(), dtype=np.uint8), SLOT, ITEMSIZE)
-    assert hdr.seq == 7 and hdr.tensors[0].shape == (64, 4) and hdr.pulls == ((9, 1024),)
+    hdr = W.decode_request(_valid_request(), ITEMSIZE)
+    assert hdr.seq == 7 and hdr.tensors[0].shape == (64, 4)
+    assert hdr.pulls == (W.PullMeta(9, 1024, W.Placement.INLINE, False),)
+    assert core.header_size(_valid_request()) == hdr.size
+
+
+def test_the_core_was_built_from_this_wire_format():
+    W.check_core(core.constants())
+    with pytest.raises(ImportError, match="DATA_VERSION"):
+        W.check_core({**core.constants(), "DATA_VERSION": W.DATA_VERSION + 1})
 
 
 @FUZZ

@@ -1,0 +1,112 @@
+"""The ``protocol`` contender: stepmesh's own messages for the workload, and nothing else.
+
+The same messages as a 1 x 1 push_pull, with the same sizes, tags and copies,
+through the compiled core's libucp calls: the request header with the small
+pushes copied behind it and each large push as a message of its own; the
+response header with the small answers behind it and each large answer as its
+own message into a receive posted in advance. Small device tensors are staged
+through pinned memory, as the core does. None of the bookkeeping around them
+(signatures, plans, records, checks, events, traces): how close any
+implementation of this protocol could come to ``ucxx`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import data_options, pin, serve_ping_pong
+from .model import BenchOptions
+
+__all__ = ["protocol_child"]
+
+_SPIN = 1 << 30
+
+
+def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
+    pin(core)
+    import torch
+
+    from stepmesh.control import transport as T
+    from stepmesh.data import wire as W
+
+    wl = opts.workload
+    tp = T.Transport(data_options(), opts.progress)
+    conn.send(tp.address)
+    endpoint = tp.connect(conn.recv())
+    ep = endpoint.handle
+    ucp = tp.ucp
+    client = role == "client"
+    dev = opts.device
+    on_dev = dev.startswith("cuda")
+    # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
+    mine = [t.make(dev, 1) for t in (wl.push if client else wl.pull)]
+    theirs = [t.make(dev) for t in (wl.pull if client else wl.push)]
+    out_place = W.inline_placements([t.nbytes for t in mine], [on_dev] * len(mine))
+    in_place = W.inline_placements([t.nbytes for t in theirs], [on_dev] * len(theirs))
+    hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull))
+    resp = W.response_header_size(len(wl.pull))
+    out_head, in_head = (hsize, resp) if client else (resp, hsize)
+
+    def inline(ts: list[Any], place: list[W.Placement], head: int) -> list[tuple[int, Any]]:
+        out, pos = [], head
+        for t, p in zip(ts, place):
+            if p is W.Placement.INLINE and t.nbytes:
+                out.append((pos, t.view(torch.uint8).view(-1)))
+                pos += t.nbytes
+        return out
+
+    out_inline, in_inline = inline(mine, out_place, out_head), inline(theirs, in_place, in_head)
+    out_len = out_head + sum(b.numel() for _, b in out_inline)
+    out_buf = torch.zeros(out_len, dtype=torch.uint8, pin_memory=on_dev)
+    in_buf = torch.zeros(W.SLOT_SIZE, dtype=torch.uint8, pin_memory=on_dev)
+    sends = [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(mine, out_place)) if p is W.Placement.SEPARATE]
+    recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(theirs, in_place)) if p is W.Placement.SEPARATE]
+    kinds = (W.Tag.REQUEST, W.Tag.PUSH, W.Tag.RESPONSE, W.Tag.PULL)
+    out_kind, out_bulk, in_kind, in_bulk = kinds if client else kinds[2:] + kinds[:2]
+    me, peer = (1, 2) if client else (2, 1)
+    out_tag, out_bulk_tag = W.make_tag(out_kind, me), W.make_tag(out_bulk, me)
+    in_tag, in_bulk_tag = W.make_tag(in_kind, peer), W.make_tag(in_bulk, peer)
+    send, recv, wait = ucp.send, ucp.recv, ucp.wait
+    state: dict[str, Any] = {"seq": 0, "slot": None}
+
+    def pack() -> None:
+        for pos, src in out_inline:
+            out_buf[pos : pos + src.numel()].copy_(src)
+
+    def unpack() -> None:
+        for pos, dst in in_inline:
+            dst.copy_(in_buf[pos : pos + dst.numel()])
+
+    def post_out(bits: int) -> list[Any]:
+        sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits)]
+        return sent + [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
+
+    def one_client(bits: int) -> None:
+        pack()
+        got = [recv(in_buf.data_ptr(), in_buf.numel(), in_tag | bits)]
+        got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
+        sent = post_out(bits)
+        wait(got + sent, _SPIN)
+        unpack()
+
+    def one_server(bits: int) -> None:
+        slot = state["slot"] or recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE)
+        wait([slot], _SPIN)
+        got = [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
+        unpack()
+        wait(got, _SPIN)
+        pack()
+        sent = post_out(bits)
+        state["slot"] = recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE)
+        # Some rendezvous (CUDA IPC) move only while the sender progresses: the answer is seen through here.
+        wait(sent, _SPIN)
+
+    def one() -> None:
+        seq = state["seq"] = (state["seq"] + 1) & W.SEQ_MASK
+        (one_client if client else one_server)(seq << W.SEQ_SHIFT)
+
+    one()
+    if theirs and int(theirs[0].reshape(-1)[0].float()) != 1:  # the peer's tensors are filled with 1s
+        raise RuntimeError(f"protocol baseline: the {role} received {theirs[0].reshape(-1)[0]!r}, expected 1")
+    serve_ping_pong(conn, one)
+    tp.close()

@@ -1,0 +1,2073 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: embedsignature=True, freethreading_compatible=False
+"""The data path's steady state: the one implementation of push_pull, wait, get_batch and respond.
+
+Python (``stepmesh.data``) validates arguments, plans a new call signature or
+request layout, and words errors; this module owns everything in flight and
+answers with :class:`stepmesh.data.wire.Result` codes. It never calls back into
+stepmesh's modules and shares no mutable container with them.
+
+libucp and the CUDA driver (or HIP) are bound at run time: the libucp that ucxx
+loaded (``bind_ucp``), and ``libcuda.so.1`` the first time device memory shows
+up (``bind_device``). Nothing here links against UCX or CUDA, so one build runs
+with any UCX 1.10+ and with or without a GPU.
+
+Device ordering lives here too: a device send is posted only once the work
+queued on the caller's current stream before the call has completed (an event,
+or nothing when the stream is idle), and answers are staged (copied on that
+stream) so that the caller may write into them as soon as ``respond`` returns.
+"""
+
+include "wire.pxi"
+
+cimport cython
+from libc.stdint cimport int64_t, intptr_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+from libc.string cimport memcmp, memcpy, memset
+
+from stepmesh.errors import TransportError
+
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flag)
+    void *dlsym(void *handle, const char *symbol)
+    char *dlerror()
+    int RTLD_NOW
+    int RTLD_NOLOAD
+    int RTLD_GLOBAL
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+# ------------------------------------------------------------------- libucp
+ctypedef void *(*send_fn)(void *ep, const void *buf, size_t count, uint64_t tag, const void *param) noexcept nogil
+ctypedef void *(*recv_fn)(void *worker, void *buf, size_t count, uint64_t tag, uint64_t mask,
+                          const void *param) noexcept nogil
+ctypedef int (*check_fn)(void *req) noexcept nogil
+ctypedef void (*free_fn)(void *req) noexcept nogil
+ctypedef void (*cancel_fn)(void *worker, void *req) noexcept nogil
+ctypedef unsigned (*progress_fn)(void *worker) noexcept nogil
+ctypedef const char *(*status_string_fn)(int status) noexcept nogil
+
+cdef send_fn ucp_send = NULL
+cdef recv_fn ucp_recv = NULL
+cdef check_fn ucp_check = NULL
+cdef free_fn ucp_free = NULL
+cdef cancel_fn ucp_cancel = NULL
+cdef progress_fn ucp_progress = NULL
+cdef status_string_fn ucs_status_string = NULL
+
+cdef enum:
+    UCS_OK = 0
+    UCS_INPROGRESS = 1
+    UCS_ERR_CANCELED = -16
+    PARAM_WORDS = 16  # ucp_request_param_t is 72 bytes on LP64 (UCX 1.21); zeros past it
+    FIELD_DATATYPE = 1 << 3  # UCP_OP_ATTR_FIELD_DATATYPE
+    DATATYPE_IOV = 2  # UCP_DATATYPE_IOV
+    TABLE = 512  # remembered plans per worker (direct-mapped by hash)
+    LAYOUTS = 256  # remembered request layouts per worker, on a server
+    MAX_DEVICES = 64
+
+cdef uintptr_t ERR_MIN = <uintptr_t>-256  # pointers at or above this are UCS_PTR_STATUS(errors)
+cdef uint64_t FULL_MASK = 0xFFFFFFFFFFFFFFFFULL
+cdef uint64_t PARAM[PARAM_WORDS]
+cdef uint64_t IOV_PARAM[PARAM_WORDS]
+memset(PARAM, 0, sizeof(PARAM))
+memset(IOV_PARAM, 0, sizeof(IOV_PARAM))
+IOV_PARAM[0] = FIELD_DATATYPE  # op_attr_mask (uint32 at offset 0)
+IOV_PARAM[3] = DATATYPE_IOV  # datatype, at offset 24
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+def status_text(int status):
+    """UCX's text for a ``ucs_status_t``."""
+    if ucs_status_string == NULL:
+        return f"status {status}"
+    cdef const char *s = ucs_status_string(status)
+    return f"{(<bytes>s).decode() if s != NULL else 'unknown status'} ({status})"
+
+
+def bind_ucp(str path):
+    """Bind the libucp already loaded by ucxx at ``path`` (RTLD_NOLOAD: never a second copy).
+
+    Raises:
+        ImportError: the library is not loaded, or lacks a function (UCX older than 1.10).
+    """
+    global ucp_send, ucp_recv, ucp_check, ucp_free, ucp_cancel, ucp_progress, ucs_status_string
+    cdef bytes p = path.encode()
+    cdef void *lib = dlopen(p, RTLD_NOW | RTLD_NOLOAD)
+    if lib == NULL:
+        raise ImportError(f"libucp is not loaded from {path}: import ucxx first")
+    names = (b"ucp_tag_send_nbx", b"ucp_tag_recv_nbx", b"ucp_request_check_status", b"ucp_request_free",
+             b"ucp_request_cancel", b"ucp_worker_progress", b"ucs_status_string")
+    cdef void *fns[7]
+    cdef int i
+    for i in range(7):
+        fns[i] = dlsym(lib, <const char *>names[i])
+        if fns[i] == NULL:
+            raise ImportError(f"the libucp at {path} has no {names[i].decode()}: stepmesh needs UCX 1.10 or newer")
+    ucp_send = <send_fn>fns[0]
+    ucp_recv = <recv_fn>fns[1]
+    ucp_check = <check_fn>fns[2]
+    ucp_free = <free_fn>fns[3]
+    ucp_cancel = <cancel_fn>fns[4]
+    ucp_progress = <progress_fn>fns[5]
+    ucs_status_string = <status_string_fn>fns[6]
+
+
+# ------------------------------------------------------- the device driver
+ctypedef int (*d_query_fn)(void *) noexcept nogil
+ctypedef int (*d_event_create_fn)(void **, unsigned) noexcept nogil
+ctypedef int (*d_event_record_fn)(void *, void *) noexcept nogil
+ctypedef int (*d_d2h_fn)(void *dst, uint64_t src, size_t n, void *stream) noexcept nogil
+ctypedef int (*d_h2d_fn)(uint64_t dst, const void *src, size_t n, void *stream) noexcept nogil
+ctypedef int (*d_d2d_fn)(uint64_t dst, uint64_t src, size_t n, void *stream) noexcept nogil
+ctypedef int (*d_stream_create_fn)(void **, unsigned) noexcept nogil
+ctypedef int (*d_host_alloc_fn)(void **, size_t, unsigned) noexcept nogil
+ctypedef int (*d_ptr_fn)(void *) noexcept nogil
+ctypedef int (*d_mem_alloc_fn)(uint64_t *, size_t) noexcept nogil
+ctypedef int (*d_mem_free_fn)(uint64_t) noexcept nogil
+ctypedef int (*d_ctx_get_fn)(void **) noexcept nogil
+ctypedef int (*d_retain_fn)(void **, int) noexcept nogil
+ctypedef int (*d_device_get_fn)(int *, int) noexcept nogil
+ctypedef int (*d_init_fn)(unsigned) noexcept nogil
+ctypedef int (*d_error_name_fn)(int, const char **) noexcept nogil
+ctypedef const char *(*d_hip_error_fn)(int) noexcept nogil
+ctypedef int (*d_set_device_fn)(int) noexcept nogil
+ctypedef int (*d_get_device_fn)(int *) noexcept nogil
+
+cdef struct Driver:
+    int kind  # 0: not bound, 1: CUDA driver, 2: HIP
+    d_query_fn stream_query
+    d_event_create_fn event_create
+    d_event_record_fn event_record
+    d_query_fn event_query
+    d_d2h_fn d2h
+    d_h2d_fn h2d
+    d_d2d_fn d2d
+    d_query_fn stream_sync
+    d_stream_create_fn stream_create
+    d_host_alloc_fn host_alloc
+    d_ptr_fn host_free
+    d_mem_alloc_fn mem_alloc
+    d_mem_free_fn mem_free
+    d_ctx_get_fn ctx_get
+    d_query_fn ctx_set
+    d_retain_fn primary_retain
+    d_device_get_fn device_get
+    d_error_name_fn error_name
+    d_hip_error_fn hip_error
+    d_set_device_fn set_device
+    d_get_device_fn get_device
+
+cdef Driver drv
+memset(&drv, 0, sizeof(Driver))
+cdef void *dev_ctx[MAX_DEVICES]  # each device's primary context (CUDA)
+cdef void *dev_stream_[MAX_DEVICES]  # the core's own stream on each device (non-blocking)
+cdef list dev_events = [[] for _ in range(MAX_DEVICES)]  # idle events of each device, as ints
+memset(dev_ctx, 0, sizeof(dev_ctx))
+memset(dev_stream_, 0, sizeof(dev_stream_))
+cdef object raw_stream = None  # torch's _cuda_getCurrentRawStream(device) -> int
+
+cdef enum:
+    DRV_SUCCESS = 0
+    DRV_NOT_READY = 600  # CUDA_ERROR_NOT_READY, hipErrorNotReady
+    STREAM_NON_BLOCKING = 1
+    EVENT_DISABLE_TIMING = 2
+    HOST_ALLOC_PORTABLE = 1
+
+
+cdef void *_sym(void *lib, str name, list missing):
+    cdef bytes b = name.encode()
+    cdef void *f = dlsym(lib, <const char *>b)
+    if f == NULL:
+        missing.append(name)
+    return f
+
+
+def bind_device(str kind, object current_raw_stream):
+    """Bind the CUDA driver (``kind="cuda"``) or HIP (``"hip"``), and torch's current-stream getter.
+
+    Idempotent. Raises:
+        TransportError: the library or one of its functions is missing, or it fails to initialise.
+    """
+    global raw_stream
+    if drv.kind:
+        raw_stream = current_raw_stream
+        return
+    cdef void *lib
+    cdef list missing = []
+    if kind == "cuda":
+        lib = dlopen(b"libcuda.so.1", RTLD_NOW | RTLD_GLOBAL)
+        if lib == NULL:
+            raise TransportError(f"the CUDA driver (libcuda.so.1) cannot be loaded: {(<bytes>dlerror()).decode()}")
+        drv.stream_query = <d_query_fn>_sym(lib, "cuStreamQuery", missing)
+        drv.event_create = <d_event_create_fn>_sym(lib, "cuEventCreate", missing)
+        drv.event_record = <d_event_record_fn>_sym(lib, "cuEventRecord", missing)
+        drv.event_query = <d_query_fn>_sym(lib, "cuEventQuery", missing)
+        drv.d2h = <d_d2h_fn>_sym(lib, "cuMemcpyDtoHAsync_v2", missing)
+        drv.h2d = <d_h2d_fn>_sym(lib, "cuMemcpyHtoDAsync_v2", missing)
+        drv.d2d = <d_d2d_fn>_sym(lib, "cuMemcpyDtoDAsync_v2", missing)
+        drv.stream_sync = <d_query_fn>_sym(lib, "cuStreamSynchronize", missing)
+        drv.stream_create = <d_stream_create_fn>_sym(lib, "cuStreamCreate", missing)
+        drv.host_alloc = <d_host_alloc_fn>_sym(lib, "cuMemHostAlloc", missing)
+        drv.host_free = <d_ptr_fn>_sym(lib, "cuMemFreeHost", missing)
+        drv.mem_alloc = <d_mem_alloc_fn>_sym(lib, "cuMemAlloc_v2", missing)
+        drv.mem_free = <d_mem_free_fn>_sym(lib, "cuMemFree_v2", missing)
+        drv.ctx_get = <d_ctx_get_fn>_sym(lib, "cuCtxGetCurrent", missing)
+        drv.ctx_set = <d_query_fn>_sym(lib, "cuCtxSetCurrent", missing)
+        drv.primary_retain = <d_retain_fn>_sym(lib, "cuDevicePrimaryCtxRetain", missing)
+        drv.device_get = <d_device_get_fn>_sym(lib, "cuDeviceGet", missing)
+        drv.error_name = <d_error_name_fn>_sym(lib, "cuGetErrorName", missing)
+        init = <d_init_fn>_sym(lib, "cuInit", missing)
+        if missing:
+            raise TransportError(f"the CUDA driver lacks {', '.join(missing)}")
+        _drv_check(init(0), "cuInit")
+        drv.kind = 1
+    elif kind == "hip":
+        lib = dlopen(b"libamdhip64.so", RTLD_NOW | RTLD_GLOBAL)
+        if lib == NULL:
+            raise TransportError(f"HIP (libamdhip64.so) cannot be loaded: {(<bytes>dlerror()).decode()}")
+        drv.stream_query = <d_query_fn>_sym(lib, "hipStreamQuery", missing)
+        drv.event_create = <d_event_create_fn>_sym(lib, "hipEventCreateWithFlags", missing)
+        drv.event_record = <d_event_record_fn>_sym(lib, "hipEventRecord", missing)
+        drv.event_query = <d_query_fn>_sym(lib, "hipEventQuery", missing)
+        drv.d2h = <d_d2h_fn>_sym(lib, "hipMemcpyDtoHAsync", missing)
+        drv.h2d = <d_h2d_fn>_sym(lib, "hipMemcpyHtoDAsync", missing)
+        drv.d2d = <d_d2d_fn>_sym(lib, "hipMemcpyDtoDAsync", missing)
+        drv.stream_sync = <d_query_fn>_sym(lib, "hipStreamSynchronize", missing)
+        drv.stream_create = <d_stream_create_fn>_sym(lib, "hipStreamCreateWithFlags", missing)
+        drv.host_alloc = <d_host_alloc_fn>_sym(lib, "hipHostMalloc", missing)
+        drv.host_free = <d_ptr_fn>_sym(lib, "hipHostFree", missing)
+        drv.mem_alloc = <d_mem_alloc_fn>_sym(lib, "hipMalloc", missing)
+        drv.mem_free = <d_mem_free_fn>_sym(lib, "hipFree", missing)
+        drv.hip_error = <d_hip_error_fn>_sym(lib, "hipGetErrorName", missing)
+        drv.set_device = <d_set_device_fn>_sym(lib, "hipSetDevice", missing)
+        drv.get_device = <d_get_device_fn>_sym(lib, "hipGetDevice", missing)
+        if missing:
+            raise TransportError(f"HIP lacks {', '.join(missing)}")
+        drv.kind = 2
+    else:
+        raise ValueError(f"unknown device kind {kind!r}: expected 'cuda' or 'hip'")
+    raw_stream = current_raw_stream
+
+
+def device_bound():
+    """Which device runtime the core is bound to: '' (none yet), 'cuda' or 'hip'."""
+    return ("", "cuda", "hip")[drv.kind]
+
+
+cdef str _drv_error(int rc):
+    cdef const char *name = NULL
+    if drv.kind == 1 and drv.error_name != NULL:
+        drv.error_name(rc, &name)
+    elif drv.kind == 2 and drv.hip_error != NULL:
+        name = drv.hip_error(rc)
+    return f"{(<bytes>name).decode() if name != NULL else 'error'} ({rc})"
+
+
+cdef int _drv_check(int rc, str what) except -1:
+    if rc != DRV_SUCCESS:
+        raise TransportError(f"{what} failed: {_drv_error(rc)}")
+    return 0
+
+
+cdef int dev_enter(int index) except -1:
+    """Make ``index`` the calling thread's current device (the primary context torch uses)."""
+    cdef void *cur = NULL
+    cdef int d = 0
+    if index < 0 or index >= MAX_DEVICES:
+        raise TransportError(f"device index {index} is out of range")
+    if drv.kind == 0:
+        raise TransportError("device memory, but the core has no device runtime bound (bind_device)")
+    if drv.kind == 2:
+        _drv_check(drv.get_device(&d), "hipGetDevice")
+        if d != index:
+            _drv_check(drv.set_device(index), "hipSetDevice")
+        return 0
+    if dev_ctx[index] == NULL:
+        _drv_check(drv.device_get(&d, index), "cuDeviceGet")
+        _drv_check(drv.primary_retain(&dev_ctx[index], d), "cuDevicePrimaryCtxRetain")
+    _drv_check(drv.ctx_get(&cur), "cuCtxGetCurrent")
+    if cur != dev_ctx[index]:
+        _drv_check(drv.ctx_set(dev_ctx[index]), "cuCtxSetCurrent")
+    return 0
+
+
+cdef void *core_stream(int index) except NULL:
+    """The core's own (non-blocking) stream on device ``index`` (current already)."""
+    if dev_stream_[index] == NULL:
+        _drv_check(drv.stream_create(&dev_stream_[index], STREAM_NON_BLOCKING), "creating a stream")
+    return dev_stream_[index]
+
+
+cdef inline void *current_stream(int index) except? NULL:
+    return <void *><uintptr_t>raw_stream(index)
+
+
+cdef void *event_take(int index) except NULL:
+    cdef list idle = dev_events[index]
+    cdef void *ev = NULL
+    if idle:
+        return <void *><uintptr_t>idle.pop()
+    _drv_check(drv.event_create(&ev, EVENT_DISABLE_TIMING), "creating an event")
+    return ev
+
+
+cdef inline void event_give(int index, void *ev):
+    (<list>dev_events[index]).append(<uintptr_t>ev)
+
+
+cdef int sync_core_stream(int index) except -1:
+    _drv_check(drv.stream_sync(core_stream(index)), "synchronising the core's stream")
+    return 0
+
+
+# ---------------------------------------------------------------- memory
+cdef enum MemKind:
+    MEM_HOST = 0
+    MEM_PINNED = 1
+    MEM_DEVICE = 2
+
+
+cdef void *mem_get(int kind, size_t size, int device) except NULL:
+    cdef void *p = NULL
+    cdef uint64_t d = 0
+    if size == 0:
+        size = 1
+    if kind == MEM_HOST:
+        if posix_memalign(&p, 64, size) != 0:
+            raise MemoryError()
+        return p
+    dev_enter(device)
+    if kind == MEM_PINNED:
+        _drv_check(drv.host_alloc(&p, size, HOST_ALLOC_PORTABLE), f"allocating {size} bytes of pinned memory")
+        return p
+    _drv_check(drv.mem_alloc(&d, size), f"allocating {size} bytes of device memory")
+    return <void *><uintptr_t>d
+
+
+cdef void mem_put(int kind, void *p, int device) noexcept:
+    if p == NULL:
+        return
+    if kind == MEM_HOST:
+        free(p)
+    elif kind == MEM_PINNED:
+        drv.host_free(p)
+    else:
+        drv.mem_free(<uint64_t><uintptr_t>p)
+
+
+cdef class Pool:
+    """Buffers of one size and kind, recycled (a few kept; the rest freed)."""
+
+    cdef size_t size
+    cdef int kind, device, n, cap
+    cdef void **free_
+
+    def __cinit__(self, size_t size, int kind, int device=-1, int keep=16):
+        self.size = size
+        self.kind = kind
+        self.device = device
+        self.cap = keep
+        self.n = 0
+        self.free_ = <void **>calloc(keep, sizeof(void *))
+        if self.free_ == NULL:
+            raise MemoryError()
+
+    cdef void *get(self) except NULL:
+        if self.n:
+            self.n -= 1
+            return self.free_[self.n]
+        return mem_get(self.kind, self.size, self.device)
+
+    cdef void put(self, void *p) noexcept:
+        if self.n < self.cap:
+            self.free_[self.n] = p
+            self.n += 1
+        else:
+            mem_put(self.kind, p, self.device)
+
+    def __dealloc__(self):
+        cdef int i
+        for i in range(self.n):
+            mem_put(self.kind, self.free_[i], self.device)
+        free(self.free_)
+
+
+# ------------------------------------------------------------ tag operations
+cdef class Ucp:
+    """libucp's tag calls on one ucxx worker: ``Ucp(worker, handle, release_gil)``.
+
+    The worker object is kept alive; ``release_gil`` lets go of the GIL around
+    every UCX call (another thread, ucxx's progress thread, progresses the worker).
+    """
+
+    cdef void *worker
+    cdef object worker_obj
+    cdef bint release_gil
+    cdef set live  # Request objects handed out and still in flight
+    cdef bint closed
+
+    def __cinit__(self, object worker_obj, uintptr_t handle, bint release_gil=False):
+        if ucp_send == NULL:
+            raise TransportError("stepmesh._core: bind_ucp() was not called")
+        self.worker_obj = worker_obj
+        self.worker = <void *>handle
+        self.release_gil = release_gil
+        self.live = set()
+
+    cdef inline void *send_raw(self, uint64_t ep, const void *buf, size_t n, uint64_t tag, bint iov) noexcept:
+        cdef void *h
+        cdef const void *param = <const void *>&IOV_PARAM[0] if iov else <const void *>&PARAM[0]
+        if self.release_gil:
+            with nogil:
+                h = ucp_send(<void *><uintptr_t>ep, buf, n, tag, param)
+        else:
+            h = ucp_send(<void *><uintptr_t>ep, buf, n, tag, param)
+        return h
+
+    cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov) noexcept:
+        cdef void *h
+        cdef const void *param = <const void *>&IOV_PARAM[0] if iov else <const void *>&PARAM[0]
+        if self.release_gil:
+            with nogil:
+                h = ucp_recv(self.worker, buf, n, tag, mask, param)
+        else:
+            h = ucp_recv(self.worker, buf, n, tag, mask, param)
+        return h
+
+    cdef inline int poll_raw(self, void *h) noexcept:
+        """UCS_INPROGRESS, or the final status (the request is then freed)."""
+        cdef int s
+        if self.release_gil:
+            with nogil:
+                s = ucp_check(h)
+                if s != UCS_INPROGRESS:
+                    ucp_free(h)
+        else:
+            s = ucp_check(h)
+            if s != UCS_INPROGRESS:
+                ucp_free(h)
+        return s
+
+    cdef inline unsigned progress_raw(self) noexcept:
+        cdef unsigned n
+        if self.release_gil:
+            with nogil:
+                n = ucp_progress(self.worker)
+        else:
+            n = ucp_progress(self.worker)
+        return n
+
+    cdef inline void cancel_raw(self, void *h) noexcept:
+        ucp_cancel(self.worker, h)
+
+    cdef inline void drain(self) noexcept:
+        while self.progress_raw():
+            pass
+
+    # Python's view, for the wire-up, tests and the bench's protocol contender
+    cdef Request _wrap(self, void *h):
+        cdef Request r = Request.__new__(Request)
+        r.ucp = self
+        if h == NULL:
+            return r
+        if <uintptr_t>h >= ERR_MIN:
+            raise TransportError(f"UCX refused a tag operation: {status_text(<int><intptr_t>h)}")
+        r.h = h
+        self.live.add(r)
+        return r
+
+    def send(self, uintptr_t ep, uintptr_t ptr, size_t nbytes, uint64_t tag):
+        """Send ``nbytes`` at ``ptr`` on the endpoint whose ``ucp_ep_h`` is ``ep``.
+
+        Raises:
+            TransportError: UCX refused the send.
+        """
+        return self._wrap(self.send_raw(ep, <void *>ptr, nbytes, tag, False))
+
+    def recv(self, uintptr_t ptr, size_t nbytes, uint64_t tag, uint64_t mask=0xFFFFFFFFFFFFFFFF):
+        """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr``.
+
+        Raises:
+            TransportError: UCX refused the receive.
+        """
+        return self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False))
+
+    def progress(self):
+        """One ``ucp_worker_progress``; non-zero when anything moved."""
+        return self.progress_raw()
+
+    def wait(self, list reqs, uint64_t spins):
+        """Busy-poll until every request of ``reqs`` is complete, for at most ``spins`` steps; whether they are."""
+        cdef uint64_t i
+        for i in range(spins + 1):
+            if all([(<Request>r).poll() for r in reqs]):
+                return True
+            if i < spins:
+                self.drain()
+        return False
+
+    def cancel(self, Request r):
+        """Cancel ``r`` if it is still in flight (it then completes with a cancelled status)."""
+        if r.h != NULL:
+            self.cancel_raw(r.h)
+
+    @property
+    def in_flight(self):
+        return len(self.live)
+
+    def close(self):
+        """Cancel and release every Request still in flight (before the worker goes)."""
+        self.closed = True
+        for r in list(self.live):
+            (<Request>r).abandon()
+        self.live.clear()
+
+
+cdef class Request:
+    """One tag operation of :class:`Ucp`'s Python view; ``completed`` turns True once."""
+
+    cdef void *h
+    cdef int status_
+    cdef uint64_t t_done_
+    cdef Ucp ucp
+
+    cdef bint poll(self):
+        if self.h == NULL:
+            return True
+        cdef int s = self.ucp.poll_raw(self.h)
+        if s == UCS_INPROGRESS:
+            return False
+        self.h = NULL
+        self.status_ = s
+        self.t_done_ = now_ns()
+        self.ucp.live.discard(self)
+        return True
+
+    cdef void abandon(self):
+        if self.h != NULL:
+            self.ucp.cancel_raw(self.h)
+            ucp_free(self.h)
+            self.h = NULL
+            self.status_ = UCS_ERR_CANCELED
+            self.t_done_ = now_ns()
+
+    @property
+    def completed(self):
+        return self.poll()
+
+    @property
+    def status(self):
+        """Its ``ucs_status_t`` once complete (0: OK)."""
+        return self.status_
+
+    @property
+    def t_done(self):
+        """``time.monotonic_ns()`` when seen complete; 0 when it completed within its call."""
+        return self.t_done_
+
+    def check_error(self):
+        """Raise if the operation failed.
+
+        Raises:
+            TransportError: its UCX status (a truncated or cancelled receive, say).
+        """
+        if self.status_:
+            raise TransportError(f"UCX tag operation failed: {status_text(self.status_)}")
+
+
+# ------------------------------------------------------------ request sets
+cdef class Ops:
+    """The UCX requests of one call: posted, polled, each with its final status and when it was seen done."""
+
+    cdef int n, cap
+    cdef void **h
+    cdef int *status
+    cdef uint64_t *t_done
+
+    def __cinit__(self, int cap):
+        self.cap = cap if cap > 0 else 1
+        self.n = 0
+        self.h = <void **>calloc(self.cap, sizeof(void *))
+        self.status = <int *>calloc(self.cap, sizeof(int))
+        self.t_done = <uint64_t *>calloc(self.cap, sizeof(uint64_t))
+        if self.h == NULL or self.status == NULL or self.t_done == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.h)
+        free(self.status)
+        free(self.t_done)
+
+    cdef inline void clear(self) noexcept:
+        self.n = 0
+
+    cdef inline void add(self, void *h) noexcept:
+        """Record what a post returned: a request, NULL (done within the call) or an error status."""
+        cdef int i = self.n
+        self.n += 1
+        self.t_done[i] = 0
+        if h == NULL:
+            self.h[i] = NULL
+            self.status[i] = UCS_OK
+        elif <uintptr_t>h >= ERR_MIN:
+            self.h[i] = NULL
+            self.status[i] = <int><intptr_t>h
+        else:
+            self.h[i] = h
+            self.status[i] = UCS_INPROGRESS
+
+    cdef inline bint settled(self, Ucp ucp, int lo, int hi) noexcept:
+        """Whether requests lo..hi-1 are done (each is looked at: each gets its own t_done)."""
+        cdef int i, s
+        cdef bint done = True
+        for i in range(lo, hi):
+            if self.h[i] != NULL:
+                s = ucp.poll_raw(self.h[i])
+                if s == UCS_INPROGRESS:
+                    done = False
+                else:
+                    self.h[i] = NULL
+                    self.status[i] = s
+                    self.t_done[i] = now_ns()
+        return done
+
+    cdef inline int first_error(self, int lo, int hi) noexcept:
+        cdef int i
+        for i in range(lo, hi):
+            if self.status[i] != UCS_OK and self.status[i] != UCS_INPROGRESS:
+                return self.status[i]
+        return 0
+
+    cdef void abandon(self, Ucp ucp) noexcept:
+        """Cancel and free whatever is still in flight (the memory they use is left to UCX)."""
+        cdef int i
+        for i in range(self.n):
+            if self.h[i] != NULL:
+                ucp.cancel_raw(self.h[i])
+                ucp_free(self.h[i])
+                self.h[i] = NULL
+                self.status[i] = UCS_ERR_CANCELED
+
+
+# ------------------------------------------------------------- tensor facts
+cdef object Tensor = None  # torch.Tensor
+cdef dict DTYPE_CODE = {}  # torch.dtype -> wire code
+cdef object torch_empty = None
+
+
+def bind_torch(object tensor_type, dict dtype_codes, object empty):
+    """torch.Tensor, {dtype: wire code} and torch.empty: what the cores read and make tensors with."""
+    global Tensor, DTYPE_CODE, torch_empty
+    Tensor = tensor_type
+    DTYPE_CODE = dtype_codes
+    torch_empty = empty
+
+
+cdef struct Fact:
+    uint64_t ptr
+    void *dtype  # the torch dtype object (never freed: compared by identity)
+    int ndim
+    int device  # -1: host memory
+    int contig
+    int pad
+    int64_t dims[MAX_NDIM]
+
+
+cdef int read_fact(object t, Fact *f) except -2:
+    """Read a tensor's facts with torch's own getters: 0, or -1 when t is not a plain usable tensor."""
+    cdef Py_ssize_t nd, d
+    if not isinstance(t, Tensor):
+        return -1
+    try:
+        shape = t.shape
+        nd = len(shape)
+        if nd > MAX_NDIM:
+            return -1
+        f.ptr = t.data_ptr()
+        dtype = t.dtype
+        f.dtype = <void *>dtype
+        f.ndim = <int>nd
+        f.device = t.get_device()
+        f.contig = t.is_contiguous()
+        for d in range(nd):
+            f.dims[d] = shape[d]
+    except Exception:
+        return -1
+    return 0
+
+
+cdef inline uint64_t mix(uint64_t h, uint64_t v) noexcept nogil:
+    h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2)
+    return h
+
+
+# =================================================================== worker
+cdef enum CallState:
+    C_IDLE = 0
+    C_DEFERRED = 1  # sends held back until the caller's stream reaches the event
+    C_POSTED = 2
+    C_REFUSED = 3  # a server refused: its reason is on its way
+
+
+cdef struct Push:
+    int index
+    int device  # 1: device memory (staged through pinned memory)
+    uint64_t ptr, nbytes, offset, slot
+
+
+cdef struct Answer:
+    int device  # 1: the pull tensor is device memory
+    int how  # ANSWER_COPY (inline, copied out), ANSWER_SCATTER (inline, UCX puts it in place), ANSWER_SEPARATE
+    uint64_t ptr, cap
+
+
+cdef enum:
+    ANSWER_COPY = 0
+    ANSWER_SCATTER = 1
+    ANSWER_SEPARATE = 2
+
+
+cdef class Plan:
+    """Everything a push_pull signature needs, built once (``Worker.add_plan``)."""
+
+    cdef Fact *facts
+    cdef int64_t *keys
+    cdef int n_push, n_pull, need_event, device, pinned, evicted
+    cdef uint64_t hash
+    cdef object endpoints  # keeps the ucxx endpoints (and so their handles) alive
+    cdef uint64_t *eps
+    cdef int n_servers, per, n_handles
+    cdef bytes template
+    cdef size_t hlen
+    cdef uint64_t req_tag, push_tag
+    cdef Push *inline_push
+    cdef int n_inline, n_inline_device
+    cdef Push *sep_push
+    cdef int n_sep
+    cdef size_t resp_size, resp_pos
+    cdef uint64_t *resp_tag  # per server: RESPONSE | its node id
+    cdef uint64_t *pull_tag  # per server: PULL | its node id
+    cdef Answer *answers  # per server, per answer
+    cdef int *n_sep_answers  # per server
+    cdef int *scatter  # per server: the scattered answer's index or -1
+    cdef list free_calls  # idle Calls of this plan (cleared when the plan is dropped: no cycle outlives it)
+
+    def __dealloc__(self):
+        free(self.facts)
+        free(self.keys)
+        free(self.eps)
+        free(self.inline_push)
+        free(self.sep_push)
+        free(self.resp_tag)
+        free(self.pull_tag)
+        free(self.answers)
+        free(self.n_sep_answers)
+        free(self.scatter)
+
+
+@cython.no_gc_clear
+cdef class Call:
+    """One push_pull in flight, recycled through its plan (its buffers stay with it)."""
+
+    cdef Plan plan
+    cdef int state, n_servers, mem_kind, device
+    cdef uint32_t seq
+    cdef int64_t handle
+    cdef uint8_t *header
+    cdef uint8_t **resp
+    cdef uint64_t *iov  # per server: [response, header bytes, pull tensor, capacity] when one answer is scattered
+    cdef Ops recvs, sends
+    cdef int *recv_lo  # per server: its receives are recv_lo[s]..recv_lo[s + 1]-1
+    cdef object push, pull  # the caller's tensors, alive until complete
+    cdef void *event
+    cdef uint64_t t_start, t_sent
+    cdef uint8_t *refusal
+    cdef int refused_server
+    cdef Ops refusal_ops
+
+    def __dealloc__(self):
+        cdef int s
+        if self.state != C_IDLE:
+            return  # in flight when its core went: UCX may still use the memory, leave it
+        mem_put(self.mem_kind, self.header, self.device)
+        if self.resp != NULL:
+            for s in range(self.n_servers):
+                mem_put(self.mem_kind, self.resp[s], self.device)
+        free(self.resp)
+        free(self.iov)
+        free(self.recv_lo)
+        free(self.refusal)
+
+
+cdef Call new_call(Plan p):
+    cdef Call c = Call.__new__(Call)
+    cdef int s, j, n_recv = 0
+    c.plan = p
+    c.n_servers = p.n_servers
+    c.mem_kind = MEM_PINNED if p.pinned else MEM_HOST
+    c.device = p.device
+    c.state = C_IDLE
+    c.resp = <uint8_t **>calloc(p.n_servers, sizeof(uint8_t *))
+    c.iov = <uint64_t *>calloc(p.n_servers * 4, sizeof(uint64_t))
+    c.recv_lo = <int *>calloc(p.n_servers + 1, sizeof(int))
+    if c.resp == NULL or c.iov == NULL or c.recv_lo == NULL:
+        raise MemoryError()
+    c.header = <uint8_t *>mem_get(c.mem_kind, p.hlen, p.device)
+    memcpy(c.header, <const char *>p.template, len(p.template))
+    for s in range(p.n_servers):
+        c.resp[s] = <uint8_t *>mem_get(c.mem_kind, p.resp_size, p.device)
+        c.recv_lo[s] = n_recv
+        n_recv += 1 + p.n_sep_answers[s]
+        if p.scatter[s] >= 0:
+            j = p.scatter[s]
+            c.iov[4 * s] = <uintptr_t>c.resp[s]
+            c.iov[4 * s + 1] = p.resp_pos
+            c.iov[4 * s + 2] = p.answers[s * p.per + j].ptr
+            c.iov[4 * s + 3] = p.answers[s * p.per + j].cap
+    c.recv_lo[p.n_servers] = n_recv
+    c.recvs = Ops(n_recv)
+    c.sends = Ops(p.n_servers * (1 + p.n_sep))
+    c.refusal_ops = Ops(1)
+    return c
+
+
+cdef class Worker:
+    """The worker side's steady state: ``Worker(ucp, n_servers)``; plans come from Python (``add_plan``)."""
+
+    cdef Ucp ucp
+    cdef int n_servers
+    cdef list table  # TABLE plans, direct-mapped by signature hash
+    cdef dict calls  # handle -> Call in flight
+    cdef dict failures  # handle -> the failure tuple of a call that failed
+    cdef list deferred  # Calls whose sends wait for their event, in issue order
+    cdef uint32_t seq
+    cdef int64_t next_handle_
+    cdef Fact *scratch
+    cdef int64_t *scratch_keys
+    # traces: a ring of TRACE_KEEP calls, n_servers rows of 8 stamps each
+    cdef uint64_t *traces
+    cdef int64_t *trace_handle
+    cdef int *trace_count
+    cdef int trace_next
+    cdef dict trace_at  # every handle of a kept call -> its ring slot
+    cdef bint closed
+
+    def __cinit__(self, Ucp ucp, int n_servers):
+        self.ucp = ucp
+        self.n_servers = n_servers
+        self.table = [None] * TABLE
+        self.calls = {}
+        self.failures = {}
+        self.deferred = []
+        self.seq = 0
+        self.next_handle_ = 1
+        self.scratch = <Fact *>calloc(MAX_TENSORS + MAX_PULLS, sizeof(Fact))
+        self.scratch_keys = <int64_t *>calloc(MAX_TENSORS + MAX_PULLS, sizeof(int64_t))
+        self.traces = <uint64_t *>calloc(TRACE_KEEP * max(n_servers, 1) * 8, sizeof(uint64_t))
+        self.trace_handle = <int64_t *>calloc(TRACE_KEEP, sizeof(int64_t))
+        self.trace_count = <int *>calloc(TRACE_KEEP, sizeof(int))
+        if not (self.scratch and self.scratch_keys and self.traces and self.trace_handle and self.trace_count):
+            raise MemoryError()
+        self.trace_at = {}
+
+    def __dealloc__(self):
+        free(self.scratch)
+        free(self.scratch_keys)
+        free(self.traces)
+        free(self.trace_handle)
+        free(self.trace_count)
+
+    # ------------------------------------------------------------ planning
+    def add_plan(self, dict spec):
+        """Remember the plan Python made for one signature (see ``stepmesh.data.worker``)."""
+        cdef Plan p = Plan.__new__(Plan)
+        cdef list push = spec["push"], pull = spec["pull"], push_keys = spec["push_keys"], pull_keys = spec["pull_keys"]
+        cdef int i, s, j, k
+        p.n_push = len(push)
+        p.n_pull = len(pull)
+        p.facts = <Fact *>calloc(max(p.n_push + p.n_pull, 1), sizeof(Fact))
+        p.keys = <int64_t *>calloc(max(p.n_push + p.n_pull, 1), sizeof(int64_t))
+        if p.facts == NULL or p.keys == NULL:
+            raise MemoryError()
+        for i in range(p.n_push):
+            if read_fact(push[i], &p.facts[i]) < 0:
+                raise TypeError(f"push_tensors[{i}] is not a usable tensor")
+            p.keys[i] = push_keys[i]
+        for i in range(p.n_pull):
+            if read_fact(pull[i], &p.facts[p.n_push + i]) < 0:
+                raise TypeError(f"pull_tensors[{i}] is not a usable tensor")
+            p.keys[p.n_push + i] = pull_keys[i]
+        p.need_event = 1 if spec["need_event"] else 0
+        p.hash = self._hash(p.facts, p.keys, p.n_push, p.n_pull, p.need_event)
+        p.device = spec["device"]
+        p.pinned = 1 if spec["pinned"] else 0
+        p.endpoints = spec["endpoints"]
+        eps = spec["eps"]
+        p.n_servers = len(eps)
+        if p.n_servers != self.n_servers:
+            raise ValueError("a plan for another number of servers")
+        p.eps = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
+        for s in range(p.n_servers):
+            p.eps[s] = eps[s]
+        p.per = spec["per"]
+        p.n_handles = spec["n_handles"]
+        p.template = spec["template"]
+        p.hlen = spec["hlen"]
+        p.req_tag = spec["req_tag"]
+        p.push_tag = spec["push_tag"]
+        inline = spec["inline_push"]  # (index, device, ptr, nbytes, offset)
+        p.n_inline = len(inline)
+        p.inline_push = <Push *>calloc(max(p.n_inline, 1), sizeof(Push))
+        p.n_inline_device = 0
+        for k in range(p.n_inline):
+            item = inline[k]
+            p.inline_push[k].index = item[0]
+            p.inline_push[k].device = item[1]
+            p.inline_push[k].ptr = item[2]
+            p.inline_push[k].nbytes = item[3]
+            p.inline_push[k].offset = item[4]
+            p.n_inline_device += p.inline_push[k].device
+        sep = spec["sep_push"]  # (ptr, nbytes, slot)
+        p.n_sep = len(sep)
+        p.sep_push = <Push *>calloc(max(p.n_sep, 1), sizeof(Push))
+        for k in range(p.n_sep):
+            item = sep[k]
+            p.sep_push[k].ptr = item[0]
+            p.sep_push[k].nbytes = item[1]
+            p.sep_push[k].slot = item[2]
+        p.resp_size = spec["resp_size"]
+        p.resp_pos = spec["resp_pos"]
+        p.resp_tag = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
+        p.pull_tag = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
+        p.answers = <Answer *>calloc(max(p.n_servers * p.per, 1), sizeof(Answer))
+        p.n_sep_answers = <int *>calloc(p.n_servers, sizeof(int))
+        p.scatter = <int *>calloc(p.n_servers, sizeof(int))
+        servers = spec["servers"]  # per server: (resp tag, pull tag, scatter index or -1, [(device, ptr, cap, how)])
+        for s in range(p.n_servers):
+            item = servers[s]
+            p.resp_tag[s] = item[0]
+            p.pull_tag[s] = item[1]
+            p.scatter[s] = item[2]
+            answers = item[3]
+            if len(answers) != p.per:
+                raise ValueError("a server's share of answers has the wrong length")
+            for j in range(p.per):
+                a = answers[j]
+                p.answers[s * p.per + j].device = a[0]
+                p.answers[s * p.per + j].ptr = a[1]
+                p.answers[s * p.per + j].cap = a[2]
+                p.answers[s * p.per + j].how = a[3]
+                if a[3] == ANSWER_SEPARATE:
+                    p.n_sep_answers[s] += 1
+        p.free_calls = []
+        old = self.table[p.hash % TABLE]
+        if old is not None:
+            (<Plan>old).evicted = 1
+            (<Plan>old).free_calls = []
+        self.table[p.hash % TABLE] = p
+
+    cdef uint64_t _hash(self, Fact *facts, int64_t *keys, int n_push, int n_pull, int need_event) noexcept:
+        cdef uint64_t h = mix(<uint64_t>n_push, <uint64_t>n_pull * 131 + <uint64_t>need_event)
+        cdef int i, d
+        for i in range(n_push + n_pull):
+            h = mix(h, facts[i].ptr)
+            h = mix(h, <uint64_t><uintptr_t>facts[i].dtype)
+            h = mix(h, <uint64_t>(facts[i].device + 2) * 4 + <uint64_t>facts[i].contig * 2)
+            for d in range(facts[i].ndim):
+                h = mix(h, <uint64_t>facts[i].dims[d])
+            h = mix(h, <uint64_t>keys[i])
+        return h
+
+    def forget_plans(self):
+        """Drop every plan (a server rejoined at a new endpoint: plans hold the old ones)."""
+        for p in self.table:
+            if p is not None:
+                (<Plan>p).evicted = 1
+                (<Plan>p).free_calls = []
+        self.table = [None] * TABLE
+
+    # ------------------------------------------------------------ push_pull
+    def push_pull(self, object push, object push_keys, object pull, object pull_keys, object need_event):
+        """Match the signature and post the call: its handle (> 0), or ``-Result`` (NO_PLAN, LIMIT, CLOSED)."""
+        if self.closed:
+            return -R_CLOSED
+        if type(push) is not list or type(pull) is not list or type(push_keys) is not list \
+                or type(pull_keys) is not list:
+            return -R_NO_PLAN
+        cdef list lpush = <list>push, lpull = <list>pull, lpk = <list>push_keys, lqk = <list>pull_keys
+        cdef Py_ssize_t n_push = len(lpush), n_pull = len(lpull), i
+        if n_push > MAX_TENSORS or n_pull > MAX_PULLS or len(lpk) != n_push or len(lqk) != n_pull:
+            return -R_NO_PLAN
+        cdef int ev
+        if need_event is True:
+            ev = 1
+        elif need_event is False:
+            ev = 0
+        else:
+            return -R_NO_PLAN
+        cdef Fact *f = self.scratch
+        cdef int64_t *keys = self.scratch_keys
+        memset(f, 0, (n_push + n_pull) * sizeof(Fact))
+        try:
+            for i in range(n_push):
+                if read_fact(lpush[i], &f[i]) < 0:
+                    return -R_NO_PLAN
+                k = lpk[i]
+                if type(k) is not int:
+                    return -R_NO_PLAN
+                keys[i] = k
+            for i in range(n_pull):
+                if read_fact(lpull[i], &f[n_push + i]) < 0:
+                    return -R_NO_PLAN
+                k = lqk[i]
+                if type(k) is not int:
+                    return -R_NO_PLAN
+                keys[n_push + i] = k
+        except OverflowError:
+            return -R_NO_PLAN
+        cdef uint64_t h = self._hash(f, keys, <int>n_push, <int>n_pull, ev)
+        cdef object found = self.table[h % TABLE]
+        if found is None:
+            return -R_NO_PLAN
+        cdef Plan p = <Plan>found
+        if p.hash != h or p.n_push != n_push or p.n_pull != n_pull or p.need_event != ev \
+                or memcmp(p.facts, f, (n_push + n_pull) * sizeof(Fact)) != 0 \
+                or memcmp(p.keys, keys, (n_push + n_pull) * sizeof(int64_t)) != 0:
+            return -R_NO_PLAN
+        if len(self.calls) >= MAX_IN_FLIGHT:
+            return -R_LIMIT
+        return self._post(p, lpush, lpull)
+
+    cdef int64_t _post(self, Plan p, list push, list pull) except -1:
+        cdef Call c = p.free_calls.pop() if p.free_calls else new_call(p)
+        cdef int s, j, k
+        cdef void *stream = NULL
+        cdef bint copies = False
+        cdef Answer *a
+        cdef Ucp ucp = self.ucp
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        c.seq = self.seq
+        c.handle = self.next_handle_
+        self.next_handle_ += p.n_handles
+        c.t_start = now_ns()
+        c.t_sent = 0
+        c.push = push
+        c.pull = pull
+        c.event = NULL
+        c.refused_server = -1
+        memcpy(c.header + SEQ_OFFSET, &c.seq, 4)
+        # small pushes behind the header: host ones copied now, device ones staged on a stream
+        for k in range(p.n_inline):
+            if not p.inline_push[k].device:
+                memcpy(c.header + p.inline_push[k].offset, <void *><uintptr_t>p.inline_push[k].ptr,
+                       p.inline_push[k].nbytes)
+        if p.device >= 0 and (p.need_event or p.n_inline_device):
+            dev_enter(p.device)
+            stream = current_stream(p.device) if p.need_event else core_stream(p.device)
+            for k in range(p.n_inline):
+                if p.inline_push[k].device:
+                    _drv_check(drv.d2h(c.header + p.inline_push[k].offset, p.inline_push[k].ptr,
+                                       p.inline_push[k].nbytes, stream), "staging a push")
+                    copies = True
+            if p.need_event:
+                if copies or drv.stream_query(stream) != DRV_SUCCESS:
+                    c.event = event_take(p.device)
+                    _drv_check(drv.event_record(c.event, stream), "recording an event")
+            elif copies:
+                sync_core_stream(p.device)
+        # the receives for the answers first: they land straight in the pull tensors
+        c.recvs.clear()
+        cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
+        for s in range(p.n_servers):
+            if p.scatter[s] >= 0:
+                c.recvs.add(ucp.recv_raw(&c.iov[4 * s], 2, p.resp_tag[s] | bits, FULL_MASK, True))
+            else:
+                c.recvs.add(ucp.recv_raw(c.resp[s], p.resp_size, p.resp_tag[s] | bits, FULL_MASK, False))
+            for j in range(p.per):
+                a = &p.answers[s * p.per + j]
+                if a.how == ANSWER_SEPARATE:
+                    c.recvs.add(ucp.recv_raw(<void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
+                                             FULL_MASK, False))
+        self.calls[c.handle] = c
+        if c.event != NULL or self.deferred:  # later calls never overtake a held-back one
+            c.state = C_DEFERRED
+            self.deferred.append(c)
+            self._kick()
+        else:
+            self._send(c)
+        return c.handle
+
+    cdef void _send(self, Call c) noexcept:
+        cdef Plan p = c.plan
+        cdef int s, k
+        cdef Ucp ucp = self.ucp
+        cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
+        c.sends.clear()
+        for s in range(p.n_servers):
+            c.sends.add(ucp.send_raw(p.eps[s], c.header, p.hlen, p.req_tag | bits, False))
+            for k in range(p.n_sep):
+                c.sends.add(ucp.send_raw(p.eps[s], <void *><uintptr_t>p.sep_push[k].ptr, p.sep_push[k].nbytes,
+                                         p.push_tag | bits | p.sep_push[k].slot, False))
+        c.t_sent = now_ns()
+        c.state = C_POSTED
+
+    cdef int _kick(self) except -1:
+        """Send held-back calls, in order, whose event has completed."""
+        cdef Call c
+        cdef int rc
+        while self.deferred:
+            c = <Call>self.deferred[0]
+            if c.event != NULL:
+                rc = drv.event_query(c.event)
+                if rc == DRV_NOT_READY:
+                    return 0
+                event_give(c.plan.device, c.event)
+                c.event = NULL
+                _drv_check(rc, "waiting for the caller's stream")
+            self.deferred.pop(0)
+            self._send(c)
+        return 0
+
+    def kick(self):
+        """Send the held-back calls whose stream work has completed; how many still wait."""
+        if self.deferred:
+            self._kick()
+        return len(self.deferred)
+
+    # ----------------------------------------------------------------- wait
+    cdef bint _settled(self, Call c) except -1:
+        if self.deferred:
+            self._kick()
+        if c.state == C_DEFERRED:
+            return False
+        cdef bint done = c.recvs.settled(self.ucp, 0, c.recvs.n)
+        done = c.sends.settled(self.ucp, 0, c.sends.n) and done
+        if c.state == C_REFUSED:
+            done = c.refusal_ops.settled(self.ucp, 0, 1) and done
+        return done
+
+    def wait(self, int64_t handle, uint64_t spins):
+        """Busy-poll at most ``spins`` steps for call ``handle``, then finish it: a Result code.
+
+        DONE: complete and checked. PENDING: not yet. FAILED: ``failure(handle)``
+        says why. UNKNOWN: never issued, or already waited for.
+        """
+        cdef object found = self.calls.get(handle)
+        if found is None:
+            return R_FAILED if handle in self.failures else R_UNKNOWN
+        cdef Call c = <Call>found
+        cdef uint64_t i = 0
+        cdef unsigned moved
+        cdef bint done = self._settled(c)
+        while not done and i < spins:
+            moved = self.ucp.progress_raw()
+            if moved:
+                self.ucp.drain()
+            if moved or (i & 3) == 0:
+                done = self._settled(c)
+            i += 1
+        if not done:
+            return R_PENDING
+        return self._finish(c)
+
+    cdef int _finish(self, Call c) except -1:
+        cdef Plan p = c.plan
+        cdef int s, j, rc, err
+        cdef uint8_t *r
+        cdef uint16_t status, n
+        cdef uint32_t seq
+        cdef uint64_t size, pos
+        cdef Answer *a
+        cdef bint staged = False
+        if c.state == C_REFUSED:
+            return self._fail(c, (F_REFUSED, c.refused_server, self._refusal_text(c)))
+        err = c.recvs.first_error(0, c.recvs.n) or c.sends.first_error(0, c.sends.n)
+        if err:
+            for s in range(p.n_servers):
+                if c.recvs.first_error(c.recv_lo[s], c.recv_lo[s + 1]):
+                    return self._fail(c, (F_UCX, s, err))
+            return self._fail(c, (F_UCX, -1, err))
+        for s in range(p.n_servers):
+            r = c.resp[s]
+            memcpy(&status, r + RESP_STATUS_AT, 2)
+            memcpy(&n, r + RESP_N_AT, 2)
+            memcpy(&seq, r + RESP_SEQ_AT, 4)
+            if r[0] != DATA_VERSION or seq != c.seq or n != p.per:
+                return self._fail(c, (F_BAD_RESPONSE, s, r[0], seq, n))
+            if status != STATUS_OK:  # its reason follows in a message of its own
+                c.refused_server = s
+                c.state = C_REFUSED
+                if c.refusal == NULL:
+                    c.refusal = <uint8_t *>calloc(REFUSAL_MAX + 1, 1)
+                    if c.refusal == NULL:
+                        raise MemoryError()
+                memset(c.refusal, 0, REFUSAL_MAX + 1)
+                c.refusal_ops.clear()
+                c.refusal_ops.add(self.ucp.recv_raw(c.refusal, REFUSAL_MAX, p.resp_tag[s] | (<uint64_t>c.seq << SEQ_SHIFT)
+                                                    | REFUSAL_SLOT, FULL_MASK, False))
+                return R_PENDING
+        for s in range(p.n_servers):
+            r = c.resp[s]
+            pos = p.resp_pos
+            for j in range(p.per):
+                memcpy(&size, r + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
+                a = &p.answers[s * p.per + j]
+                if size > a.cap:
+                    return self._fail(c, (F_TOO_LONG, s, j, size, a.cap))
+                if a.how != ANSWER_COPY or not size:
+                    continue
+                if pos + size > p.resp_size:
+                    return self._fail(c, (F_BAD_RESPONSE, s, r[0], c.seq, n))
+                if a.device:
+                    if not staged:
+                        dev_enter(p.device)
+                        staged = True
+                    rc = drv.h2d(a.ptr, r + pos, size, core_stream(p.device))
+                    if rc != DRV_SUCCESS:
+                        return self._fail(c, (F_DEVICE, s, rc))
+                else:
+                    memcpy(<void *><uintptr_t>a.ptr, r + pos, size)
+                pos += size
+        if staged:
+            rc = drv.stream_sync(core_stream(p.device))
+            if rc != DRV_SUCCESS:
+                return self._fail(c, (F_DEVICE, -1, rc))
+        self._trace(c)
+        self._release(c)
+        return R_DONE
+
+    cdef str _refusal_text(self, Call c):
+        cdef bytes raw = (<char *>c.refusal)[:REFUSAL_MAX]
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace") or "(its reason did not arrive)"
+
+    cdef int _fail(self, Call c, tuple why) except -1:
+        self.failures[c.handle] = why
+        if len(self.failures) > 64:
+            del self.failures[next(iter(self.failures))]
+        self._release(c)
+        return R_FAILED
+
+    cdef void _release(self, Call c) noexcept:
+        del self.calls[c.handle]
+        c.state = C_IDLE
+        c.push = None
+        c.pull = None
+        if not c.plan.evicted:
+            c.plan.free_calls.append(c)
+
+    def failure(self, int64_t handle):
+        """Why call ``handle`` failed (a tuple led by a :class:`~stepmesh.data.wire.Failure`), once; or None."""
+        return self.failures.pop(handle, None)
+
+    def waiting(self, int64_t handle):
+        """The servers (indexes) whose answers to ``handle`` have not all arrived; None for an unknown handle."""
+        cdef object found = self.calls.get(handle)
+        if found is None:
+            return None
+        cdef Call c = <Call>found
+        cdef int s
+        if c.state == C_DEFERRED:
+            return list(range(c.plan.n_servers))
+        return [s for s in range(c.plan.n_servers) if not c.recvs.settled(self.ucp, c.recv_lo[s], c.recv_lo[s + 1])]
+
+    # --------------------------------------------------------------- traces
+    cdef void _trace(self, Call c) noexcept:
+        cdef Plan p = c.plan
+        cdef int slot = self.trace_next
+        cdef int s, i
+        cdef uint64_t *row
+        cdef uint64_t arrived, t_end = now_ns()
+        cdef int64_t old = self.trace_handle[slot]
+        if old:
+            for i in range(self.trace_count[slot]):
+                self.trace_at.pop(old + i, None)
+        self.trace_handle[slot] = c.handle
+        self.trace_count[slot] = p.n_handles
+        for i in range(p.n_handles):
+            self.trace_at[c.handle + i] = slot
+        for s in range(p.n_servers):
+            row = &self.traces[(slot * self.n_servers + s) * 8]
+            row[0] = c.t_start
+            row[1] = c.t_sent
+            memcpy(&row[2], c.resp[s] + RESP_STAMPS_AT, 32)
+            arrived = c.t_sent
+            for i in range(c.recv_lo[s], c.recv_lo[s + 1]):
+                if c.recvs.t_done[i] > arrived:
+                    arrived = c.recvs.t_done[i]
+            row[6] = arrived
+            row[7] = t_end
+        self.trace_next = (slot + 1) % TRACE_KEEP
+
+    def trace(self, int64_t handle):
+        """Per server, the 8 stamps of the kept call that ``handle`` (or a sub-handle) belongs to; None if none."""
+        cdef object slot = self.trace_at.get(handle)
+        if slot is None:
+            return None
+        cdef int k = slot, s, i
+        return [[self.traces[(k * self.n_servers + s) * 8 + i] for i in range(8)] for s in range(self.n_servers)]
+
+    def handles_of(self, int64_t handle):
+        """(first handle, how many) of the call ``handle`` belongs to, in flight or kept; None if neither."""
+        cdef object found = self.calls.get(handle)
+        if found is not None:
+            return handle, (<Call>found).plan.n_handles
+        cdef object slot = self.trace_at.get(handle)
+        if slot is not None:
+            return self.trace_handle[<int>slot], self.trace_count[<int>slot]
+        return None
+
+    @property
+    def next_handle(self):
+        return self.next_handle_
+
+    @property
+    def in_flight(self):
+        return len(self.calls)
+
+    def close(self):
+        """Cancel every call in flight; their memory is left to UCX (never freed under it)."""
+        self.closed = True
+        for c in list(self.calls.values()):
+            (<Call>c).recvs.abandon(self.ucp)
+            (<Call>c).sends.abandon(self.ucp)
+            (<Call>c).refusal_ops.abandon(self.ucp)
+        self.calls.clear()
+        self.deferred.clear()
+        self.forget_plans()
+
+
+# =================================================================== server
+cdef struct PushDest:
+    int placement
+    int dest_device  # the destination's device index, -1: host
+    int fresh  # 1: a new tensor per request
+    uint64_t ptr  # a registered chunk's address (fresh: read from the new tensor)
+    uint64_t nbytes, offset  # offset: an inline push's place in the slot
+
+
+cdef class Layout:
+    """A decoded request layout of one worker, matched by its header's bytes (the sequence aside)."""
+
+    cdef bytes head
+    cdef uint64_t hash
+    cdef int size, n_push, n_pull, n_sep_push, n_sep_pull, evicted
+    cdef PushDest *push
+    cdef list views  # per push: the registered chunk's view, or None
+    cdef list shapes, dtypes  # per push: what a fresh tensor is made of
+    cdef object fresh_device  # torch.device of fresh tensors
+    cdef list keys, pull_keys
+    cdef uint64_t *caps
+    cdef int *placements
+    cdef size_t resp_pos, resp_size
+    cdef Pool resp_pool
+    cdef list staging  # per answer: {device index (-1: host): Pool}
+    cdef list free_reqs, free_sendings  # recycled (cleared when the layout is dropped: no cycle outlives it)
+
+    def __dealloc__(self):
+        free(self.push)
+        free(self.caps)
+        free(self.placements)
+
+
+cdef class Req:
+    """A request from one worker, from its header until its answer has left."""
+
+    cdef Layout layout
+    cdef int worker
+    cdef uint32_t seq
+    cdef int64_t handle
+    cdef list tensors
+    cdef Ops ops  # the receives of its separate pushes
+    cdef uint64_t t_recv, t_proc
+
+
+@cython.no_gc_clear
+cdef class Sending:
+    """One response on its way: its sends and the buffers they read; the request it answers stays alive with it."""
+
+    cdef Layout layout
+    cdef Req req
+    cdef Ops ops
+    cdef uint8_t *header
+    cdef size_t hlen
+    cdef void **staged  # per answer: its staging buffer, or NULL
+    cdef int *staged_device
+    cdef uint64_t *sizes
+    cdef void *event
+    cdef int device
+    cdef uint64_t ep
+    cdef bytes note  # a refusal's reason
+    cdef bint in_flight
+
+    def __dealloc__(self):
+        if self.in_flight:
+            return  # its core went with it in flight: UCX may still read the memory
+        free(self.staged)
+        free(self.staged_device)
+        free(self.sizes)
+
+
+cdef Sending new_sending(Layout lay):
+    cdef Sending out = Sending.__new__(Sending)
+    out.layout = lay
+    out.ops = Ops(2 + lay.n_pull)
+    out.staged = <void **>calloc(max(lay.n_pull, 1), sizeof(void *))
+    out.staged_device = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
+    out.sizes = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
+    if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL:
+        raise MemoryError()
+    return out
+
+
+cdef class Server:
+    """The server side's steady state: receive rings, known layouts, answers staged and sent."""
+
+    cdef Ucp ucp
+    cdef int n_workers, pinned, device
+    cdef uint64_t *eps
+    cdef uint64_t *ring_tag
+    cdef uint64_t *push_tag
+    cdef uint64_t resp_tag, pull_tag
+    cdef uint8_t **slots  # n_workers * RING_DEPTH buffers of SLOT_SIZE
+    cdef Ops rings  # their receives, worker-major
+    cdef int *head  # per worker: the ring slot that completes next
+    cdef list tables  # per worker: LAYOUTS layouts, direct-mapped
+    cdef list arriving  # Reqs whose separate pushes are still arriving
+    cdef list ready  # per worker: complete Reqs, oldest first
+    cdef dict handles  # handle -> Req, between get_batch and respond
+    cdef int64_t next_handle
+    cdef list sending  # Sendings in flight
+    cdef list deferred  # Sendings waiting for their stream event, in order
+    cdef dict pools  # (memory kind, device, size class) -> Pool: responses and staging, shared by the layouts
+    cdef object alloc_ctx  # a torch stream context: fresh device tensors come from the core's own stream's pool
+    cdef int failed_worker, failed_status, new_worker
+    cdef bint closed
+    cdef object endpoints
+
+    def __cinit__(self, Ucp ucp, list eps, list endpoints, list ring_tags, list push_tags, uint64_t resp_tag,
+                  uint64_t pull_tag, bint pinned, int device, object alloc_ctx):
+        cdef int w, k
+        self.ucp = ucp
+        self.n_workers = len(eps)
+        self.pinned = pinned
+        self.device = device
+        self.alloc_ctx = alloc_ctx
+        self.endpoints = endpoints
+        self.eps = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
+        self.ring_tag = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
+        self.push_tag = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
+        self.head = <int *>calloc(max(self.n_workers, 1), sizeof(int))
+        self.slots = <uint8_t **>calloc(max(self.n_workers, 1) * RING_DEPTH, sizeof(uint8_t *))
+        if not (self.eps and self.ring_tag and self.push_tag and self.head and self.slots):
+            raise MemoryError()
+        for w in range(self.n_workers):
+            self.eps[w] = eps[w]
+            self.ring_tag[w] = ring_tags[w]
+            self.push_tag[w] = push_tags[w]
+        self.resp_tag = resp_tag
+        self.pull_tag = pull_tag
+        self.tables = [[None] * LAYOUTS for _ in range(self.n_workers)]
+        self.arriving = []
+        self.ready = [[] for _ in range(self.n_workers)]
+        self.handles = {}
+        self.next_handle = 1
+        self.sending = []
+        self.deferred = []
+        self.pools = {}
+        self.failed_worker = -1
+        self.new_worker = -1
+        self.rings = Ops(self.n_workers * RING_DEPTH)
+        for w in range(self.n_workers):
+            for k in range(RING_DEPTH):
+                self.slots[w * RING_DEPTH + k] = <uint8_t *>mem_get(MEM_PINNED if pinned else MEM_HOST, SLOT_SIZE,
+                                                                    device)
+                self.rings.add(NULL)
+                self._post(w, k)
+
+    def __dealloc__(self):
+        cdef int i
+        if self.slots != NULL and not self.closed:
+            for i in range(self.n_workers * RING_DEPTH):
+                mem_put(MEM_PINNED if self.pinned else MEM_HOST, self.slots[i], self.device)
+        free(self.slots)
+        free(self.eps)
+        free(self.ring_tag)
+        free(self.push_tag)
+        free(self.head)
+
+    cdef inline void _post(self, int w, int k) noexcept:
+        cdef int i = w * RING_DEPTH + k
+        cdef void *h = self.ucp.recv_raw(self.slots[i], SLOT_SIZE, self.ring_tag[w], TAG_MASK_KIND_NODE, False)
+        self.rings.t_done[i] = 0
+        if h == NULL:
+            self.rings.h[i] = NULL
+            self.rings.status[i] = UCS_OK
+        elif <uintptr_t>h >= ERR_MIN:
+            self.rings.h[i] = NULL
+            self.rings.status[i] = <int><intptr_t>h
+        else:
+            self.rings.h[i] = h
+            self.rings.status[i] = UCS_INPROGRESS
+
+    # ------------------------------------------------------------ layouts
+    def add_layout(self, int worker, dict spec):
+        """Remember the layout Python decoded from the request waiting in ``worker``'s ring."""
+        cdef Layout lay = Layout.__new__(Layout)
+        cdef int i, j
+        lay.head = spec["head"]
+        lay.size = len(lay.head)
+        lay.hash = _layout_hash(<const uint8_t *><const char *>lay.head, lay.size)
+        pushes = spec["push"]  # (placement, offset, nbytes, view or None, shape, dtype, device index or -1)
+        lay.n_push = len(pushes)
+        lay.push = <PushDest *>calloc(max(lay.n_push, 1), sizeof(PushDest))
+        lay.views = []
+        lay.shapes = []
+        lay.dtypes = []
+        lay.fresh_device = spec["fresh_device"]
+        for i in range(lay.n_push):
+            placement, offset, nbytes, view, shape, dtype, dev = pushes[i]
+            lay.push[i].placement = placement
+            lay.push[i].offset = offset
+            lay.push[i].nbytes = nbytes
+            lay.push[i].fresh = view is None
+            lay.push[i].ptr = 0 if view is None else view.data_ptr()
+            lay.push[i].dest_device = dev
+            lay.n_sep_push += placement == SEPARATE
+            lay.views.append(view)
+            lay.shapes.append(shape)
+            lay.dtypes.append(dtype)
+        lay.keys = spec["keys"]
+        lay.pull_keys = spec["pull_keys"]
+        pulls = spec["pull"]  # (placement, capacity)
+        lay.n_pull = len(pulls)
+        lay.caps = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
+        lay.placements = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
+        for j in range(lay.n_pull):
+            lay.placements[j] = pulls[j][0]
+            lay.caps[j] = pulls[j][1]
+            lay.n_sep_pull += lay.placements[j] == SEPARATE
+        lay.resp_pos = RESP_FIXED_SIZE + RESP_SIZE_SIZE * lay.n_pull
+        lay.resp_size = spec["resp_size"]
+        lay.resp_pool = self._pool(MEM_PINNED if self.pinned else MEM_HOST, self.device, lay.resp_size)
+        lay.staging = [{} for _ in range(lay.n_pull)]
+        lay.free_reqs = []
+        lay.free_sendings = []
+        cdef list table = <list>self.tables[worker]
+        old = table[lay.hash % LAYOUTS]
+        if old is not None:
+            _drop_layout(<Layout>old)
+        table[lay.hash % LAYOUTS] = lay
+        if worker == self.new_worker:
+            self.new_worker = -1
+
+    def forget_layouts(self):
+        """Drop every layout (registered buffers changed: layouts hold their chunks' views)."""
+        for table in self.tables:
+            for lay in table:
+                if lay is not None:
+                    _drop_layout(<Layout>lay)
+        self.tables = [[None] * LAYOUTS for _ in range(self.n_workers)]
+
+    def pending_header(self):
+        """(worker, bytes) of the request of a new layout that stopped the last get_batch, at its ring's head."""
+        cdef int w = self.new_worker
+        if w < 0:
+            return None
+        return w, (<char *>self.slots[w * RING_DEPTH + self.head[w]])[:SLOT_SIZE]
+
+    def skip_pending(self):
+        """Drop the request of a new layout that could not be decoded (its slot is posted again)."""
+        cdef int w = self.new_worker
+        if w >= 0:
+            self._post(w, self.head[w])
+            self.head[w] = (self.head[w] + 1) % RING_DEPTH
+            self.new_worker = -1
+
+    def slot_failure(self):
+        """(worker, UCX status) of the receive that failed, reported once (its slot is posted again)."""
+        cdef tuple out = (self.failed_worker, self.failed_status)
+        self.failed_worker = -1
+        return out
+
+    # ------------------------------------------------------------ intake
+    cdef int _intake(self) except -1:
+        """Take in every request that arrived: DONE, NEW_LAYOUT or SLOT_FAILED."""
+        cdef int w, k, i, st
+        cdef Req r
+        for w in range(self.n_workers):
+            while True:
+                k = self.head[w]
+                i = w * RING_DEPTH + k
+                if self.rings.h[i] != NULL and not self.rings.settled(self.ucp, i, i + 1):
+                    break
+                st = self.rings.status[i]
+                if st != UCS_OK:
+                    self.failed_worker = w
+                    self.failed_status = st
+                    self._post(w, k)
+                    self.head[w] = (k + 1) % RING_DEPTH
+                    return R_SLOT_FAILED
+                if self._take(w, k) == R_NEW_LAYOUT:
+                    self.new_worker = w
+                    return R_NEW_LAYOUT
+        if self.arriving:
+            still = []
+            failed = None
+            for item in self.arriving:
+                r = <Req>item
+                if failed is None and r.ops.settled(self.ucp, 0, r.ops.n):
+                    st = r.ops.first_error(0, r.ops.n)
+                    if st:
+                        failed = r
+                        self.failed_worker = r.worker
+                        self.failed_status = st
+                        continue
+                    r.t_recv = now_ns()
+                    (<list>self.ready[r.worker]).append(r)
+                else:
+                    still.append(r)
+            self.arriving = still
+            if failed is not None:
+                return R_SLOT_FAILED
+        return R_DONE
+
+    cdef int _take(self, int w, int k) except -1:
+        cdef uint8_t *buf = self.slots[w * RING_DEPTH + k]
+        cdef int size = _header_size(buf)
+        if size <= 0:
+            return R_NEW_LAYOUT  # Python decodes it and says what is wrong
+        cdef uint64_t h = _layout_hash(buf, size)
+        cdef object found = (<list>self.tables[w])[h % LAYOUTS]
+        if found is None:
+            return R_NEW_LAYOUT
+        cdef Layout lay = <Layout>found
+        if lay.hash != h or lay.size != size or memcmp(<const char *>lay.head, buf, SEQ_OFFSET) != 0 \
+                or memcmp(<const char *>lay.head + SEQ_OFFSET + 4, buf + SEQ_OFFSET + 4, size - SEQ_OFFSET - 4) != 0:
+            return R_NEW_LAYOUT
+        cdef Req r
+        if lay.free_reqs:
+            r = <Req>lay.free_reqs.pop()
+        else:
+            r = Req.__new__(Req)
+            r.layout = lay
+            r.ops = Ops(lay.n_sep_push)
+        cdef int i, dev = -1
+        cdef PushDest *d
+        cdef uint64_t ptr
+        r.worker = w
+        memcpy(&r.seq, buf + SEQ_OFFSET, 4)
+        cdef list tensors = list(lay.views)
+        for i in range(lay.n_push):
+            if lay.push[i].fresh:
+                tensors[i] = self._fresh(lay, i)
+        r.tensors = tensors
+        r.ops.clear()
+        cdef uint64_t bits = self.push_tag[w] | (<uint64_t>r.seq << SEQ_SHIFT)
+        for i in range(lay.n_push):  # the large ones first: UCX moves them while the small ones are copied
+            d = &lay.push[i]
+            if d.placement == SEPARATE:
+                ptr = tensors[i].data_ptr() if d.fresh else d.ptr
+                r.ops.add(self.ucp.recv_raw(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK, False))
+        for i in range(lay.n_push):
+            d = &lay.push[i]
+            if d.placement != INLINE or not d.nbytes:
+                continue
+            ptr = tensors[i].data_ptr() if d.fresh else d.ptr
+            if d.dest_device >= 0:
+                if dev != d.dest_device:
+                    if dev >= 0:
+                        sync_core_stream(dev)
+                    dev = d.dest_device
+                    dev_enter(dev)
+                _drv_check(drv.h2d(ptr, buf + d.offset, d.nbytes, core_stream(dev)), "copying a push to the device")
+            else:
+                memcpy(<void *><uintptr_t>ptr, buf + d.offset, d.nbytes)
+        if dev >= 0:
+            sync_core_stream(dev)  # the slot is posted again below: its bytes must have left
+        self._post(w, k)
+        self.head[w] = (k + 1) % RING_DEPTH
+        if lay.n_sep_push:
+            self.arriving.append(r)
+        else:
+            r.t_recv = now_ns()
+            (<list>self.ready[w]).append(r)
+        return R_DONE
+
+    cdef object _fresh(self, Layout lay, int i):
+        if lay.push[i].dest_device >= 0 and self.alloc_ctx is not None:
+            with self.alloc_ctx:
+                return torch_empty(lay.shapes[i], dtype=lay.dtypes[i], device=lay.fresh_device)
+        return torch_empty(lay.shapes[i], dtype=lay.dtypes[i], device=lay.fresh_device)
+
+    # ------------------------------------------------------------ get_batch
+    cdef bint _all_ready(self) noexcept:
+        cdef int w
+        for w in range(self.n_workers):
+            if not self.ready[w]:
+                return False
+        return True
+
+    def get_batch(self, uint64_t spins):
+        """Spin at most ``spins`` steps for one complete request from every worker.
+
+        Returns the batch (a list of ``(handle, tensors, keys)`` in worker order),
+        or a Result code: PENDING, NEW_LAYOUT (``pending_header``, then
+        ``add_layout``), SLOT_FAILED (``slot_failure``) or CLOSED.
+        """
+        if self.closed:
+            return R_CLOSED
+        cdef uint64_t i = 0
+        cdef unsigned moved
+        cdef int rc
+        if self.sending:
+            self._reap()
+        if self.deferred:
+            self._kick()
+        rc = self._intake()
+        while rc == R_DONE and not self._all_ready() and i < spins:
+            moved = self.ucp.progress_raw()
+            if moved:
+                self.ucp.drain()
+            if moved or (i & 3) == 0:
+                if self.deferred:
+                    self._kick()
+                rc = self._intake()
+            i += 1
+        if rc != R_DONE:
+            return rc
+        if not self._all_ready():
+            return R_PENDING
+        cdef list batch = []
+        cdef Req r
+        cdef uint64_t t = now_ns()
+        cdef int w
+        for w in range(self.n_workers):
+            r = <Req>(<list>self.ready[w]).pop(0)
+            r.t_proc = t
+            r.handle = self.next_handle
+            self.next_handle += 1
+            self.handles[r.handle] = r
+            batch.append((r.handle, r.tensors, r.layout.keys))
+        return batch
+
+    # ------------------------------------------------------------- respond
+    def respond(self, object tensors, int64_t handle, object need_event):
+        """Check, stage and send the answers to request ``handle``: DONE, UNKNOWN or BAD_ANSWER (nothing sent).
+
+        When this returns, the answers' memory is the caller's again: small ones
+        were copied into the response, large ones into staging buffers (on the
+        caller's current stream with ``need_event``, which the send then waits
+        for; otherwise on the core's stream, synchronised here).
+        """
+        cdef object found = self.handles.get(handle)
+        if found is None:
+            return R_UNKNOWN
+        cdef Req r = <Req>found
+        cdef Layout lay = r.layout
+        if type(tensors) is not list or len(<list>tensors) != lay.n_pull:
+            return R_BAD_ANSWER
+        cdef list ts = <list>tensors
+        cdef int j
+        cdef Fact f
+        cdef Sending out = <Sending>lay.free_sendings.pop() if lay.free_sendings else new_sending(lay)
+        for j in range(lay.n_pull):
+            t = ts[j]
+            if read_fact(t, &f) < 0 or not f.contig or <object>f.dtype not in DTYPE_CODE:
+                lay.free_sendings.append(out)
+                return R_BAD_ANSWER
+            out.sizes[j] = t.nbytes
+            out.staged_device[j] = f.device
+            if out.sizes[j] > lay.caps[j]:
+                lay.free_sendings.append(out)
+                return R_BAD_ANSWER
+        del self.handles[handle]
+        self._answer(r, out, ts, need_event is not False)
+        return R_DONE
+
+    cdef int _answer(self, Req r, Sending out, list ts, bint need_event) except -1:
+        cdef Layout lay = r.layout
+        cdef int j, dev, first = -1
+        cdef size_t pos = lay.resp_pos
+        cdef void *stream = NULL
+        cdef uint64_t ptr, n
+        cdef uint64_t *sizes = out.sizes
+        cdef int *devices = out.staged_device
+        cdef uint8_t *hdr = <uint8_t *>lay.resp_pool.get()
+        out.req = r
+        out.header = hdr
+        out.note = None
+        out.event = NULL
+        out.device = -1
+        out.ep = self.eps[r.worker]
+        _fill_header(hdr, r.seq, STATUS_OK, lay.n_pull, r.t_recv, r.t_proc)
+        for j in range(lay.n_pull):
+            memcpy(hdr + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &sizes[j], 8)
+            out.staged[j] = NULL
+        for j in range(lay.n_pull):
+            n = sizes[j]
+            if n == 0:
+                continue
+            dev = devices[j]
+            ptr = ts[j].data_ptr()
+            if dev >= 0:
+                dev_enter(dev)
+                if need_event and first < 0:
+                    first = dev
+                stream = current_stream(dev) if need_event and dev == first else core_stream(dev)
+            if lay.placements[j] == INLINE:
+                if dev >= 0:
+                    _drv_check(drv.d2h(hdr + pos, ptr, n, stream), "staging an answer")
+                else:
+                    memcpy(hdr + pos, <void *><uintptr_t>ptr, n)
+                pos += n
+                continue
+            out.staged[j] = self._staging(lay, j, dev).get()
+            if dev >= 0:
+                _drv_check(drv.d2d(<uint64_t><uintptr_t>out.staged[j], ptr, n, stream), "staging an answer")
+            else:
+                memcpy(out.staged[j], <void *><uintptr_t>ptr, n)
+        out.hlen = pos
+        dev = -1
+        for j in range(lay.n_pull):  # copies on the core's streams: done before the caller may write again
+            if sizes[j] and devices[j] >= 0 and not (need_event and devices[j] == first) and devices[j] != dev:
+                dev = devices[j]
+                dev_enter(dev)
+                sync_core_stream(dev)
+        if first >= 0:  # copies on the caller's stream: the send waits for them
+            dev_enter(first)
+            out.event = event_take(first)
+            out.device = first
+            _drv_check(drv.event_record(out.event, current_stream(first)), "recording an event")
+        out.in_flight = True
+        if out.event != NULL or self.deferred:
+            self.deferred.append(out)
+            self._kick()
+        else:
+            self._post_answer(out)
+        return 0
+
+    cdef Pool _staging(self, Layout lay, int j, int device):
+        cdef dict pools = <dict>lay.staging[j]
+        cdef object p = pools.get(device)
+        if p is None:
+            p = pools[device] = self._pool(MEM_DEVICE if device >= 0 else MEM_HOST, device, lay.caps[j])
+        return <Pool>p
+
+    cdef Pool _pool(self, int kind, int device, size_t size):
+        """The server's pool of buffers of at least ``size`` bytes (shared by every layout: sizes round up to a
+        power of two, so that dynamic token counts share a few buffers instead of one set per layout)."""
+        cdef size_t cls = 4096
+        while cls < size:
+            cls <<= 1
+        key = (kind, device, cls)
+        cdef object p = self.pools.get(key)
+        if p is None:
+            p = self.pools[key] = Pool(cls, kind, device, 16)
+        return <Pool>p
+
+    cdef void _post_answer(self, Sending out) noexcept:
+        cdef Layout lay = out.layout
+        cdef Req r = out.req
+        cdef uint64_t bits = <uint64_t>r.seq << SEQ_SHIFT
+        cdef uint64_t t = now_ns()
+        cdef int j
+        memcpy(out.header + RESP_STAMPS_AT + 24, &t, 8)
+        out.ops.clear()
+        out.ops.add(self.ucp.send_raw(out.ep, out.header, out.hlen, self.resp_tag | bits, False))
+        if out.note is not None:
+            out.ops.add(self.ucp.send_raw(out.ep, <const char *>out.note, len(out.note),
+                                          self.resp_tag | bits | REFUSAL_SLOT, False))
+        for j in range(lay.n_pull):
+            if lay.placements[j] == SEPARATE:  # an empty one still completes the worker's receive
+                out.ops.add(self.ucp.send_raw(out.ep, out.staged[j] if out.staged[j] != NULL else out.header,
+                                              out.sizes[j], self.pull_tag | bits | <uint64_t>j, False))
+        self.sending.append(out)
+
+    cdef int _kick(self) except -1:
+        cdef Sending out
+        cdef int rc
+        while self.deferred:
+            out = <Sending>self.deferred[0]
+            if out.event != NULL:
+                rc = drv.event_query(out.event)
+                if rc == DRV_NOT_READY:
+                    return 0
+                event_give(out.device, out.event)
+                out.event = NULL
+                _drv_check(rc, "waiting for the caller's stream")
+            self.deferred.pop(0)
+            self._post_answer(out)
+        return 0
+
+    cdef void _reap(self) noexcept:
+        cdef list still = []
+        cdef Sending out
+        cdef Layout lay
+        cdef Req r
+        cdef int j
+        for item in self.sending:
+            out = <Sending>item
+            if not out.ops.settled(self.ucp, 0, out.ops.n):
+                still.append(out)
+                continue
+            lay = out.layout
+            lay.resp_pool.put(out.header)
+            for j in range(lay.n_pull):
+                if out.staged[j] != NULL:
+                    (<Pool>(<dict>lay.staging[j])[out.staged_device[j]]).put(out.staged[j])
+                    out.staged[j] = NULL
+            r = out.req
+            out.req = None
+            out.in_flight = False
+            r.tensors = None  # the request's tensors go now that its answer has left
+            if not lay.evicted:
+                lay.free_sendings.append(out)
+                lay.free_reqs.append(r)
+        self.sending = still
+
+    def refuse(self, int64_t handle, str reason):
+        """Tell the worker at once why request ``handle`` gets no answer (its pull tensors stay untouched)."""
+        cdef object found = self.handles.pop(handle, None)
+        if found is None:
+            return R_UNKNOWN
+        cdef Req r = <Req>found
+        cdef Layout lay = r.layout
+        cdef Sending out = <Sending>lay.free_sendings.pop() if lay.free_sendings else new_sending(lay)
+        cdef int j
+        out.req = r
+        out.header = <uint8_t *>lay.resp_pool.get()
+        out.hlen = lay.resp_pos
+        out.event = NULL
+        out.device = -1
+        out.ep = self.eps[r.worker]
+        out.note = reason.encode("utf-8")[:REFUSAL_MAX - 1] + b"\0"
+        _fill_header(out.header, r.seq, STATUS_REFUSED, lay.n_pull, r.t_recv, r.t_proc)
+        for j in range(lay.n_pull):
+            out.sizes[j] = 0
+            out.staged[j] = NULL
+            memcpy(out.header + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &out.sizes[j], 8)
+        out.in_flight = True
+        if self.deferred:
+            self.deferred.append(out)
+            self._kick()
+        else:
+            self._post_answer(out)
+        return R_DONE
+
+    def progress(self):
+        """Send held-back answers whose stream work completed and reap the delivered; how many are not yet delivered."""
+        cdef unsigned moved = self.ucp.progress_raw()
+        if moved:
+            self.ucp.drain()
+        if self.deferred:
+            self._kick()
+        self._reap()
+        return len(self.deferred) + len(self.sending)
+
+    def request_info(self, int64_t handle):
+        """(push keys, [(pull key, capacity) of each answer]) of a request taken by get_batch and not answered; or None."""
+        cdef object found = self.handles.get(handle)
+        if found is None:
+            return None
+        cdef Layout lay = (<Req>found).layout
+        cdef int j
+        return lay.keys, [(lay.pull_keys[j], lay.caps[j]) for j in range(lay.n_pull)]
+
+    @property
+    def waiting_for_stream(self):
+        """Answers held back until their stream work completes."""
+        return len(self.deferred)
+
+    def close(self):
+        """Cancel the ring receives and everything in flight; the memory they use is left to UCX."""
+        self.closed = True
+        self.rings.abandon(self.ucp)
+        for item in self.arriving:
+            (<Req>item).ops.abandon(self.ucp)
+        for item in self.sending:
+            (<Sending>item).ops.abandon(self.ucp)
+        self.arriving = []
+        self.sending = []
+        self.deferred = []
+        self.handles.clear()
+        self.forget_layouts()
+
+
+cdef void _drop_layout(Layout lay) noexcept:
+    lay.evicted = 1
+    lay.free_reqs = []
+    lay.free_sendings = []
+
+
+cdef void _fill_header(uint8_t *hdr, uint32_t seq, uint16_t status, uint16_t n, uint64_t t_recv,
+                       uint64_t t_proc) noexcept:
+    cdef uint64_t t = now_ns()
+    hdr[0] = DATA_VERSION
+    hdr[1] = 0
+    memcpy(hdr + RESP_STATUS_AT, &status, 2)
+    memcpy(hdr + RESP_N_AT, &n, 2)
+    memcpy(hdr + RESP_SEQ_AT, &seq, 4)
+    memcpy(hdr + RESP_STAMPS_AT, &t_recv, 8)
+    memcpy(hdr + RESP_STAMPS_AT + 8, &t_proc, 8)
+    memcpy(hdr + RESP_STAMPS_AT + 16, &t, 8)
+    memcpy(hdr + RESP_STAMPS_AT + 24, &t, 8)
+
+
+cdef int _header_size(const uint8_t *buf) noexcept:
+    """The size of the request header in ``buf`` from its counts and dimensions; 0 when it is malformed."""
+    cdef uint16_t n_push, n_servers, per
+    cdef int i, pos = REQ_FIXED_SIZE
+    cdef uint8_t ndim
+    if buf[0] != DATA_VERSION:
+        return 0
+    memcpy(&n_push, buf + 2, 2)
+    memcpy(&n_servers, buf + 4, 2)
+    memcpy(&per, buf + 6, 2)
+    if n_push > MAX_TENSORS or <int>n_servers * per > MAX_PULLS:
+        return 0
+    for i in range(n_push):
+        if pos + REQ_TENSOR_SIZE > HEADER_MAX:
+            return 0
+        ndim = buf[pos + 9]
+        if ndim > MAX_NDIM:
+            return 0
+        pos += REQ_TENSOR_SIZE + REQ_DIM_SIZE * ndim
+    pos += REQ_PULL_SIZE * n_servers * per
+    return pos if pos <= HEADER_MAX else 0
+
+
+cdef uint64_t _layout_hash(const uint8_t *buf, int size) noexcept:
+    """FNV-1a over a header's bytes, the sequence number aside."""
+    cdef uint64_t h = 1469598103934665603ULL
+    cdef int i
+    for i in range(size):
+        if SEQ_OFFSET <= i < SEQ_OFFSET + 4:
+            continue
+        h = (h ^ buf[i]) * 1099511628211ULL
+    return h
+
+
+def header_size(bytes buf):
+    """The size the core reads off a request header in ``buf`` (a slot's bytes); 0 when malformed."""
+    if len(buf) < SLOT_SIZE:
+        raise ValueError(f"a slot holds {SLOT_SIZE} bytes, got {len(buf)}")
+    return _header_size(<const uint8_t *><const char *>buf)
+
+
+def constants():
+    """The wire constants this core was built with (checked against stepmesh.data.wire at import)."""
+    return dict(_CONSTANTS)

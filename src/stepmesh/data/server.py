@@ -1,0 +1,387 @@
+"""The FFN side: take a batch from every worker, answer straight into their buffers.
+
+The compiled core keeps a ring of receive slots posted for each worker's
+request headers, takes in requests of the layouts it knows (small tensors
+copied out of the header, large ones received straight into their
+destination: a registered buffer's chunk, or a fresh tensor), and stages and
+sends the answers. This module decodes a layout the core has not seen,
+decides where its tensors land, and words every error.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from typing import Any
+
+import torch
+
+from .. import backends
+from ..control import messages as M
+from ..control.node import Node
+from ..control.transport import bound_core
+from ..errors import ArgumentError, PeerError, ProtocolError, StepMeshError, TimeoutError
+from . import wire as W
+from .tensors import CODE_DTYPE, ITEMSIZE, byte_view, check_keys, check_tensors
+
+__all__ = ["AFTensorServer"]
+
+log = logging.getLogger("stepmesh.server")
+
+_SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last between liveness checks
+_EVENT_SLICE_S = 0.0002  # ... while answers wait for a stream event, which UCX does not signal
+_FOREVER_S = 3600.0
+
+
+def _check_need_event(need_event: Any) -> None:
+    if not isinstance(need_event, bool):
+        raise ArgumentError(f"need_event must be a bool, got {type(need_event).__name__}")
+
+
+class AFTensorServer(Node):
+    """A server (FFN instance): ``get_batch`` from every worker, ``respond`` to each.
+
+    Args:
+        config: node configuration; from the environment when None.
+    """
+
+    role = "server"
+    data_options = W.UCX_OPTIONS
+    wireup_tag = staticmethod(W.wireup_tag)
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.workers: list[M.Peer] = []
+        self.server_index = 0
+        self._core: Any = None
+        self._spins = 0
+        self._registered: dict[tuple[int, int], torch.Tensor] = {}
+        self._fresh_device = torch.device("cpu")
+        self._n_servers = 0
+
+    def start(self) -> None:
+        super().start()
+        cfg = self.config
+        data = self.data
+        assert data is not None
+        self.workers = [p for p in self.peers if p.role is M.Role.WORKER]
+        self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
+        self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
+        core = bound_core()
+        device, alloc_ctx = -1, None
+        if cfg.backend in ("cuda", "rocm"):  # unregistered pushes land on this process's GPU
+            device = cfg.gpu
+            self._fresh_device = torch.device("cuda", device)
+            backends.get(cfg.backend).bind_core(core)
+            # Fresh tensors come from a stream of their own: memory the caller freed while its stream may
+            # still read it is never handed to UCX to write into.
+            alloc_ctx = torch.cuda.stream(torch.cuda.Stream(device=device))
+        endpoints = [self.endpoints[p.node_id] for p in self.workers]
+        self._core = core.Server(
+            data.ucp, [ep.handle for ep in endpoints], endpoints,
+            [W.make_tag(W.Tag.REQUEST, p.node_id) for p in self.workers],
+            [W.make_tag(W.Tag.PUSH, p.node_id) for p in self.workers],
+            W.make_tag(W.Tag.RESPONSE, self.node_id), W.make_tag(W.Tag.PULL, self.node_id),
+            device >= 0, device, alloc_ctx,
+        )
+        data.on_close(self._core.close)
+        self._spins = data.core_spins
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    # ------------------------------------------------------------ get_batch
+    def get_batch(self, timeout_ms: float | None = None) -> list[tuple[int, list[torch.Tensor], list[int]]]:
+        """One ``(handle, push_tensors, push_keys)`` per worker, in worker-rank order.
+
+        Returns once every worker of the group has a request queued. With a
+        timeout, returns ``[]`` when that does not happen in time; without one,
+        waits as long as the workers are alive. The tensors stay valid until
+        their request is answered (``respond``): device ones hold their data
+        when this returns.
+
+        Raises:
+            PeerError: a worker of this group (or the scheduler) died.
+            ProtocolError: a worker sent a malformed request.
+            ArgumentError: a bad timeout.
+        """
+        if self.healthy and timeout_ms is None:
+            batch = self._core.get_batch(self._spins)
+            if batch.__class__ is list:
+                return batch  # type: ignore[no-any-return]
+        return self._get_batch_slow(timeout_ms)
+
+    def _get_batch_slow(self, timeout_ms: Any) -> list[tuple[int, list[torch.Tensor], list[int]]]:
+        core = self._core
+        data = self.data
+        if core is None or data is None or self._stopped:
+            raise StepMeshError("get_batch() on a server that is not running: call init() first")
+        if timeout_ms is not None and (
+            isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real) or not timeout_ms >= 0
+        ):
+            raise ArgumentError(f"timeout_ms must be None or a non-negative number, got {timeout_ms!r}")
+        forever = timeout_ms is None
+        deadline = time.monotonic() + (_FOREVER_S if forever else timeout_ms / 1000)
+        spins = self._spins
+        while True:
+            self._check_workers()
+            got = core.get_batch(spins)
+            if got.__class__ is list:
+                return got  # type: ignore[no-any-return]
+            if got == W.Result.NEW_LAYOUT:
+                self._learn()
+                continue
+            if got == W.Result.SLOT_FAILED:
+                w, status = core.slot_failure()
+                raise ProtocolError(
+                    f"bad request from {self.workers[w].describe()}: UCX could not receive it "
+                    f"({bound_core().status_text(status)})"
+                )
+            if got == W.Result.CLOSED:
+                raise StepMeshError("get_batch() on a server that is not running: call init() first")
+            now = time.monotonic()
+            if now >= deadline:
+                if not forever:
+                    return []
+                deadline = now + _FOREVER_S
+            if not spins:  # blocking or thread mode: sleep until UCX has work (or a stream event is due)
+                slice_s = _EVENT_SLICE_S if core.waiting_for_stream else _SLICE_S
+                data.progress_once(max(0, int(min(deadline - now, slice_s) * 1000)))
+
+    def _learn(self) -> None:
+        """Decode the request of a layout the core does not know yet, and give the core its layout.
+
+        Raises:
+            ProtocolError: a malformed request, or one addressed to a mesh of another size.
+        """
+        core = self._core
+        pending = core.pending_header()
+        if pending is None:
+            return
+        w, raw = pending
+        peer = self.workers[w]
+        try:
+            hdr = W.decode_request(raw, ITEMSIZE)
+            if hdr.n_servers != self._n_servers:
+                raise W.WireError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
+        except W.WireError as e:
+            core.skip_pending()
+            raise ProtocolError(f"bad request from {peer.describe()}: {e}") from e
+        core.add_layout(w, self._layout(w, hdr, raw))
+
+    def _layout(self, w: int, hdr: W.RequestHeader, raw: bytes) -> dict[str, Any]:
+        """Where each push of a request laid out as ``hdr`` lands under the buffers registered now."""
+        fresh = -1 if self._fresh_device.type == "cpu" else self._fresh_device.index
+        pushes = []
+        offset = hdr.size
+        for m in hdr.tensors:
+            view = self._registered_view(w, m)
+            dev = fresh if view is None else (view.get_device() if view.is_cuda else -1)
+            pushes.append((m.placement, offset, m.nbytes, view, m.shape, CODE_DTYPE[m.dtype], dev))
+            if m.placement is W.Placement.INLINE:
+                offset += m.nbytes
+        share = hdr.pulls_for(self.server_index)
+        inline_room = sum(p.capacity for p in share if p.placement is W.Placement.INLINE)
+        return {
+            "head": raw[: hdr.size], "push": pushes, "keys": [m.key for m in hdr.tensors],
+            "pull": [(p.placement, p.capacity) for p in share], "pull_keys": [p.key for p in share],
+            "resp_size": W.response_header_size(len(share)) + inline_room, "fresh_device": self._fresh_device,
+        }
+
+    def _registered_view(self, w: int, m: W.TensorMeta) -> torch.Tensor | None:
+        """The registered chunk for (worker, key) viewed as ``m``, or None when none fits."""
+        chunk = self._registered.get((w, m.key))
+        if chunk is None:
+            return None
+        dtype = CODE_DTYPE[m.dtype]
+        if m.nbytes <= chunk.numel() and chunk.data_ptr() % ITEMSIZE[m.dtype] == 0:
+            return chunk[: m.nbytes].view(dtype).view(m.shape)
+        log.warning(
+            "push of %d bytes of %s for key %d from worker %d does not fit its registered chunk "
+            "(%d bytes at an offset of %d); allocating",
+            m.nbytes, dtype, m.key, w, chunk.numel(), chunk.data_ptr() % 64,
+        )
+        return None
+
+    def _check_workers(self) -> None:
+        self.check_alive()
+        if self.dead:
+            for peer in self.workers:
+                if peer.node_id in self.dead:
+                    raise PeerError(self.dead[peer.node_id], "worker", peer.rank)
+
+    # -------------------------------------------------------------- respond
+    def respond(self, tensors: list[torch.Tensor], handle: int, need_event: bool = True) -> None:
+        """Answer a request: ``tensors[j]`` lands in the worker's pull tensor for its j-th key.
+
+        A tensor may be smaller than the worker's buffer (its first bytes are
+        written, the rest stays as it was), never larger. When this returns the
+        answers' memory is the caller's again (they were copied or staged).
+        Device answers are taken after the work queued on the current stream
+        before this call (``need_event=True``, the default, which never blocks);
+        ``need_event=False`` takes them as they are now, synchronously.
+
+        A bad answer is refused: the worker's ``wait`` fails at once with the
+        reason, and this raises it.
+
+        Raises:
+            ArgumentError: unknown handle, wrong number of tensors, or a tensor that
+                is not a contiguous tensor of a known dtype or does not fit the
+                worker's buffer (the worker is told why; nothing else is sent).
+            PeerError: the worker died.
+        """
+        if self.healthy and type(handle) is int and need_event.__class__ is bool:
+            if self._core.respond(tensors, handle, need_event) == W.Result.DONE:
+                return
+        self._respond_slow(tensors, handle, need_event)
+
+    def _respond_slow(self, tensors: Any, handle: Any, need_event: Any) -> None:
+        core = self._core
+        if core is None or self._stopped:
+            raise StepMeshError("respond() on a server that is not running: call init() first")
+        _check_need_event(need_event)
+        self._check_workers()
+        info = core.request_info(handle) if type(handle) is int else None
+        if info is None:
+            raise ArgumentError(f"handle {handle!r} is unknown: not from get_batch, or already answered")
+        problem = self._answer_problem(tensors, info, "tensors")
+        if problem is not None:
+            core.refuse(handle, problem)
+            raise ArgumentError(problem)
+        if core.respond(list(tensors), handle, need_event) != W.Result.DONE:
+            raise StepMeshError(f"respond: the core refused answers stepmesh found valid (handle {handle})")
+
+    @staticmethod
+    def _answer_problem(tensors: Any, info: tuple[list[int], list[tuple[int, int]]], name: str) -> str | None:
+        """What is wrong with ``tensors`` as the answers to a request (keys, [(pull key, capacity)]), or None."""
+        try:
+            ts = check_tensors(name, tensors)
+        except ArgumentError as e:
+            return str(e)
+        pulls = info[1]
+        if len(ts) != len(pulls):
+            return (
+                f"{name} has {len(ts)} tensors but the worker asked this server for {len(pulls)} "
+                f"(pull keys {[k for k, _ in pulls]})"
+            )
+        for j, (t, (key, cap)) in enumerate(zip(ts, pulls)):
+            if t.nbytes > cap:
+                return f"{name}[{j}] has {t.nbytes} bytes but the worker's pull tensor for key {key} holds only {cap}"
+        return None
+
+    def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: list[torch.Tensor], handles: list[int]) -> None:
+        """Answer several requests from one buffer of rows laid back to back.
+
+        Handle ``i`` receives the ``tensors_vec[i].shape[0]`` rows of ``ret_buffer``
+        that follow those of handles ``0..i-1`` (StepMesh sent ``ret_buffer[:n_i]``
+        to everyone, which is right only for one worker). Ordered after the
+        current stream like ``respond``; ``ret_buffer`` may be written again as
+        soon as this returns.
+
+        Raises:
+            ArgumentError: mismatched lengths, too few rows, unknown handles or
+                answers that do not fit (all checked before anything is sent; the
+                workers of known handles are told why).
+        """
+        core = self._core
+        if core is None or self._stopped:
+            raise StepMeshError("respond_vec() on a server that is not running: call init() first")
+        (buf,) = check_tensors("ret_buffer", [ret_buffer])
+        vec = check_tensors("tensors_vec", tensors_vec)
+        if not isinstance(handles, (list, tuple)) or len(handles) != len(vec):
+            raise ArgumentError(f"handles must be a list as long as tensors_vec ({len(vec)}), got {handles!r}")
+        ints = [h for h in handles if type(h) is int]
+        if len(set(ints)) != len(ints):
+            raise ArgumentError(f"handles has duplicates: {list(handles)!r}; each request is answered once")
+        rows = [t.shape[0] if t.dim() else 1 for t in vec]
+        if buf.dim() == 0 or sum(rows) > buf.shape[0]:
+            raise ArgumentError(f"ret_buffer has {buf.shape[0] if buf.dim() else 0} rows, tensors_vec asks for {sum(rows)}")
+        self._check_workers()
+        infos = [core.request_info(h) if type(h) is int else None for h in handles]
+        parts, problems = [], []
+        off = 0
+        for i, (h, n, info) in enumerate(zip(handles, rows, infos)):
+            part = [buf[off : off + n]]
+            off += n
+            if info is None:
+                problems.append(f"handles[{i}] = {h!r} is unknown: not from get_batch, or already answered")
+            else:
+                problem = self._answer_problem(part, info, f"ret_buffer rows for handles[{i}]")
+                if problem is not None:
+                    problems.append(problem)
+            parts.append(part)
+        if problems:  # every worker learns why, none gets a partial answer
+            for h, info in zip(handles, infos):
+                if info is not None:
+                    core.refuse(h, f"another answer of the same respond_vec was refused: {problems[0]}")
+            raise ArgumentError(problems[0])
+        for h, part in zip(handles, parts):
+            if core.respond(part, h, True) != W.Result.DONE:
+                raise StepMeshError(f"respond_vec: the core refused answers stepmesh found valid (handle {h})")
+
+    def flush(self, timeout_ms: float = 10000) -> None:
+        """Wait until every answer given so far has been delivered.
+
+        UCX moves an answer while this process calls into stepmesh (get_batch,
+        flush, stop); with some transports (CUDA IPC, TCP rendezvous) a large
+        answer does not finish while the server computes or sleeps elsewhere.
+        Call this before long work outside stepmesh (answer buffers are already
+        free to reuse: this is about delivery, not memory).
+
+        Raises:
+            TimeoutError: not delivered within ``timeout_ms``.
+            PeerError: a worker died.
+        """
+        core = self._core
+        data = self.data
+        if core is None or data is None or self._stopped:
+            raise StepMeshError("flush() on a server that is not running: call init() first")
+        if not data.progress_until(lambda: not core.progress(), time.monotonic() + timeout_ms / 1000, self._check_workers):
+            raise TimeoutError(f"{core.progress()} answer(s) not delivered after {timeout_ms} ms")
+
+    def keep_moving(self) -> None:
+        if self._core is not None:
+            self._core.progress()
+
+    # ------------------------------------------------------ registered memory
+    def register_recv_buffer(self, tensor: torch.Tensor, worker_ranks: list[int], push_keys: list[int]) -> None:
+        """Receive worker ``worker_ranks[i]``'s pushes of key ``push_keys[i]`` straight into chunk ``i`` of ``tensor``.
+
+        StepMesh's semantics: the lists have the same length, and ``tensor`` is
+        split evenly by bytes into ``len(worker_ranks)`` chunks. A push that fits
+        its chunk lands there with no allocation; the tensors ``get_batch``
+        returns for it are views of the chunk (valid until the request is
+        answered: the next push of that key lands in the same place).
+
+        Raises:
+            ArgumentError: not a contiguous tensor, lists of different lengths, an
+                unknown worker rank, or a size that does not split evenly.
+        """
+        (t,) = check_tensors("tensor", [tensor])
+        if not isinstance(worker_ranks, (list, tuple)) or not worker_ranks:
+            raise ArgumentError(f"worker_ranks must be a non-empty list of ranks, got {worker_ranks!r}")
+        n_workers = len(self.workers) if self.workers else self.config.num_workers
+        for i, w in enumerate(worker_ranks):
+            if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < n_workers:
+                raise ArgumentError(f"worker_ranks[{i}] = {w!r} is not a worker rank 0..{n_workers - 1}")
+        if not isinstance(push_keys, (list, tuple)) or len(push_keys) != len(worker_ranks):
+            raise ArgumentError(
+                f"push_keys must be a list as long as worker_ranks ({len(worker_ranks)}): chunk i takes key "
+                f"push_keys[i] from worker worker_ranks[i]; got {push_keys!r}"
+            )
+        keys = check_keys("push_keys", push_keys, len(worker_ranks), "worker_ranks")
+        raw = byte_view(t)
+        n = len(worker_ranks)
+        if raw.numel() % n:
+            raise ArgumentError(f"tensor has {raw.numel()} bytes, which do not split evenly into {n} chunks")
+        size = raw.numel() // n
+        for i, (w, key) in enumerate(zip(worker_ranks, keys)):
+            self._registered[(w, key)] = raw[i * size : (i + 1) * size]
+        if self._core is not None:  # its layouts point at the chunks registered before
+            self._core.forget_layouts()
+
+    def on_peer_dead(self, node_id: int, text: str) -> None:
+        pass  # get_batch() and respond() consult self.dead
+

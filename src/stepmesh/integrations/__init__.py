@@ -1,0 +1,1 @@
+"""Integrations of stepmesh into inference frameworks (vLLM afd-plugin connector)."""
