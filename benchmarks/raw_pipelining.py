@@ -25,8 +25,8 @@ _TIMEOUT_S = 120.0
 def _side(role: str, conn: Any, nbytes: int, depth: int, iters: int) -> None:
     import torch
 
-    from stepmesh.data.wire import UCX_OPTIONS as DATA_UCX_OPTIONS
     from stepmesh.control.transport import Transport
+    from stepmesh.data.wire import UCX_OPTIONS as DATA_UCX_OPTIONS
 
     if hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))

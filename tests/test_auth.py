@@ -66,8 +66,8 @@ def test_strangers_sending_garbage_or_hanging_up_do_not_disturb_the_mesh():
     import time
 
     from stepmesh.control import messages as P
-    from stepmesh.testing import spawn_mesh
     from stepmesh.control.transport import ControlChannel, Transport
+    from stepmesh.testing import spawn_mesh
 
     mesh = spawn_mesh(_plain, env=FAST, timeout=60)
     try:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .config import Config
+from .control.node import NodeInfo
+from .control.scheduler import Scheduler
 from .errors import (
     ArgumentError,
     AuthError,
@@ -22,9 +24,7 @@ from .errors import (
     TimeoutError,
     TransportError,
 )
-from .control.node import NodeInfo
 from .notify import SimpleNotify
-from .control.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from .data.server import AFTensorServer

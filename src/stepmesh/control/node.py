@@ -132,7 +132,7 @@ class Node:
         if cfg.bind_cpu_core:
             self._bind_core()
         if cfg.backend not in (None, "cpu"):  # as StepMesh's init: cudaSetDevice(STEPMESH_GPU)
-            from .backends import select
+            from ..backends import select
 
             select(cfg.backend).set_device(cfg.gpu)
         self.data = Transport({**self.data_options, **cfg.ucx_options()}, cfg.progress)
@@ -514,7 +514,7 @@ class Node:
             self._thread.join(timeout=5)
         self._thread = None
         if self._channel is not None:
-            self._channel.close()
+            self._channel.close(hang_up=self._fatal is None)  # the scheduler waits for this after the stop barrier
         self.endpoints.clear()
         if self.data is not None:
             self.data.close()

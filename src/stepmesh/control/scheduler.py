@@ -24,6 +24,7 @@ from .transport import ControlChannel, EventLoop, Transport, Waker
 __all__ = ["Scheduler"]
 
 log = logging.getLogger("stepmesh.scheduler")
+_STOP_LINGER_S = 5.0  # after the stop barrier: how long the nodes have to hang up before the scheduler does
 
 
 @dataclass(eq=False)
@@ -484,6 +485,15 @@ class Scheduler:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not all(c.channel.flushed for c in self._conns):
             self._loop.run_once(0.01)
+        if self._stop_passed:
+            # A release handed to UCX is not yet a release read: closing now can reach a node
+            # before its last message does ("lost the connection" in the stop barrier). Each
+            # node hangs up once released; wait for that, within a bound.
+            deadline = time.monotonic() + _STOP_LINGER_S
+            while time.monotonic() < deadline and any(c.channel.alive for c in self._conns):
+                self._loop.run_once(0.01)
+                for c in self._conns:
+                    c.channel.poll()
         self._shutdown()
 
     def _shutdown(self) -> None:

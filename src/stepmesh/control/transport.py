@@ -325,15 +325,24 @@ class ControlChannel:
                 self.alive = False
         return out
 
-    def close(self) -> None:
-        """Stop receiving. Sends still in flight stay referenced (and their buffers
-        alive) until the endpoint itself goes away with this object."""
+    def close(self, hang_up: bool = False) -> None:
+        """Stop receiving; with ``hang_up``, also close the endpoint, so that the peer sees it go at once.
+
+        Sends still in flight stay referenced (and their buffers alive) until the
+        endpoint itself goes away with this object.
+        """
         self.alive = False
         try:
             self.endpoint.remove_close_callback()
         except Exception:
             pass
         self._recv = None
+        if hang_up:  # never on a broken endpoint: ucxx crashes closing one
+            try:
+                if self.endpoint.alive:
+                    self.endpoint.close()
+            except Exception:
+                pass
 
 
 class Waker:
