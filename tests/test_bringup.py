@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 import stepmesh
-from stepmesh.testing import NodeContext, run_mesh
+import stepmesh as f
+from stepmesh.testing import NodeContext, run_mesh, spawn_mesh
 
 from .conftest import FAST
 
@@ -153,3 +155,40 @@ def test_bind_cpu_core_pins_the_caller_and_leaves_the_control_thread_free():
         r = results[name]
         assert r["caller"] == [r["before"][offset % len(r["before"])]], r
         assert r["control"] == r["before"], r
+
+
+# ------------------------------------------------------- a late instance group
+def _one_round(ctx: NodeContext) -> str:
+    f.init()
+    if ctx.role == "worker":
+        out = [torch.zeros(4)]
+        f.wait(f.push_pull([torch.full((4,), float(ctx.group))], [0], out, [0]))
+        assert torch.all(out[0] == ctx.group + 1)
+    else:
+        (h, (t,), _), = f.get_batch()
+        f.respond([t + 1], h)
+    t0 = time.monotonic()
+    f.stop()
+    return f"stopped after {time.monotonic() - t0:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_a_late_instance_group_is_waited_for_by_the_stop_barrier():
+    """Group 1 starts 4 s after group 0 finished its work: the scheduler's stop barrier waits for it.
+
+    (It once covered only the nodes already registered: group 0 stopped, the
+    scheduler exited, and group 1 failed to reach it 60 s later.)
+    """
+    mesh = spawn_mesh(_one_round, group_size=2, env=FAST, timeout=90, skip=lambda role, rank, group: group == 1)
+    try:
+        time.sleep(4.0)  # group 0 is in its stop barrier by now
+        assert all(c.process.is_alive() for c in mesh.children.values()), "the mesh stopped without group 1"
+        for role in ("server", "worker"):
+            mesh.add_node(_one_round, role, 0, 1)
+        results = mesh.join()
+    finally:
+        mesh.kill()
+    results.pop("scheduler")
+    assert sorted(results) == ["server-0-0", "server-1-0", "worker-0-0", "worker-1-0"]
+    early = [float(results[n].split()[2]) for n in ("server-0-0", "worker-0-0")]
+    assert all(t > 1.0 for t in early), results  # they waited in stop() for the late group

@@ -24,6 +24,7 @@ from .errors import (
     TimeoutError,
     TransportError,
 )
+from .kernels import map_pinned_tensor, seq_add_one, wait_flag, write_flag
 from .notify import SimpleNotify
 
 if TYPE_CHECKING:
@@ -66,13 +67,17 @@ __all__ = [
     "get_batch",
     "get_nanosecond",
     "init",
+    "map_pinned_tensor",
     "node_info",
     "push_pull",
     "register_recv_buffer",
     "respond",
     "respond_vec",
+    "seq_add_one",
     "stop",
     "wait",
+    "wait_flag",
+    "write_flag",
 ]
 
 _node: Scheduler | AFTensorWorker | AFTensorServer | None = None

@@ -24,27 +24,6 @@ __all__ = ["SimpleNotify"]
 _CU_STREAM_WAIT_VALUE_EQ = 0x1
 
 
-class _Driver:
-    """The two CUDA driver calls this needs, through ctypes (no build, no extra package)."""
-
-    def __init__(self) -> None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as e:
-            raise ConfigError(f"SimpleNotify needs the CUDA driver (libcuda.so.1): {e}") from e
-        self.wait_value = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
-        self.wait_value.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self.wait_value.restype = ctypes.c_int
-        self.device_pointer = getattr(lib, "cuMemHostGetDevicePointer_v2", None) or lib.cuMemHostGetDevicePointer
-        self.device_pointer.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
-        self.device_pointer.restype = ctypes.c_int
-
-    @staticmethod
-    def check(status: int, what: str) -> None:
-        if status != 0:
-            raise StepMeshError(f"{what} failed with CUDA driver error {status}")
-
-
 def _current_device() -> int:
     import torch
 
@@ -69,7 +48,7 @@ class SimpleNotify:
     """
 
     def __init__(self) -> None:
-        self._driver: _Driver | None = None
+        self._driver: Any = None
         self._flag: Any = None
         self._host: Any = None
         self._dptr = 0
@@ -78,30 +57,35 @@ class SimpleNotify:
         self._error: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._future: Future | None = None
+        self._initialised = False
 
     def init(self) -> None:
         """Allocate the flag in mapped pinned memory.
 
+        Where torch sees no CUDA device this does nothing, so that code which
+        creates a SimpleNotify up front (StepMesh's vLLM connector) runs on the
+        CPU; the first call that would wait on a stream raises then.
+
         Raises:
-            ConfigError: no CUDA device or driver here.
+            ConfigError: CUDA is there but its driver is not.
         """
         import torch
 
+        from .kernels import device_pointer, driver
+
+        self._initialised = True
         if not torch.cuda.is_available():
-            raise ConfigError("SimpleNotify needs a CUDA device; torch sees none (use wait()/get_batch() on CPU)")
-        self._driver = _Driver()
+            return
+        self._driver = driver()
         self._flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self._host = self._flag.numpy()
-        dptr = ctypes.c_uint64(0)
-        self._driver.check(
-            self._driver.device_pointer(ctypes.byref(dptr), ctypes.c_void_p(self._flag.data_ptr()), 0),
-            "cuMemHostGetDevicePointer",
-        )
-        self._dptr = dptr.value
+        self._dptr = device_pointer(self._flag.data_ptr())
 
     def _block_stream(self) -> None:
-        if self._driver is None:
+        if not self._initialised:
             raise StepMeshError("SimpleNotify.init() was not called")
+        if self._driver is None:
+            raise ConfigError("SimpleNotify waits on a CUDA stream; torch sees no CUDA device here (use wait()/get_batch())")
         import torch
 
         stream = torch.cuda.current_stream().cuda_stream

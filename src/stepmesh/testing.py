@@ -101,6 +101,25 @@ class Mesh:
     deadline: float = 0.0
     port: int = 0
     tmpdir: Any = None
+    spawn: Any = None
+    base_env: dict[str, str] = field(default_factory=dict)
+    args: Any = None
+
+    def _start(self, name: str, target: Any, ctx: NodeContext) -> None:
+        out = os.path.join(self.tmpdir.name, name + ".log")
+        p = self.spawn.Process(target=_child_main, args=(target, ctx, out, self.queue), name=name, daemon=True)
+        self.children[name] = _Child(name, p, out)
+        p.start()
+
+    def add_node(
+        self, target: Callable[[NodeContext], Any], role: str, rank: int, group: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start one more node against this mesh's scheduler (one left out with ``skip``, say, started late)."""
+        e = dict(self.base_env)
+        e.update(DMLC_ROLE=role, DMLC_NODE_RANK=str(rank), STEPMESH_GPU=str(group), DMLC_PS_ROOT_PORT=str(self.port))
+        e.update(env or {})
+        self._start(f"{role}-{group}-{rank}", target, NodeContext(role, rank, group, e, self.args))
 
     def pids(self) -> dict[str, int]:
         return {n: c.process.pid for n, c in self.children.items()}
@@ -253,19 +272,12 @@ def spawn_mesh(
         MeshError: the scheduler did not report its port in time.
     """
     spawn = _context()
-    mesh = Mesh(queue=spawn.Queue(), deadline=time.monotonic() + timeout)
+    mesh = Mesh(queue=spawn.Queue(), deadline=time.monotonic() + timeout, spawn=spawn, args=args)
     mesh.tmpdir = tempfile.TemporaryDirectory(prefix="stepmesh-mesh-")
-    base = _base_env(num_workers, num_servers, group_size, env)
-
-    def start(name: str, tgt: Any, ctx: NodeContext) -> None:
-        out = os.path.join(mesh.tmpdir.name, name + ".log")
-        p = spawn.Process(target=_child_main, args=(tgt, ctx, out, mesh.queue), name=name, daemon=True)
-        mesh.children[name] = _Child(name, p, out)
-        p.start()
-
+    mesh.base_env = base = _base_env(num_workers, num_servers, group_size, env)
     try:
         sched_env = dict(base, DMLC_ROLE="scheduler", DMLC_PS_ROOT_PORT="0")
-        start("scheduler", None, NodeContext("scheduler", 0, 0, sched_env, args))
+        mesh._start("scheduler", None, NodeContext("scheduler", 0, 0, sched_env, args))
         while not mesh.port:
             mesh._drain(0.05)
             sched = mesh.children["scheduler"]
@@ -276,16 +288,7 @@ def spawn_mesh(
                 for rank in range(count):
                     if skip is not None and skip(role, rank, group):
                         continue
-                    e = dict(base)
-                    e.update(
-                        DMLC_ROLE=role,
-                        DMLC_NODE_RANK=str(rank),
-                        STEPMESH_GPU=str(group),
-                        DMLC_PS_ROOT_PORT=str(mesh.port),
-                    )
-                    if node_env is not None:
-                        e.update(node_env(role, rank, group))
-                    start(f"{role}-{group}-{rank}", target, NodeContext(role, rank, group, e, args))
+                    mesh.add_node(target, role, rank, group, node_env(role, rank, group) if node_env else None)
     except BaseException:
         mesh.kill()
         mesh.tmpdir.cleanup()

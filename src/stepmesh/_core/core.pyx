@@ -1367,8 +1367,8 @@ cdef class Layout:
     cdef int size, n_push, n_pull, n_sep_push, n_sep_pull, evicted
     cdef PushDest *push
     cdef list views  # per push: the registered chunk's view, or None
-    cdef list shapes, dtypes  # per push: what a fresh tensor is made of
-    cdef object fresh_device  # torch.device of fresh tensors
+    cdef list shapes, dtypes, devices  # per push: what a fresh tensor is made of
+    cdef object alloc_ctx  # a torch stream context: fresh device tensors come from a stream of their own
     cdef list keys, pull_keys
     cdef uint64_t *caps
     cdef int *placements
@@ -1459,13 +1459,12 @@ cdef class Server:
     cdef object endpoints
 
     def __cinit__(self, Ucp ucp, list eps, list endpoints, list ring_tags, list push_tags, uint64_t resp_tag,
-                  uint64_t pull_tag, bint pinned, int device, object alloc_ctx):
+                  uint64_t pull_tag, bint pinned, int device):
         cdef int w, k
         self.ucp = ucp
         self.n_workers = len(eps)
         self.pinned = pinned
         self.device = device
-        self.alloc_ctx = alloc_ctx
         self.endpoints = endpoints
         self.eps = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
         self.ring_tag = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
@@ -1531,15 +1530,16 @@ cdef class Server:
         lay.head = spec["head"]
         lay.size = len(lay.head)
         lay.hash = _layout_hash(<const uint8_t *><const char *>lay.head, lay.size)
-        pushes = spec["push"]  # (placement, offset, nbytes, view or None, shape, dtype, device index or -1)
+        pushes = spec["push"]  # (placement, offset, nbytes, view or None, shape, dtype, device index or -1, torch.device)
         lay.n_push = len(pushes)
         lay.push = <PushDest *>calloc(max(lay.n_push, 1), sizeof(PushDest))
         lay.views = []
         lay.shapes = []
         lay.dtypes = []
-        lay.fresh_device = spec["fresh_device"]
+        lay.devices = []
+        lay.alloc_ctx = spec["alloc_ctx"]
         for i in range(lay.n_push):
-            placement, offset, nbytes, view, shape, dtype, dev = pushes[i]
+            placement, offset, nbytes, view, shape, dtype, dev, device = pushes[i]
             lay.push[i].placement = placement
             lay.push[i].offset = offset
             lay.push[i].nbytes = nbytes
@@ -1550,6 +1550,7 @@ cdef class Server:
             lay.views.append(view)
             lay.shapes.append(shape)
             lay.dtypes.append(dtype)
+            lay.devices.append(device)
         lay.keys = spec["keys"]
         lay.pull_keys = spec["pull_keys"]
         pulls = spec["pull"]  # (placement, capacity)
@@ -1708,10 +1709,10 @@ cdef class Server:
         return R_DONE
 
     cdef object _fresh(self, Layout lay, int i):
-        if lay.push[i].dest_device >= 0 and self.alloc_ctx is not None:
-            with self.alloc_ctx:
-                return torch_empty(lay.shapes[i], dtype=lay.dtypes[i], device=lay.fresh_device)
-        return torch_empty(lay.shapes[i], dtype=lay.dtypes[i], device=lay.fresh_device)
+        if lay.push[i].dest_device >= 0 and lay.alloc_ctx is not None:
+            with lay.alloc_ctx:
+                return torch_empty(lay.shapes[i], dtype=lay.dtypes[i], device=lay.devices[i])
+        return torch_empty(lay.shapes[i], dtype=lay.dtypes[i], device=lay.devices[i])
 
     # ------------------------------------------------------------ get_batch
     cdef bint _all_ready(self) noexcept:

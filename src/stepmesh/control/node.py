@@ -205,7 +205,8 @@ class Node:
             if time.monotonic() + _CONNECT_RETRY_S >= deadline:
                 raise TimeoutError(
                     f"{self.role}: cannot reach the scheduler at {cfg.root_uri}:{cfg.root_port} "
-                    f"(DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT) within {cfg.init_timeout_ms} ms: {last_error}"
+                    f"(DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT) within {cfg.init_timeout_ms} ms: {last_error}; "
+                    "is it running there? (it exits once every node of the mesh has stopped)"
                 )
             time.sleep(_CONNECT_RETRY_S)
 

@@ -88,6 +88,7 @@ class Scheduler:
         self._first_seen: float | None = None
         self._stop_requested = False
         self._stop_passed = False
+        self._gave_up_waiting = False  # the init timeout passed with nodes missing: the stop barrier no longer waits
         self._failed: StepMeshError | None = None
         self._done = threading.Event()
         self._waker = Waker()
@@ -384,6 +385,7 @@ class Scheduler:
             self._done.set()
         else:
             self._first_seen = None  # the booked groups run on; report once
+            self._gave_up_waiting = True
 
     # ---------------------------------------------------------------- barriers
     def _participants(self, node: _Node, scope: int) -> list[_Node]:
@@ -423,8 +425,8 @@ class Scheduler:
                     self._send(n, P.encode_release(seq, scope, P.ErrorCode.PEER, text))
             del self._barriers[key]
             return
-        if scope & P.SCOPE_STOP and not self._stop_requested:
-            return
+        if scope & P.SCOPE_STOP and (not self._stop_requested or (not self._gave_up_waiting and self._missing())):
+            return  # every node the mesh expects stops together: a late instance group is waited for
         if all(n.node_id in barrier.arrived for n in members):
             for n in members:
                 self._send(n, P.encode_release(seq, scope))

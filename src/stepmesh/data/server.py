@@ -57,8 +57,8 @@ class AFTensorServer(Node):
         self._core: Any = None
         self._spins = 0
         self._registered: dict[tuple[int, int], torch.Tensor] = {}
-        self._fresh_device = torch.device("cpu")
         self._n_servers = 0
+        self._alloc_ctx: Any = None
 
     def start(self) -> None:
         super().start()
@@ -69,21 +69,16 @@ class AFTensorServer(Node):
         self.server_index = self.rank + (self.group * cfg.num_servers if cfg.topology == "full" else 0)
         self._n_servers = cfg.num_servers * (cfg.group_size if cfg.topology == "full" else 1)
         core = bound_core()
-        device, alloc_ctx = -1, None
-        if cfg.backend in ("cuda", "rocm"):  # unregistered pushes land on this process's GPU
-            device = cfg.gpu
-            self._fresh_device = torch.device("cuda", device)
-            backends.get(cfg.backend).bind_core(core)
-            # Fresh tensors come from a stream of their own: memory the caller freed while its stream may
-            # still read it is never handed to UCX to write into.
-            alloc_ctx = torch.cuda.stream(torch.cuda.Stream(device=device))
+        gpu = self.config.backend in ("cuda", "rocm")
+        if gpu:
+            backends.get(cfg.backend).bind_core(core)  # type: ignore[arg-type]
         endpoints = [self.endpoints[p.node_id] for p in self.workers]
         self._core = core.Server(
             data.ucp, [ep.handle for ep in endpoints], endpoints,
             [W.make_tag(W.Tag.REQUEST, p.node_id) for p in self.workers],
             [W.make_tag(W.Tag.PUSH, p.node_id) for p in self.workers],
             W.make_tag(W.Tag.RESPONSE, self.node_id), W.make_tag(W.Tag.PULL, self.node_id),
-            device >= 0, device, alloc_ctx,
+            gpu, cfg.gpu if gpu else -1,
         )
         data.on_close(self._core.close)
         self._spins = data.core_spins
@@ -173,13 +168,16 @@ class AFTensorServer(Node):
 
     def _layout(self, w: int, hdr: W.RequestHeader, raw: bytes) -> dict[str, Any]:
         """Where each push of a request laid out as ``hdr`` lands under the buffers registered now."""
-        fresh = -1 if self._fresh_device.type == "cpu" else self._fresh_device.index
         pushes = []
         offset = hdr.size
         for m in hdr.tensors:
             view = self._registered_view(w, m)
-            dev = fresh if view is None else (view.get_device() if view.is_cuda else -1)
-            pushes.append((m.placement, offset, m.nbytes, view, m.shape, CODE_DTYPE[m.dtype], dev))
+            if view is None:
+                fresh = self._fresh_device(m)
+                dev = -1 if fresh.type == "cpu" else self.config.gpu
+            else:
+                fresh, dev = view.device, (view.get_device() if view.is_cuda else -1)
+            pushes.append((m.placement, offset, m.nbytes, view, m.shape, CODE_DTYPE[m.dtype], dev, fresh))
             if m.placement is W.Placement.INLINE:
                 offset += m.nbytes
         share = hdr.pulls_for(self.server_index)
@@ -187,8 +185,21 @@ class AFTensorServer(Node):
         return {
             "head": raw[: hdr.size], "push": pushes, "keys": [m.key for m in hdr.tensors],
             "pull": [(p.placement, p.capacity) for p in share], "pull_keys": [p.key for p in share],
-            "resp_size": W.response_header_size(len(share)) + inline_room, "fresh_device": self._fresh_device,
+            "resp_size": W.response_header_size(len(share)) + inline_room, "alloc_ctx": self._alloc_ctx,
         }
+
+    def _fresh_device(self, m: W.TensorMeta) -> torch.device:
+        """Where an unregistered push lands: this process's GPU (STEPMESH_GPU) with a GPU backend, or when the
+        backend is not set and the worker's tensor was device memory (as StepMesh does); else host memory."""
+        backend = self.config.backend
+        if backend in ("cuda", "rocm") or (backend is None and m.device and torch.cuda.is_available()):
+            if self._alloc_ctx is None:
+                backends.bind_core_device(bound_core(), torch.empty(0, device=f"cuda:{self.config.gpu}"))
+                # From a stream of its own: memory the caller freed while its stream may still
+                # read it is never handed to UCX to write into.
+                self._alloc_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.config.gpu))
+            return torch.device("cuda", self.config.gpu)
+        return torch.device("cpu")
 
     def _registered_view(self, w: int, m: W.TensorMeta) -> torch.Tensor | None:
         """The registered chunk for (worker, key) viewed as ``m``, or None when none fits."""

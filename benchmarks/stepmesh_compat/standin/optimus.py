@@ -1,0 +1,1 @@
+"""Stand-in for StepFun's internal ``optimus`` module, which two StepMesh scripts import and never use."""
