@@ -305,28 +305,36 @@ class Launcher:
             roles.append(("server", spec.num_servers))
         if spec.role in ("joint", "worker"):
             roles.append(("worker", spec.num_workers))
-        base = self._base_env(uri, port)
         for group in range(spec.group_size):
             for role, count in roles:
                 for rank in range(count):
                     self._check()
-                    env = dict(base, DMLC_ROLE=role, DMLC_NODE_RANK=str(rank), STEPMESH_GPU=str(group))
+                    env = self._env(uri, port, role=role, node_rank=rank, gpu=group)
                     label = child_label(role, rank, group, spec.group_size)
                     self._start(label, role, list(spec.command), env)
         return self._supervise()
 
-    def _base_env(self, uri: str, port: int) -> dict[str, str]:
+    def _env(self, uri: str, port: int, **fields: Any) -> dict[str, str]:
+        """A child's environment: this one's, --env, and the child's whole configuration (``Config.to_env``).
+
+        The configuration is resolved here, so that a bad ``STEPMESH_*``/``DMLC_*``
+        variable fails once, in the launcher, naming the variable.
+        """
+        from stepmesh import Config
+
         spec = self.spec
         env = dict(os.environ)
         env.update(spec.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # children's lines show up as printed
-        env.update(
-            DMLC_NUM_WORKER=str(spec.num_workers),
-            DMLC_NUM_SERVER=str(spec.num_servers),
-            DMLC_GROUP_SIZE=str(spec.group_size),
-            DMLC_PS_ROOT_URI=uri,
-            DMLC_PS_ROOT_PORT=str(port),
-        )
+        env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer knows
+        try:
+            cfg = Config.from_env(
+                environ=env, num_workers=spec.num_workers, num_servers=spec.num_servers, group_size=spec.group_size,
+                root_uri=uri, root_port=port, **fields,
+            )
+        except Exception as e:
+            raise _Abort(2, f"invalid configuration: {e}") from None
+        env.update(cfg.to_env())
         return env
 
     def _start_scheduler(self, uri: str) -> int:
@@ -342,8 +350,7 @@ class Launcher:
             "--group-size", str(spec.group_size),
             "--port-file", port_file,
         ]  # fmt: skip
-        env = self._base_env(uri, spec.port or 0)
-        env["DMLC_ROLE"] = "scheduler"
+        env = self._env(uri, spec.port or 0, role="scheduler", node_rank=None)
         env.pop("DMLC_NODE_RANK", None)
         sched = self._start("scheduler", "scheduler", argv, env)
         self._scheduler = sched

@@ -301,7 +301,8 @@ BOOL = "1, 0, true, false"
         ({"DMLC_NODE_RANK": "first"}, "DMLC_NODE_RANK", INT),
         ({"DMLC_NODE_RANK": "-1"}, "DMLC_NODE_RANK", "an integer >= 0"),
         ({"DMLC_RANK_OFFSET": "x"}, "DMLC_RANK_OFFSET", INT),
-        ({"DMLC_RANK_OFFSET": "-1"}, "DMLC_RANK_OFFSET", "an integer >= 0"),
+        ({"DMLC_RANK_OFFSET": "-1", "DMLC_ROLE": "worker", "DMLC_PS_ROOT_PORT": "9"}, "DMLC_RANK_OFFSET", "an instance group"),
+        ({"DMLC_RANK_OFFSET": "-5000"}, "DMLC_RANK_OFFSET", "an integer >= -4095"),
         ({"DMLC_PS_ROOT_URI": ""}, "DMLC_PS_ROOT_URI", "a host name or IP address"),
         ({"DMLC_PS_ROOT_URI": "   "}, "DMLC_PS_ROOT_URI", "a host name or IP address"),
         ({"DMLC_PS_ROOT_PORT": "http"}, "DMLC_PS_ROOT_PORT", INT),
@@ -560,3 +561,12 @@ def test_mesh_larger_than_the_tag_space_is_refused(env):
 def test_backend_must_be_a_name(bad):
     with pytest.raises(ConfigError, match="STEPMESH_BACKEND"):
         cfg(backend=bad)
+
+
+def test_to_env_is_what_from_env_reads_back():
+    c = Config(role="worker", num_workers=2, num_servers=3, group_size=4, gpu=1, rank_offset=2, root_port=4321,
+               transports=("tcp", "posix"), bind_cpu_core=True, auth_token="s3cret", progress="polling")
+    env = c.to_env()
+    assert env["DMLC_ROLE"] == "worker" and env["STEPMESH_TRANSPORTS"] == "tcp,posix" and env["STEPMESH_BIND_CPU_CORE"] == "1"
+    assert "DMLC_NODE_RANK" not in env  # unset stays unset
+    assert Config.from_env(environ=env) == c

@@ -898,3 +898,37 @@ def test_calls_before_init_are_clear_errors():
         f.get_batch()
     with pytest.raises(f.StepMeshError, match="before stepmesh.init"):
         f.node_info()
+
+
+# ------------------------------------------------- a server loop that ends
+def _until_workers_stop(ctx: NodeContext) -> int:
+    """Workers make a number of calls the server does not know; the server loops until they all stopped."""
+    f.init()
+    calls = 0
+    if ctx.role == "worker":
+        for i in range(5):
+            out = [torch.zeros(4)]
+            f.wait(f.push_pull([torch.full((4,), float(i))], [0], out, [0]))
+            assert torch.all(out[0] == i + 1)
+            calls += 1
+        time.sleep(0.5 * ctx.rank)  # they stop at different times
+    else:
+        with pytest.raises(f.StepMeshError, match="worker call"):
+            f.push_pull([], [], [], [])
+        assert not f.workers_stopped()
+        while True:
+            batch = f.get_batch()  # no timeout: it returns [] once every worker has stopped
+            if not batch and f.workers_stopped():
+                break
+            for h, (t,), _ in batch:
+                f.respond([t + 1], h)
+            calls += 1
+    f.stop()
+    return calls
+
+
+@pytest.mark.timeout(60)
+def test_a_server_loop_ends_when_every_worker_has_stopped():
+    """(get_batch() once blocked while the workers sat in stop(): servers had to count requests.)"""
+    results = _mesh(_until_workers_stop, num_workers=2, num_servers=1, timeout=40)
+    assert results["server-0-0"] == 5 and results["worker-0-0"] == 5

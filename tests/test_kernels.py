@@ -102,6 +102,9 @@ def _kernel_wait(ctx: NodeContext) -> int:
 
         def cpu() -> None:  # a thread of its own: push_pull and wait from it, as StepMesh's test does
             nonlocal done
+            # This thread's own torch work goes on a stream of its own: on the legacy default stream it
+            # would queue behind the replaying graph, which waits for this thread (a deadlock).
+            torch.cuda.set_stream(torch.cuda.Stream())
             try:
                 expected = 1
                 while expected <= steps:

@@ -77,6 +77,7 @@ __all__ = [
     "stop",
     "wait",
     "wait_flag",
+    "workers_stopped",
     "write_flag",
 ]
 
@@ -258,6 +259,23 @@ def respond(
 def respond_vec(ret_buffer: Any, tensors_vec: list[Any], handles: list[int]) -> None:
     """Answer several requests from one buffer; see :meth:`AFTensorServer.respond_vec`."""
     _server("respond_vec").respond_vec(ret_buffer, tensors_vec, handles)
+
+
+def workers_stopped() -> bool:
+    """Whether every worker of this server's group has entered ``stop()`` (then ``get_batch()`` returns ``[]``).
+
+    A server loop that ends with its workers::
+
+        while True:
+            batch = stepmesh.get_batch()
+            if not batch and stepmesh.workers_stopped():
+                break
+            ...
+
+    Raises:
+        StepMeshError: not initialised, or not a server.
+    """
+    return _server("workers_stopped").workers_stopped
 
 
 def flush(timeout_ms: int = 10000) -> None:

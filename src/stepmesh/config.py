@@ -89,7 +89,7 @@ class Config:
             ("num_workers", 1, _MAX_NODES),
             ("num_servers", 1, _MAX_NODES),
             ("group_size", 1, _MAX_NODES),
-            ("rank_offset", 0, _MAX_NODES),
+            ("rank_offset", -_MAX_NODES, _MAX_NODES),
             ("gpu", 0, _MAX_NODES),
             ("cpu_start_offset", 0, None),
             ("init_timeout_ms", 1, None),
@@ -99,6 +99,13 @@ class Config:
             ("heartbeat_timeout_ms", 10, None),
         ):
             _check_int(name, getattr(self, name), low, high)
+        if not 0 <= self.group < self.group_size and self.role not in (None, "scheduler"):
+            _fail(
+                "rank_offset",
+                self.rank_offset,
+                f"STEPMESH_GPU + DMLC_RANK_OFFSET = {self.group}: an instance group 0..{self.group_size - 1}"
+                " (DMLC_GROUP_SIZE)",
+            )
         if self.expected_nodes > _MAX_NODES:
             _fail(
                 "group_size",
@@ -179,6 +186,26 @@ class Config:
                 continue
             values[name] = _parse(name, var, raw.strip())
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a child process this configuration (``from_env`` reads it back).
+
+        Every field that is set, under its variable; what a launcher passes to
+        the processes it starts (it never writes this process's environment).
+        """
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "1" if value else "0"
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            else:
+                text = str(value)
+            out[f.metadata["name"]] = text
+        return out
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated again)."""

@@ -14,6 +14,8 @@ import faulthandler
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -21,7 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NodeContext", "MeshError", "Mesh", "run_mesh", "spawn_mesh"]
+__all__ = [
+    "NodeContext", "MeshError", "Mesh", "run_mesh", "spawn_mesh", "cli_command", "start_command", "run_command",
+    "run_commands", "kill_session", "session_pids", "pid_alive", "wait_gone",
+]
 
 _OUTPUT_TAIL = 6000
 
@@ -223,13 +228,11 @@ class Mesh:
 
 
 def _base_env(num_workers: int, num_servers: int, group_size: int, env: Mapping[str, str] | None) -> dict[str, str]:
-    out = {
-        "DMLC_NUM_WORKER": str(num_workers),
-        "DMLC_NUM_SERVER": str(num_servers),
-        "DMLC_GROUP_SIZE": str(group_size),
-        "DMLC_PS_ROOT_URI": "127.0.0.1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    from .config import Config
+
+    shape = Config(num_workers=num_workers, num_servers=num_servers, group_size=group_size, root_uri="127.0.0.1")
+    out = {k: v for k, v in shape.to_env().items() if k.startswith("DMLC_")}
+    out.update(PYTHONUNBUFFERED="1", UCX_WARN_UNUSED_ENV_VARS="n")  # ucxx sets UCX_MEMTYPE_CACHE, unknown to UCX 1.21
     out.update(env or {})
     return out
 
@@ -306,18 +309,14 @@ def run_mesh(target: Callable[[NodeContext], Any], **kwargs: Any) -> dict[str, A
     return spawn_mesh(target, **kwargs).join(expect_failure=expect_failure)
 
 
-# --------------------------------------------------------------------------
-# Command-line helpers: run a command (``stepmesh launch`` ...) as a real
-# process, and never leave it or anything it started behind.
-
-import signal as _signal  # noqa: E402 - appended section
-import subprocess as _subprocess  # noqa: E402
-import sys as _sys  # noqa: E402
+# ---------------------------------------------------------- commands
+# Run commands (``stepmesh launch`` ...) as real processes, and never leave
+# them or anything they started behind.
 
 
 def cli_command(*args: str) -> list[str]:
     """``[python, -m, stepmesh.cli, *args]`` with the running interpreter."""
-    return [_sys.executable, "-m", "stepmesh.cli", *args]
+    return [sys.executable, "-m", "stepmesh.cli", *args]
 
 
 def session_pids(sid: int) -> list[int]:
@@ -345,12 +344,12 @@ def session_pids(sid: int) -> list[int]:
 def kill_session(sid: int) -> None:
     """SIGKILL every process of session ``sid`` (started by us with a new session), by pid."""
     try:
-        os.killpg(sid, _signal.SIGKILL)
+        os.killpg(sid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     for pid in session_pids(sid):
         try:
-            os.kill(pid, _signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -383,19 +382,19 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
 
 def start_command(
     args: list[str], env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None
-) -> _subprocess.Popen:
+) -> subprocess.Popen:
     """Start ``args`` in a new session (so :func:`kill_session` can reap everything it starts).
 
     ``env`` is added to this process's environment. Output is captured as text by default.
     """
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return _subprocess.Popen(
+    return subprocess.Popen(
         args,
         env=full_env,
-        stdin=_subprocess.DEVNULL,
-        stdout=_subprocess.PIPE if stdout is None else stdout,
-        stderr=_subprocess.PIPE if stderr is None else stderr,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE if stderr is None else stderr,
         text=True,
         start_new_session=True,
     )
@@ -406,7 +405,7 @@ def run_command(
     timeout: float,
     env: Mapping[str, str] | None = None,
     allow_leftovers: bool = False,
-) -> _subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess:
     """Run ``args`` to completion in a new session and return its exit status and output.
 
     ``env`` is added to this process's environment. At the ``timeout`` (seconds)
@@ -417,11 +416,11 @@ def run_command(
     proc = start_command(args, env)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except _subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:
         kill_session(proc.pid)
         try:
             out, err = proc.communicate(timeout=5)
-        except _subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:
             out, err = "", "(output unavailable: pipes still open after the kill)"
         raise AssertionError(
             f"command did not finish within {timeout} s and was killed: {args!r}\n"
@@ -439,4 +438,38 @@ def run_command(
                 f"{args!r} exited with {proc.returncode} but left processes running: {leftovers}\n"
                 f"--- stdout ---\n{out[-_OUTPUT_TAIL:]}\n--- stderr ---\n{err[-_OUTPUT_TAIL:]}"
             )
-    return _subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def run_commands(
+    commands: Mapping[str, list[str]], timeout: float, env: Mapping[str, str] | None = None
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run several commands at once, each in a session of its own, under one deadline.
+
+    ``env`` is added to this process's environment. When one exits non-zero,
+    the others are given a few seconds, then killed; at the deadline every
+    session still running is killed and an AssertionError carries every
+    command's output so far.
+    """
+    procs = {name: start_command(argv, env) for name, argv in commands.items()}
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            if any(p.returncode not in (None, 0) for p in procs.values()):
+                deadline = min(deadline, time.monotonic() + 5.0)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        late = [name for name, p in procs.items() if p.poll() is None]
+        for p in procs.values():
+            kill_session(p.pid)
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=10)
+        out[name] = subprocess.CompletedProcess(commands[name], p.returncode, stdout, stderr)
+    if late and all(r.returncode in (0, -9) for r in out.values()):
+        report = "\n".join(f"--- {n} (exit {r.returncode}) ---\n{r.stdout[-_OUTPUT_TAIL:]}\n{r.stderr[-_OUTPUT_TAIL:]}"
+                           for n, r in out.items())
+        raise AssertionError(f"{', '.join(late)} did not finish within {timeout} s and were killed\n{report}")
+    return out

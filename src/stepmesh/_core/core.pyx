@@ -1089,7 +1089,15 @@ cdef class Worker:
                     _drv_check(drv.event_record(c.event, stream), "recording an event")
             elif copies:
                 sync_core_stream(p.device)
-        # the receives for the answers first: they land straight in the pull tensors
+        self.calls[c.handle] = c
+        if c.event != NULL or self.deferred:  # later calls never overtake a held-back one
+            c.state = C_DEFERRED
+            self.deferred.append(c)
+            self._kick()
+        else:
+            self._send(c)
+        # The request leaves first; the receives for the answers follow while it travels (they land straight
+        # in the pull tensors; an answer cannot come before its request, and one that did would wait in UCX).
         c.recvs.clear()
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         for s in range(p.n_servers):
@@ -1102,13 +1110,6 @@ cdef class Worker:
                 if a.how == ANSWER_SEPARATE:
                     c.recvs.add(ucp.recv_raw(<void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
                                              FULL_MASK, False))
-        self.calls[c.handle] = c
-        if c.event != NULL or self.deferred:  # later calls never overtake a held-back one
-            c.state = C_DEFERRED
-            self.deferred.append(c)
-            self._kick()
-        else:
-            self._send(c)
         return c.handle
 
     cdef void _send(self, Call c) noexcept:

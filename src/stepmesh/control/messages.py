@@ -15,7 +15,7 @@ from enum import IntEnum
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: PROOF carries the node's nonce, WELCOME the scheduler's proof
+PROTOCOL_VERSION = 3  # 3: STOPPING; 2: PROOF carries the node's nonce, WELCOME the scheduler's proof
 CONTROL_MAGIC = b"SMC1"
 MAX_CONTROL_BYTES = 1 << 20
 MAX_STRING = 4096
@@ -132,6 +132,7 @@ class Msg(IntEnum):
     CHALLENGE = 9  # scheduler -> node: prove you know the token (a fresh nonce)
     PROOF = 10  # node -> scheduler: HMAC-SHA256(token, nonce + the REGISTER message), and the node's own nonce
     PEER_BACK = 11  # scheduler -> node: a dead peer rejoined under its rank, at a new address
+    STOPPING = 12  # scheduler -> node: a peer entered stop() (it sends nothing more)
 
 
 class Role(IntEnum):
@@ -279,6 +280,10 @@ def encode_error(code: ErrorCode, text: str) -> bytes:
     return bytes(_start(Msg.ERROR).u16(code).text(text[:MAX_STRING]).buf)
 
 
+def encode_stopping(node_id: int) -> bytes:
+    return bytes(_start(Msg.STOPPING).u16(node_id).buf)
+
+
 def encode_peer_dead(node_id: int, role: Role, rank: int, text: str) -> bytes:
     return bytes(_start(Msg.PEER_DEAD).u16(node_id).u8(role).u32(rank).text(text[:MAX_STRING]).buf)
 
@@ -351,6 +356,8 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
         msg = Control(kind, blob=r.blob(AUTH_NONCE_BYTES))
     elif kind is Msg.PROOF:
         msg = Control(kind, blob=r.blob(AUTH_MAC_BYTES), nonce=r.blob(AUTH_NONCE_BYTES))
+    elif kind is Msg.STOPPING:
+        msg = Control(kind, node_id=r.u16())
     else:  # PEER_DEAD
         node_id = r.u16()
         role = _role(r.u8())

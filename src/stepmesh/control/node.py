@@ -90,6 +90,7 @@ class Node:
         self.peers: list[P.Peer] = []
         self.endpoints: dict[int, Any] = {}
         self.dead: dict[int, str] = {}
+        self.stopping: set[int] = set()  # peers that entered stop(): they send nothing more
         self.data: Transport | None = None
         self._control: Transport | None = None
         self._channel: ControlChannel | None = None
@@ -335,6 +336,8 @@ class Node:
             elif msg.kind is P.Msg.PEER_DEAD:
                 self.dead[msg.node_id] = msg.text
                 self.on_peer_dead(msg.node_id, msg.text)
+            elif msg.kind is P.Msg.STOPPING:
+                self.stopping.add(msg.node_id)
             elif msg.kind is P.Msg.CHALLENGE:
                 token = self.config.auth_token
                 if token is None:
@@ -351,7 +354,7 @@ class Node:
                     self._fatal = _ERRORS.get(msg.code, StepMeshError)(f"scheduler: {msg.text}")
             elif msg.kind is not P.Msg.HEARTBEAT:
                 log.warning("ignoring unexpected %s from the scheduler", msg.kind.name)
-            if msg.kind is not P.Msg.HEARTBEAT:
+            if msg.kind is not P.Msg.HEARTBEAT and msg.kind is not P.Msg.STOPPING:
                 self._update_health()
             self._lock.notify_all()
 

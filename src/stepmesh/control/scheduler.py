@@ -406,6 +406,9 @@ class Scheduler:
     def _arrive(self, node: _Node, seq: int, scope: int) -> None:
         if scope & P.SCOPE_STOP:
             scope = P.SCOPE_STOP
+            for other in self._nodes.values():  # a server learns that a worker will send nothing more
+                if other.alive and other is not node:
+                    self._send(other, P.encode_stopping(node.node_id))
         elif scope & (P.SCOPE_SERVERS | P.SCOPE_WORKERS) == 0:
             self._send(node, P.encode_release(seq, scope))
             return

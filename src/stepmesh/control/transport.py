@@ -32,9 +32,6 @@ def _ucx() -> tuple[Any, Any]:
     """Import ucxx lazily (it writes UCX_* defaults into the environment on import)."""
     global _api, _Array
     if _api is None:
-        # UCX would print a warning for each UCX_* variable ucxx sets that this
-        # UCX build does not know; they are ucxx's defaults, not the user's.
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
         try:
             import ucxx._lib.libucxx as api
             from ucxx._lib.arr import Array

@@ -87,15 +87,24 @@ class AFTensorServer(Node):
     def num_workers(self) -> int:
         return len(self.workers)
 
+    @property
+    def workers_stopped(self) -> bool:
+        """Whether every worker of this server's group has entered ``stop()``: no request will come any more."""
+        stopping = self.stopping
+        return bool(stopping) and all(p.node_id in stopping for p in self.workers)
+
     # ------------------------------------------------------------ get_batch
     def get_batch(self, timeout_ms: float | None = None) -> list[tuple[int, list[torch.Tensor], list[int]]]:
         """One ``(handle, push_tensors, push_keys)`` per worker, in worker-rank order.
 
         Returns once every worker of the group has a request queued. With a
         timeout, returns ``[]`` when that does not happen in time; without one,
-        waits as long as the workers are alive. The tensors stay valid until
-        their request is answered (``respond``): device ones hold their data
-        when this returns.
+        waits as long as the workers are alive. Once every worker has entered
+        ``stop()`` (:attr:`workers_stopped`), returns ``[]`` at once: a server
+        loop ends with ``if not batch and stepmesh.workers_stopped(): break``,
+        and StepMesh code that loops while ``len(batch) == 0`` keeps running.
+        The tensors stay valid until their request is answered (``respond``):
+        device ones hold their data when this returns.
 
         Raises:
             PeerError: a worker of this group (or the scheduler) died.
@@ -136,6 +145,8 @@ class AFTensorServer(Node):
                 )
             if got == W.Result.CLOSED:
                 raise StepMeshError("get_batch() on a server that is not running: call init() first")
+            if self.stopping and self.workers_stopped:
+                return []  # nothing more will come (what came before was taken in above)
             now = time.monotonic()
             if now >= deadline:
                 if not forever:
