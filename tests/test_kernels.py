@@ -13,6 +13,7 @@ from stepmesh.testing import NodeContext, run_mesh
 
 from .conftest import mesh_env
 
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the GPU tests below cover it")
 def test_without_cuda_each_call_is_a_clear_config_error():
     pinned = torch.zeros(1, dtype=torch.int64)

@@ -174,6 +174,18 @@ def get_nanosecond() -> int:
     return time.monotonic_ns()
 
 
+def _worker_class() -> type[AFTensorWorker]:
+    from .data.worker import AFTensorWorker
+
+    return AFTensorWorker
+
+
+def _server_class() -> type[AFTensorServer]:
+    from .data.server import AFTensorServer
+
+    return AFTensorServer
+
+
 def _member(call: str) -> AFTensorWorker | AFTensorServer:
     if _node is None:
         raise StepMeshError(f"stepmesh.{call}() before stepmesh.init()")
@@ -186,20 +198,20 @@ def _worker(call: str) -> AFTensorWorker:
     node = _node
     if getattr(node, "role", None) == "worker":  # the hot path: one check
         return node  # type: ignore[return-value]
-    node = _member(call)
-    if node.role != "worker":
-        raise StepMeshError(f"stepmesh.{call}() is a worker call; this process is a {node.role}")
-    return node
+    member = _member(call)
+    if not isinstance(member, _worker_class()):
+        raise StepMeshError(f"stepmesh.{call}() is a worker call; this process is a {member.role}")
+    return member
 
 
 def _server(call: str) -> AFTensorServer:
     node = _node
     if getattr(node, "role", None) == "server":
         return node  # type: ignore[return-value]
-    node = _member(call)
-    if node.role != "server":
-        raise StepMeshError(f"stepmesh.{call}() is a server call; this process is a {node.role}")
-    return node
+    member = _member(call)
+    if not isinstance(member, _server_class()):
+        raise StepMeshError(f"stepmesh.{call}() is a server call; this process is a {member.role}")
+    return member
 
 
 def push_pull(

@@ -82,7 +82,9 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
         if self.role is not None and self.role not in ROLES:
             _fail("role", self.role, f"one of {', '.join(ROLES)}")
         for name, low, high in (
@@ -239,7 +241,7 @@ class Config:
         """The environment variable behind a field (for messages and docs)."""
         for f in dataclasses.fields(Config):
             if f.name == field_name:
-                return f.metadata["name"]
+                return str(f.metadata["name"])
         raise KeyError(field_name)
 
 

@@ -70,7 +70,7 @@ def driver() -> _Driver:
     with _lock:
         if _driver is None:
             _driver = _Driver()
-        return _driver
+        return _driver  # type: ignore[no-any-return]
 
 
 def device_pointer(host_ptr: int) -> int:
@@ -178,7 +178,7 @@ def _compiled(torch: Any) -> dict[str, Any]:
             kernels["wait"][(1,)](seq, flag)  # 1 >= 0: returns at once
         torch.cuda.synchronize()
         _kernels = kernels
-        return kernels
+        return kernels  # type: ignore[no-any-return]
 
 
 def _check(name: str, t: Any, torch: Any) -> None:

@@ -56,7 +56,7 @@ class SimpleNotify:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._future: Future | None = None
+        self._future: Future[list[tuple[int, list[Any], list[int]]]] | None = None
         self._initialised = False
 
     def init(self) -> None:
@@ -157,7 +157,7 @@ class SimpleNotify:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="stepmesh-notify")
 
-        def run() -> list:
+        def run() -> list[tuple[int, list[Any], list[int]]]:
             try:
                 _enter(device)
                 return server.get_batch()

@@ -382,7 +382,7 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
 
 def start_command(
     args: list[str], env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None
-) -> subprocess.Popen:
+) -> subprocess.Popen[str]:
     """Start ``args`` in a new session (so :func:`kill_session` can reap everything it starts).
 
     ``env`` is added to this process's environment. Output is captured as text by default.
@@ -405,7 +405,7 @@ def run_command(
     timeout: float,
     env: Mapping[str, str] | None = None,
     allow_leftovers: bool = False,
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """Run ``args`` to completion in a new session and return its exit status and output.
 
     ``env`` is added to this process's environment. At the ``timeout`` (seconds)

@@ -7,7 +7,7 @@ plane fails here, saying how to get it.
 from __future__ import annotations
 
 try:
-    from . import core
+    from stepmesh._core import core
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         "stepmesh's compiled core (stepmesh._core.core) is missing or cannot load "

@@ -39,7 +39,7 @@ class Backend(ABC):
 
     def owns(self, tensor: Any) -> bool:
         """Whether ``tensor`` lives in this backend's memory."""
-        return tensor.device.type == self.device_type
+        return bool(tensor.device.type == self.device_type)
 
     @abstractmethod
     def is_device(self) -> bool:

@@ -78,7 +78,7 @@ class Reader:
             )
         (v,) = struct.unpack_from(fmt, self.mv, self.pos)
         self.pos = end
-        return v
+        return int(v)
 
     def u8(self) -> int:
         return self._take("<B", 1)

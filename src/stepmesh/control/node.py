@@ -136,7 +136,7 @@ class Node:
             from ..backends import select
 
             select(cfg.backend).set_device(cfg.gpu)
-        self.data = Transport({**self.data_options, **cfg.ucx_options()}, cfg.progress)
+        self.data = Transport({**self.data_options, **cfg.ucx_options()}, cfg.progress or "blocking")
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
         self._running = True
@@ -479,7 +479,9 @@ class Node:
         seq = self._barrier_seq.get(scope, 0)
         self._barrier_seq[scope] = seq + 1
         self._send_control(P.encode_barrier(seq, scope))
-        released = lambda: (scope, seq) in self._releases
+        def released() -> bool:
+            return (scope, seq) in self._releases
+
         if progress_data and self.data is not None:
             # Keep the data path moving: a peer may still be reading our last answer,
             # and answers held back for their stream event still have to leave.

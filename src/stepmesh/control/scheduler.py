@@ -260,6 +260,7 @@ class Scheduler:
             log.warning("rejecting %s from pid %d: %s", reg.role.label, reg.pid, error)
             self._reject(conn, P.ErrorCode.CONFIG, error)
             return
+        assert rank is not None  # every refusal above returned
         if (reg.role, reg.group, rank) in self._by_key:  # a dead server comes back
             self._rejoin(conn, reg, rank, now)
             return

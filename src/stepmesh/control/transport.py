@@ -149,7 +149,7 @@ class Transport:
 
     def transports(self) -> str:
         """What UCX says about this context (transports and devices), for ``stepmesh info``."""
-        return self.context.info
+        return str(self.context.info)
 
     def connect(self, address: bytes) -> Any:
         """An endpoint to a peer's worker address (UCX picks shm, CUDA-IPC, RDMA or TCP).
@@ -241,7 +241,7 @@ class Transport:
             if check is not None:
                 check()
             if time.monotonic() >= deadline:
-                return wait(reqs, 0)
+                return bool(wait(reqs, 0))
         return True
 
     def close(self) -> None:

@@ -114,7 +114,7 @@ class AFTensorServer(Node):
         if self.healthy and timeout_ms is None:
             batch = self._core.get_batch(self._spins)
             if batch.__class__ is list:
-                return batch  # type: ignore[no-any-return]
+                return batch
         return self._get_batch_slow(timeout_ms)
 
     def _get_batch_slow(self, timeout_ms: Any) -> list[tuple[int, list[torch.Tensor], list[int]]]:
@@ -123,17 +123,17 @@ class AFTensorServer(Node):
         if core is None or data is None or self._stopped:
             raise StepMeshError("get_batch() on a server that is not running: call init() first")
         if timeout_ms is not None and (
-            isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real) or not timeout_ms >= 0
+            isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real) or not float(timeout_ms) >= 0
         ):
             raise ArgumentError(f"timeout_ms must be None or a non-negative number, got {timeout_ms!r}")
         forever = timeout_ms is None
-        deadline = time.monotonic() + (_FOREVER_S if forever else timeout_ms / 1000)
+        deadline = time.monotonic() + (_FOREVER_S if timeout_ms is None else float(timeout_ms) / 1000)
         spins = self._spins
         while True:
             self._check_workers()
             got = core.get_batch(spins)
             if got.__class__ is list:
-                return got  # type: ignore[no-any-return]
+                return got
             if got == W.Result.NEW_LAYOUT:
                 self._learn()
                 continue
@@ -208,7 +208,7 @@ class AFTensorServer(Node):
                 backends.bind_core_device(bound_core(), torch.empty(0, device=f"cuda:{self.config.gpu}"))
                 # From a stream of its own: memory the caller freed while its stream may still
                 # read it is never handed to UCX to write into.
-                self._alloc_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.config.gpu))
+                self._alloc_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.config.gpu))  # type: ignore[no-untyped-call]
             return torch.device("cuda", self.config.gpu)
         return torch.device("cpu")
 

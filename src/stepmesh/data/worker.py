@@ -33,7 +33,7 @@ _EVENT_SLICE_S = 0.0002  # ... while sends wait for a stream event, which UCX do
 
 
 def _check_timeout(timeout_ms: Any) -> float:
-    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real) or not timeout_ms >= 0:
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real) or not float(timeout_ms) >= 0:
         raise ArgumentError(f"timeout_ms must be a non-negative number, got {timeout_ms!r}")
     return float(timeout_ms)
 

@@ -131,7 +131,7 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
             role="worker" if attention else "server", num_workers=self.ratio, num_servers=1, group_size=f,
             node_rank=role_rank % self.ratio if attention else 0, gpu=local_rank, rank_offset=group - local_rank,
             root_uri=afd_config.host, root_port=afd_config.port, progress=extra.progress,
-            transports=extra.transports, backend="cuda" if self.device.type == "cuda" else None,
+            transports=tuple(extra.transports.split(",")) if extra.transports else None, backend="cuda" if self.device.type == "cuda" else None,
         )
         self._start_scheduler = not attention and role_rank == 0 and extra.start_scheduler
         self._scheduler: subprocess.Popen[bytes] | None = None
