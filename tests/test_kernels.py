@@ -82,7 +82,13 @@ def test_graph_and_cpu_thread_hand_sequence_numbers_back_and_forth():
 
 
 def _kernel_wait(ctx: NodeContext) -> int:
-    """StepMesh's test_kernel_wait, checked: a CPU thread push_pulls each time the graph signals."""
+    """StepMesh's test_kernel_wait, checked: a CPU thread push_pulls each time the graph signals.
+
+    The thread launches no kernel while the graph replays (as StepMesh's does
+    not): under CUDA's lazy module loading, the first launch of a kernel loads
+    its module, which waits for the spinning graph: a deadlock. It checks each
+    answer in a host pull tensor instead.
+    """
     f.init()
     steps = 12
     done = 0
@@ -91,8 +97,9 @@ def _kernel_wait(ctx: NodeContext) -> int:
         ack_host = torch.zeros(1, dtype=torch.int64, pin_memory=True)
         signal, ack = f.map_pinned_tensor(signal_host, 0), f.map_pinned_tensor(ack_host, 0)
         seq = torch.zeros(1, dtype=torch.int64, device="cuda")
-        push = [torch.full((8, 8), 3.0, dtype=torch.bfloat16, device="cuda"), torch.tensor([8], dtype=torch.int32, device="cuda")]
-        pull = [torch.zeros(8, 8, dtype=torch.bfloat16, device="cuda")]
+        push = [torch.full((8, 8), 3.0, dtype=torch.bfloat16, device="cuda"),
+                torch.tensor([8], dtype=torch.int32, device="cuda")]
+        pull = [torch.zeros(8, 8, dtype=torch.bfloat16)]
         ack_host.fill_(steps)
         graph = _capture(steps, signal, ack, seq)
         seq.zero_()
@@ -103,17 +110,13 @@ def _kernel_wait(ctx: NodeContext) -> int:
 
         def cpu() -> None:  # a thread of its own: push_pull and wait from it, as StepMesh's test does
             nonlocal done
-            # This thread's own torch work goes on a stream of its own: on the legacy default stream it
-            # would queue behind the replaying graph, which waits for this thread (a deadlock).
-            torch.cuda.set_stream(torch.cuda.Stream())
             try:
                 expected = 1
                 while expected <= steps:
                     if int(signal_host.item()) < expected:
                         continue
                     f.wait(f.push_pull(push, [1, 2], pull, [3], need_event=False))
-                    assert torch.all(pull[0] == 7.0)
-                    pull[0].zero_()
+                    assert torch.all(pull[0] == float(expected)), (expected, pull[0][0, :4])
                     ack_host.fill_(expected)
                     expected += 1
                     done += 1
@@ -129,9 +132,10 @@ def _kernel_wait(ctx: NodeContext) -> int:
         if errors:
             raise errors[0]
     else:
-        ret_buffer = torch.full((64, 8), 7.0, dtype=torch.bfloat16, device="cuda")
-        for _ in range(steps):
+        ret_buffer = torch.zeros(64, 8, dtype=torch.bfloat16, device="cuda")
+        for step in range(steps):
             batch = f.get_batch()
+            ret_buffer.fill_(step + 1)  # on the stream, no synchronize: respond_vec orders itself after it
             f.respond_vec(ret_buffer, [b[1][0] for b in batch], [b[0] for b in batch])
             done += 1
     f.stop()
