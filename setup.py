@@ -34,7 +34,7 @@ setup(
             Extension(
                 "stepmesh._core.core",
                 ["src/stepmesh/_core/core.pyx"],
-                extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unreachable-code"],
+                extra_compile_args=["-O2", "-g0", "-Wno-unused-function", "-Wno-unreachable-code"],
             )
         ],
         compiler_directives={"language_level": 3},

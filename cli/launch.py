@@ -454,10 +454,19 @@ class Launcher:
         return child
 
     def _pump(self, pipe: IO[bytes], prefix: bytes, fd: int) -> None:
+        held: list[bytes] = []  # stderr after a forwarded Ctrl-C: one line instead of a KeyboardInterrupt traceback
         with pipe:
             for raw in iter(lambda: pipe.readline(_LINE_LIMIT), b""):
                 if not raw.endswith(b"\n"):
                     raw += b"\n"
+                if fd == 2 and self._signal == signal.SIGINT:
+                    held.append(raw)
+                    continue
+                self._out.write(fd, prefix + raw)
+        if any(b"KeyboardInterrupt" in line for line in held):
+            self._out.write(fd, prefix + b"stopped by Ctrl-C (its KeyboardInterrupt traceback is not shown)\n")
+        else:
+            for raw in held:
                 self._out.write(fd, prefix + raw)
 
     def _send(self, child: _Child, signum: int) -> None:

@@ -381,7 +381,8 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
 
 
 def start_command(
-    args: list[str], env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None
+    args: list[str], env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
+    cwd: str | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``args`` in a new session (so :func:`kill_session` can reap everything it starts).
 
@@ -397,6 +398,7 @@ def start_command(
         stderr=subprocess.PIPE if stderr is None else stderr,
         text=True,
         start_new_session=True,
+        cwd=cwd,
     )
 
 
@@ -405,6 +407,7 @@ def run_command(
     timeout: float,
     env: Mapping[str, str] | None = None,
     allow_leftovers: bool = False,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``args`` to completion in a new session and return its exit status and output.
 
@@ -413,7 +416,7 @@ def run_command(
     Processes still alive in its session after it exited are killed and, unless
     ``allow_leftovers``, reported as an AssertionError too.
     """
-    proc = start_command(args, env)
+    proc = start_command(args, env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
