@@ -304,3 +304,14 @@ def test_the_readme_launch_runs_from_inside_the_checkout_and_from_elsewhere(wher
     assert r.returncode == 0, (stepmesh.__file__, r.stdout[-3000:], r.stderr[-3000:])
     ok = [line for line in r.stdout.splitlines() if ": OK: all " in line]
     assert len(ok) == 2, r.stdout
+
+
+def test_package_metadata_names_license_home_page_and_authors() -> None:
+    """(pip show stepmesh once showed none of them.)"""
+    from importlib.metadata import metadata
+
+    meta = metadata("stepmesh")
+    assert meta["License-Expression"] == "Apache-2.0" or "Apache" in (meta["License"] or "")
+    assert meta["Author"] or meta["Author-email"]
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
+    assert urls.get("Homepage", "").startswith("https://") and "Original StepMesh" in urls
