@@ -334,7 +334,10 @@ class Launcher:
             )
         except Exception as e:
             raise _Abort(2, f"invalid configuration: {e}") from None
-        env.update(cfg.to_env())
+        resolved = cfg.to_env()
+        if "STEPMESH_PROGRESS" not in env:  # each child picks its own from the cores it may use
+            resolved.pop("STEPMESH_PROGRESS", None)
+        env.update(resolved)
         return env
 
     def _start_scheduler(self, uri: str) -> int:

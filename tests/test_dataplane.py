@@ -854,6 +854,11 @@ def _bad_input(ctx: NodeContext) -> int:
             f.push_pull(ok, [0], out, [0])
         for h in held:
             f.wait(h)
+        with pytest.raises(f.ArgumentError, match="pull_tensors.*dimensions"):
+            f.push_pull(ok, [0], [torch.zeros([1] * 9)], [0])
+        h = f.push_pull(ok, [0], out, [0])
+        with pytest.raises(f.PeerError, match="dimensions"):
+            f.wait(h, timeout_ms=5000)  # the server refused its nine-dimensional answer
         h = f.push_pull(ok, [0], out, [0])
         with pytest.raises(f.ArgumentError, match="handle once"):
             f.wait(h, handler=h)
@@ -878,9 +883,12 @@ def _bad_input(ctx: NodeContext) -> int:
             f.respond(tensors, h + 99)
         with pytest.raises(f.ArgumentError, match="need_event"):
             f.respond(tensors, h, need_event="yes")
+        with pytest.raises(f.ArgumentError, match="dimensions"):  # refused: the worker learns why at once
+            f.respond([torch.zeros([1] * 9)], h)
+        (h, tensors, keys), = f.get_batch(timeout_ms=20000)
         f.respond(tensors, handler=h)  # StepMesh's keyword
         assert f.get_batch(timeout_ms=300) == []  # no stray request arrived
-        raised = 5
+        raised = 6
     f.stop()
     return raised
 
@@ -888,7 +896,7 @@ def _bad_input(ctx: NodeContext) -> int:
 @pytest.mark.timeout(120)
 def test_bad_input_raises_before_anything_is_sent():
     results = _mesh(_bad_input)
-    assert results == {"server-0-0": 5, "worker-0-0": 14}
+    assert results == {"server-0-0": 6, "worker-0-0": 14}
 
 
 def test_calls_before_init_are_clear_errors():

@@ -22,7 +22,7 @@ TOPOLOGIES = ("group", "full")
 _TRUE = ("1", "true", "yes", "on", "y")
 _FALSE = ("0", "false", "no", "off", "n", "")
 _BACKEND_ALIASES = {"CPU": "cpu", "GPU": "cuda"}
-# Node ids travel in 12 bits of every tag (see protocol.make_tag).
+# Node ids travel in 12 bits of every tag (see stepmesh.data.wire.make_tag).
 _MAX_NODES = 4095
 # On fewer cores than this, busy-polling progress starves the peers sharing them.
 _POLLING_MIN_CORES = 8

@@ -467,7 +467,7 @@ class Node:
         mine = P.SCOPE_SERVERS if self.role == "server" else P.SCOPE_WORKERS
         if not scope & mine:
             return
-        self._barrier(scope, _deadline, timeout_ms or self.config.barrier_timeout_ms, _what)
+        self._barrier(scope, _deadline, self.config.barrier_timeout_ms if timeout_ms is None else timeout_ms, _what)
 
     def _barrier(
         self, scope: int, deadline: float | None, timeout_ms: int, what: str, progress_data: bool = False

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError
+from .wire import MAX_NDIM
 
 # Wire codes of dtypes; append only (codes are part of the protocol).
 _DTYPE_NAMES = (
@@ -47,6 +48,8 @@ def check_tensors(name: str, tensors: Any) -> list[torch.Tensor]:
             raise ArgumentError(f"{name}[{i}] has dtype {t.dtype}, which stepmesh cannot send")
         if t.device.type not in ("cpu", "cuda"):
             raise ArgumentError(f"{name}[{i}] is on {t.device}; stepmesh moves host and CUDA/ROCm memory")
+        if t.dim() > MAX_NDIM:
+            raise ArgumentError(f"{name}[{i}] has {t.dim()} dimensions, more than {MAX_NDIM}")
     return list(tensors)
 
 

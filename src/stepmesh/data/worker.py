@@ -152,9 +152,6 @@ class AFTensorWorker(Node):
             for i, t in enumerate(ts):
                 if t.nbytes > W.MAX_TENSOR_BYTES:
                     raise ArgumentError(f"{name}[{i}] has {t.nbytes} bytes, more than {W.MAX_TENSOR_BYTES}")
-        for i, t in enumerate(push):
-            if t.dim() > W.MAX_NDIM:
-                raise ArgumentError(f"push_tensors[{i}] has {t.dim()} dimensions, more than {W.MAX_NDIM}")
         device = one_device([("push_tensors", push), ("pull_tensors", pulls)])
         if device >= 0:
             backends.bind_core_device(bound_core(), push[0] if push and push[0].is_cuda else pulls[0])
