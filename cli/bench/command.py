@@ -78,7 +78,7 @@ def _parse_contenders(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds one round may take before the run fails, showing where each process is stuck.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write every figure and sample here (schema stepmesh-bench/1, see docs/performance.md).")
+              help="Write every figure and sample here (schema stepmesh-bench/2, see docs/performance.md).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write a latency CDF of every contender here (PNG; needs matplotlib).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -4,8 +4,8 @@ The same messages as a 1 x 1 push_pull, with the same sizes, tags and copies,
 through the compiled core's libucp calls: the request header with the small
 pushes copied behind it and each large push as a message of its own; the
 response header with the small answers behind it and each large answer as its
-own message into a receive posted in advance. Small device tensors are staged
-through pinned memory, as the core does. None of the bookkeeping around them
+own message into a receive posted in advance (device tensors always travel as
+messages of their own, as the core sends them). None of the bookkeeping around them
 (signatures, plans, records, checks, events, traces): how close any
 implementation of this protocol could come to ``ucxx`` here.
 """
