@@ -7,7 +7,8 @@
 #
 # It installs the UCX wheels carried in .gpu-wheels/ (ucxx-cu13 and what it needs,
 # see docs/gpu.md) into a private folder, builds the compiled core in place for
-# this Python when no build for it is there, and puts src/ and cli/ on the path.
+# this Python when no build for it is there (from a carried core.c newer than
+# core.pyx and wire.py when there is one: the GPU machine may lack Cython), and puts src/ and cli/ on the path.
 #
 # --mps starts the CUDA MPS daemon for the command and stops it after (it needs
 # root; the output says when it cannot). On one GPU without MPS, worker and
@@ -34,7 +35,8 @@ spec = importlib.util.spec_from_file_location("_wire", "src/stepmesh/data/wire.p
 wire = importlib.util.module_from_spec(spec); sys.modules[spec.name] = wire; spec.loader.exec_module(wire)
 open("src/stepmesh/_core/wire.pxi", "w").write(wire.cython_constants())
 EOF
-  python3 -m cython -3 src/stepmesh/_core/core.pyx -o src/stepmesh/_core/core.c >"$out/build.log" 2>&1 \
+  { { [ src/stepmesh/_core/core.c -nt src/stepmesh/_core/core.pyx ] && [ src/stepmesh/_core/core.c -nt src/stepmesh/data/wire.py ]; } \
+      || python3 -m cython -3 src/stepmesh/_core/core.pyx -o src/stepmesh/_core/core.c >"$out/build.log" 2>&1; } \
     && cc -O2 -shared -fPIC $(python3 -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
          src/stepmesh/_core/core.c -o "src/stepmesh/_core/core$suffix" >>"$out/build.log" 2>&1 \
     || { echo "device_run: building the core failed:"; tail -20 "$out/build.log"; exit 1; }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -42,6 +43,34 @@ def test_two_by_two_bring_up_barriers_and_stop():
         other = "worker" if role == "server" else "server"
         assert r["rank"] == int(name.split("-")[2])
         assert r["peers"] == [(other, 0, 0), (other, 1, 0)], name
+
+
+def _barrier_scopes(ctx: NodeContext) -> dict:
+    stepmesh.init()
+    marks = ctx.args
+    # Group-local: group 1 never joins this one, so group 0 passes without it.
+    if ctx.group == 0:
+        stepmesh.barrier(True, True, False, timeout_ms=20000)
+    # Every instance group (StepMesh's default): group 0 passes only once group 1 has marked and arrived.
+    if ctx.group == 1:
+        time.sleep(0.5)
+        open(f"{marks}/{ctx.role}-{ctx.rank}", "w").close()
+    stepmesh.barrier(True, True)
+    seen = sorted(os.listdir(marks))
+    with pytest.raises(f.ArgumentError, match="instance_barrier"):
+        stepmesh.barrier(True, True, 1000)  # StepMesh's third argument is instance_barrier, not a timeout
+    stepmesh.stop()
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_barrier_spans_every_instance_group_unless_told_otherwise(tmp_path):
+    results = run_mesh(_barrier_scopes, num_workers=1, num_servers=1, group_size=2, env=FAST, timeout=50,
+                       args=str(tmp_path))
+    results.pop("scheduler")
+    assert len(results) == 4
+    for name, seen in results.items():
+        assert seen == ["server-0", "worker-0"], name
 
 
 @pytest.mark.timeout(60)

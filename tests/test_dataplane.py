@@ -404,6 +404,47 @@ def test_three_stages_in_flight_answered_out_of_order(device):
     assert set(_mesh(_stages, device).values()) == {4}
 
 
+def _in_sending_order(ctx: NodeContext) -> int | list[tuple[int, int, int]]:
+    """Requests alternate between rendezvous-sized and inline pushes, 3 in flight: a small one must not overtake."""
+    dev = _dev(ctx)
+    n_calls = 60
+    f.init()
+    if ctx.role == "worker":
+        pending = []
+        for i in range(n_calls):
+            n = LARGE if i % 3 == 0 else SMALL
+            x = torch.full((n,), float(i), device=dev)
+            y = torch.empty(1, device=dev)
+            pending.append((f.push_pull([x], [i % 3], [y], [i % 3]), y, i))
+            if len(pending) == 3:
+                h, y, j = pending.pop(0)
+                f.wait(h)
+                assert y.item() == j
+        for h, _, _ in pending:
+            f.wait(h)
+        out: int | list[tuple[int, int, int]] = n_calls
+    else:
+        out = []
+        for k in range(n_calls):
+            batch = f.get_batch()
+            for w, (h, ts, keys) in enumerate(batch):
+                got = int(ts[0][0].item())
+                if got != k or keys != [k % 3]:
+                    out.append((w, k, got))
+            for h, ts, _ in batch:
+                f.respond([ts[0][:1]], h)
+    f.stop()
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_workers_requests_are_served_in_the_order_it_sent_them(device):
+    results = _mesh(_in_sending_order, device, num_workers=2, num_servers=1)
+    assert results.pop("server-0-0") == [], "requests served out of their worker's order (worker, expected, got)"
+    assert results == {"worker-0-0": 60, "worker-0-1": 60}
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["polling", "thread"])
 def test_stages_in_every_progress_mode(mode):

@@ -32,6 +32,7 @@ def test_vllm_afd_plugin_connector_two_attention_ranks_one_ffn_rank(device):
         "UCX_WARN_UNUSED_ENV_VARS": "n",
         "STEPMESH_HEARTBEAT_TIMEOUT_MS": "3000",
         "STEPMESH_HEARTBEAT_INTERVAL_MS": "200",
+        "STEPMESH_AUTH_TOKEN": "afd-secret",  # every rank and the scheduler FFN rank 0 starts must read it
     }
     node = [sys.executable, str(HERE / "vllm_plugin_node.py")]
     results = run_commands(

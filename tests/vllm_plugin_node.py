@@ -47,12 +47,21 @@ if role == "attention":
             connector.send_attn_output(x, AFDTransferContext(metadata=meta))
             sent[stage] = x
 else:
-    for _ in range(layers * stages):
+    for i in range(layers * stages):
         payload = connector.recv_attn_output()
+        meta = payload.context.metadata
+        if (meta.layer_idx, meta.stage_idx) != divmod(i, stages):  # the stage the Attention ranks sent
+            print("MISMATCH", i, meta.layer_idx, meta.stage_idx, flush=True)
+            wrong += 1
         out = payload.hidden_states * 2 + 1
         connector.send_ffn_output(out, payload.context)
         out.fill_(-1)  # the connector's answer buffer is the caller's again at once
         checked += 1
+    try:  # the Attention ranks close: no stage comes any more, and the FFN loop learns it
+        connector.recv_attn_output()
+        wrong += 1
+    except RuntimeError as e:
+        assert "stopped" in str(e), e
 connector.close()
 print(f"RESULT {role} {role_rank}: {checked} stages {'checked' if role == 'attention' else 'answered'}, {wrong} wrong",
       flush=True)

@@ -144,15 +144,19 @@ def stop() -> None:
         node.stop()
 
 
-def barrier(include_server: bool = True, include_worker: bool = True, timeout_ms: int | None = None) -> None:
-    """Wait for every server and/or worker of this node's group.
+def barrier(
+    include_server: bool = True, include_worker: bool = True, instance_barrier: bool = True,
+    timeout_ms: int | None = None,
+) -> None:
+    """Wait for every server and/or worker: of every instance group (``instance_barrier``, StepMesh's default) or of this node's.
 
     Raises:
+        ArgumentError: ``instance_barrier`` is not a bool.
         StepMeshError: not initialised, or called on the scheduler.
         TimeoutError: ``timeout_ms`` (default ``STEPMESH_BARRIER_TIMEOUT_MS``) passed first.
         PeerError: a participant died.
     """
-    _member("barrier").barrier(include_server, include_worker, timeout_ms)
+    _member("barrier").barrier(include_server, include_worker, instance_barrier, timeout_ms)
 
 
 def node_info() -> NodeInfo:

@@ -1629,9 +1629,10 @@ cdef class Server:
         if self.arriving:
             still = []
             failed = None
+            blocked = set()  # workers with an earlier request still arriving: theirs stay in order behind it
             for item in self.arriving:
                 r = <Req>item
-                if failed is None and r.ops.settled(self.ucp, 0, r.ops.n):
+                if failed is None and r.worker not in blocked and r.ops.settled(self.ucp, 0, r.ops.n):
                     st = r.ops.first_error(0, r.ops.n)
                     if st:
                         failed = r
@@ -1641,6 +1642,7 @@ cdef class Server:
                     r.t_recv = now_ns()
                     (<list>self.ready[r.worker]).append(r)
                 else:
+                    blocked.add(r.worker)
                     still.append(r)
             self.arriving = still
             if failed is not None:
@@ -1702,7 +1704,7 @@ cdef class Server:
             sync_core_stream(dev)  # the slot is posted again below: its bytes must have left
         self._post(w, k)
         self.head[w] = (k + 1) % RING_DEPTH
-        if lay.n_sep_push:
+        if lay.n_sep_push or self.arriving:  # a worker's requests are served in the order it sent them
             self.arriving.append(r)
         else:
             r.t_recv = now_ns()
@@ -1763,7 +1765,7 @@ cdef class Server:
             r.handle = self.next_handle
             self.next_handle += 1
             self.handles[r.handle] = r
-            batch.append((r.handle, r.tensors, r.layout.keys))
+            batch.append((r.handle, r.tensors, list(r.layout.keys)))  # the caller may change its list
         return batch
 
     # ------------------------------------------------------------- respond

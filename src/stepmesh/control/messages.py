@@ -162,6 +162,7 @@ class ErrorCode(IntEnum):
 SCOPE_SERVERS = 1
 SCOPE_WORKERS = 2
 SCOPE_STOP = 4  # the global barrier of stop(): every node, all groups
+SCOPE_EVERY_GROUP = 8  # the roles' nodes of every instance group, not only the caller's (StepMesh's instance barrier)
 
 
 @dataclass(frozen=True)

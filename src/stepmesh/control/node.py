@@ -22,7 +22,7 @@ import numpy as np
 
 from .._version import __version__
 from ..config import Config
-from ..errors import AuthError, ConfigError, PeerError, ProtocolError, StepMeshError, TimeoutError
+from ..errors import ArgumentError, AuthError, ConfigError, PeerError, ProtocolError, StepMeshError, TimeoutError
 from . import messages as P
 from .transport import ControlChannel, EventLoop, Transport, Waker
 
@@ -152,7 +152,7 @@ class Node:
             self._connect_peers(deadline)
             assert self._welcome is not None
             if not self._welcome.code:  # a rejoining node finds the others past that barrier
-                self.barrier(True, True, _deadline=deadline, _what="the init barrier")
+                self.barrier(True, True, False, _deadline=deadline, _what="the init barrier")
         except BaseException:
             self._teardown()
             raise
@@ -448,22 +448,33 @@ class Node:
         self,
         include_server: bool = True,
         include_worker: bool = True,
+        instance_barrier: bool = True,
         timeout_ms: int | None = None,
         *,
         _deadline: float | None = None,
         _what: str = "a barrier",
     ) -> None:
-        """Wait until every server and/or worker of this group reaches the same barrier.
+        """Wait until every server and/or worker reaches the same barrier.
 
-        A node whose own role is not included is no member of that barrier and
-        returns at once (as in ps-lite, where only the group's members count).
+        With ``instance_barrier`` (StepMesh's default) the barrier spans every
+        instance group; without it, only this node's group. A node whose own
+        role is not included is no member of that barrier and returns at once
+        (as in ps-lite, where only the group's members count).
 
         Raises:
+            ArgumentError: ``instance_barrier`` is not a bool (StepMesh's third argument; ``timeout_ms`` is the fourth).
             TimeoutError: not every node arrived within ``timeout_ms``
                 (default ``STEPMESH_BARRIER_TIMEOUT_MS``).
             PeerError: a participant or the scheduler died.
         """
+        if not isinstance(instance_barrier, (bool, np.bool_)):
+            raise ArgumentError(
+                f"barrier(): instance_barrier must be a bool, got {instance_barrier!r} "
+                "(pass timeout_ms by keyword: barrier(timeout_ms=...))"
+            )
         scope = (P.SCOPE_SERVERS if include_server else 0) | (P.SCOPE_WORKERS if include_worker else 0)
+        if instance_barrier and self.config.group_size > 1:
+            scope |= P.SCOPE_EVERY_GROUP
         mine = P.SCOPE_SERVERS if self.role == "server" else P.SCOPE_WORKERS
         if not scope & mine:
             return

@@ -397,11 +397,11 @@ class Scheduler:
             roles.add(P.Role.SERVER)
         if scope & P.SCOPE_WORKERS:
             roles.add(P.Role.WORKER)
-        group = None if self.config.topology == "full" else node.reg.group
+        group = None if self.config.topology == "full" or scope & P.SCOPE_EVERY_GROUP else node.reg.group
         return [n for n in self._group_nodes(group) if n.reg.role in roles]
 
     def _barrier_key(self, node: _Node, seq: int, scope: int) -> tuple[int, int, int]:
-        group = -1 if scope & P.SCOPE_STOP or self.config.topology == "full" else node.reg.group
+        group = -1 if scope & (P.SCOPE_STOP | P.SCOPE_EVERY_GROUP) or self.config.topology == "full" else node.reg.group
         return (scope, group, seq)
 
     def _arrive(self, node: _Node, seq: int, scope: int) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import numbers
+import operator
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import backends
@@ -265,15 +267,16 @@ class AFTensorServer(Node):
             raise StepMeshError("respond() on a server that is not running: call init() first")
         _check_need_event(need_event)
         self._check_workers()
-        info = core.request_info(handle) if type(handle) is int else None
+        h = _as_handle(handle)
+        info = core.request_info(h) if h is not None else None
         if info is None:
             raise ArgumentError(f"handle {handle!r} is unknown: not from get_batch, or already answered")
         problem = self._answer_problem(tensors, info, "tensors")
         if problem is not None:
-            core.refuse(handle, problem)
+            core.refuse(h, problem)
             raise ArgumentError(problem)
-        if core.respond(list(tensors), handle, need_event) != W.Result.DONE:
-            raise StepMeshError(f"respond: the core refused answers stepmesh found valid (handle {handle})")
+        if core.respond(list(tensors), h, need_event) != W.Result.DONE:
+            raise StepMeshError(f"respond: the core refused answers stepmesh found valid (handle {h})")
 
     @staticmethod
     def _answer_problem(tensors: Any, info: tuple[list[int], list[tuple[int, int]]], name: str) -> str | None:
@@ -303,45 +306,58 @@ class AFTensorServer(Node):
         soon as this returns.
 
         Raises:
-            ArgumentError: mismatched lengths, too few rows, unknown handles or
-                answers that do not fit (all checked before anything is sent; the
-                workers of known handles are told why).
+            ArgumentError: mismatched lengths, too few rows, duplicate or unknown
+                handles, or answers that do not fit (all checked before anything
+                is sent; the workers of the known handles are told why at once and
+                none gets a partial answer).
         """
         core = self._core
         if core is None or self._stopped:
             raise StepMeshError("respond_vec() on a server that is not running: call init() first")
-        (buf,) = check_tensors("ret_buffer", [ret_buffer])
+        self._check_workers()
+        hs = [_as_handle(h) for h in handles] if isinstance(handles, (list, tuple)) else []
+        known = {h for h in hs if h is not None and core.request_info(h) is not None}
+        try:
+            parts = self._vec_parts(ret_buffer, tensors_vec, handles, hs)
+        except ArgumentError as e:
+            for h in known:  # every worker learns why, none gets a partial answer
+                core.refuse(h, f"respond_vec refused the answers of this call: {e}")
+            raise
+        for h, part in zip(hs, parts):
+            if core.respond(part, h, True) != W.Result.DONE:
+                raise StepMeshError(f"respond_vec: the core refused answers stepmesh found valid (handle {h})")
+
+    def _vec_parts(self, ret_buffer: Any, tensors_vec: Any, handles: Any, hs: list[int | None]) -> list[list[torch.Tensor]]:
+        """respond_vec's answers, one list per handle, or the ArgumentError that names what is wrong."""
+        if not isinstance(ret_buffer, torch.Tensor):
+            raise ArgumentError(f"ret_buffer must be a torch.Tensor, got {type(ret_buffer).__name__}")
+        try:
+            (buf,) = check_tensors("ret_buffer", [ret_buffer])
+        except ArgumentError as e:
+            raise ArgumentError(str(e).replace("ret_buffer[0]", "ret_buffer", 1)) from None
         vec = check_tensors("tensors_vec", tensors_vec)
         if not isinstance(handles, (list, tuple)) or len(handles) != len(vec):
             raise ArgumentError(f"handles must be a list as long as tensors_vec ({len(vec)}), got {handles!r}")
-        ints = [h for h in handles if type(h) is int]
-        if len(set(ints)) != len(ints):
+        valid = [h for h in hs if h is not None]
+        if len(set(valid)) != len(valid):
             raise ArgumentError(f"handles has duplicates: {list(handles)!r}; each request is answered once")
         rows = [t.shape[0] if t.dim() else 1 for t in vec]
         if buf.dim() == 0 or sum(rows) > buf.shape[0]:
             raise ArgumentError(f"ret_buffer has {buf.shape[0] if buf.dim() else 0} rows, tensors_vec asks for {sum(rows)}")
-        self._check_workers()
-        infos = [core.request_info(h) if type(h) is int else None for h in handles]
-        parts, problems = [], []
+        core = self._core
+        parts = []
         off = 0
-        for i, (h, n, info) in enumerate(zip(handles, rows, infos)):
+        for i, (h, raw, n) in enumerate(zip(hs, handles, rows)):
             part = [buf[off : off + n]]
             off += n
+            info = core.request_info(h) if h is not None else None
             if info is None:
-                problems.append(f"handles[{i}] = {h!r} is unknown: not from get_batch, or already answered")
-            else:
-                problem = self._answer_problem(part, info, f"ret_buffer rows for handles[{i}]")
-                if problem is not None:
-                    problems.append(problem)
+                raise ArgumentError(f"handles[{i}] = {raw!r} is unknown: not from get_batch, or already answered")
+            problem = self._answer_problem(part, info, f"ret_buffer rows for handles[{i}]")
+            if problem is not None:
+                raise ArgumentError(problem)
             parts.append(part)
-        if problems:  # every worker learns why, none gets a partial answer
-            for h, info in zip(handles, infos):
-                if info is not None:
-                    core.refuse(h, f"another answer of the same respond_vec was refused: {problems[0]}")
-            raise ArgumentError(problems[0])
-        for h, part in zip(handles, parts):
-            if core.respond(part, h, True) != W.Result.DONE:
-                raise StepMeshError(f"respond_vec: the core refused answers stepmesh found valid (handle {h})")
+        return parts
 
     def flush(self, timeout_ms: float = 10000) -> None:
         """Wait until every answer given so far has been delivered.
@@ -407,3 +423,12 @@ class AFTensorServer(Node):
     def on_peer_dead(self, node_id: int, text: str) -> None:
         pass  # get_batch() and respond() consult self.dead
 
+
+def _as_handle(h: Any) -> int | None:
+    """A handle as an int (numpy integers included), or None when it cannot be one."""
+    if isinstance(h, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(h)
+    except TypeError:
+        return None

@@ -7,13 +7,16 @@ ranks form an instance group (one server, ``ratio`` workers); FFN rank 0
 starts the scheduler (``stepmesh scheduler``, a child process) unless
 ``connector_extra_config`` says otherwise.
 
-Zero-copy both ways: ``send_attn_output`` pushes the caller's hidden states
-as they are (ordered after the current stream; they must not be written until
-the matching ``recv_ffn_output``), and ``recv_ffn_output`` returns a view of
-the stage's receive buffer, into which the FFN output landed (valid until that
-stage's next ``send_attn_output``). ``send_ffn_output`` answers every Attention
-rank straight from the FFN output's rows; it may be reused as soon as the call
-returns. Any number of stages may be in flight (one push_pull each).
+The Attention side pushes the caller's hidden states as they are, with no
+copy (ordered after the current stream; they must not be written until the
+matching ``recv_ffn_output``), and ``recv_ffn_output`` returns a view of the
+stage's receive buffer, into which the FFN output landed (valid until that
+stage's next ``send_attn_output``). The FFN side receives each rank's hidden
+states into buffers of its own (``torch.cat`` joins them when it serves more
+than one Attention rank), and ``send_ffn_output`` answers every Attention rank
+from the FFN output's rows, which stepmesh stages (one device copy) so that
+the output may be reused as soon as the call returns. Any number of stages
+may be in flight (one push_pull each).
 
 Use it by importing this module (it registers itself with the plugin's
 connector factory) and setting, in vLLM's ``additional_config``::
@@ -127,11 +130,17 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         attention = afd_config.role == "attention"
         group = role_rank // self.ratio if attention else role_rank
-        self.config = Config(
+        # STEPMESH_*/DMLC_* in the environment (auth token, heartbeats, timeouts) apply; the mesh's shape comes from here.
+        optional = {
+            "progress": extra.progress,
+            "transports": tuple(extra.transports.split(",")) if extra.transports else None,
+            "backend": "cuda" if self.device.type == "cuda" else None,
+        }
+        self.config = Config.from_env(
             role="worker" if attention else "server", num_workers=self.ratio, num_servers=1, group_size=f,
             node_rank=role_rank % self.ratio if attention else 0, gpu=local_rank, rank_offset=group - local_rank,
-            root_uri=afd_config.host, root_port=afd_config.port, progress=extra.progress,
-            transports=tuple(extra.transports.split(",")) if extra.transports else None, backend="cuda" if self.device.type == "cuda" else None,
+            root_uri=afd_config.host, root_port=afd_config.port,
+            **{k: v for k, v in optional.items() if v is not None},
         )
         self._start_scheduler = not attention and role_rank == 0 and extra.start_scheduler
         self._scheduler: subprocess.Popen[bytes] | None = None
@@ -213,7 +222,8 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
         stage = metadata.stage_idx
         if stage in self._pending:
             raise RuntimeError(f"stage {stage}: the previous answer was not received yet (recv_ffn_output)")
-        handle = stepmesh.push_pull([hidden_states.contiguous()], [stage], [self._recv[stage][:n]], [stage])
+        key = _stage_key(int(getattr(metadata, "layer_idx", 0)), stage)
+        handle = stepmesh.push_pull([hidden_states.contiguous()], [key], [self._recv[stage][:n]], [key])
         self._pending[stage] = (handle, n)
 
     def recv_ffn_output(self, ref_tensor: torch.Tensor | None = None, ubatch_idx: int = 0, **kwargs: Any) -> torch.Tensor:
@@ -221,27 +231,46 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
 
         Raises:
             RuntimeError: nothing was sent for that stage.
+            stepmesh.TimeoutError: no answer within the wait's timeout (the stage stays pending: call again).
             stepmesh.StepMeshError: the FFN rank failed or refused (its reason).
         """
-        entry = self._pending.pop(ubatch_idx, None)
+        entry = self._pending.get(ubatch_idx)
         if entry is None:
             raise RuntimeError(f"recv_ffn_output: nothing was sent for stage {ubatch_idx}")
         handle, n = entry
-        stepmesh.wait(handle)
+        try:
+            stepmesh.wait(handle)
+        except stepmesh.TimeoutError:
+            raise  # still in flight: a later call waits for the same answer
+        except BaseException:
+            del self._pending[ubatch_idx]
+            raise
+        del self._pending[ubatch_idx]
         return self._recv[ubatch_idx][:n]
 
     # ------------------------------------------------------------ FFN side
     def recv_attn_output(self, ubatch_idx: int = 0, **kwargs: Any) -> Any:
-        """One stage's hidden states from every Attention rank of this FFN rank, concatenated by tokens.
+        """The next stage's hidden states from every Attention rank of this FFN rank, concatenated by tokens.
+
+        Stages are taken in the order the Attention ranks sent them; the
+        metadata's ``stage_idx`` and ``layer_idx`` say which one this is
+        (``ubatch_idx`` is not used to pick one).
 
         Returns:
             ``AFDA2FTransferPayload``; its context's metadata holds each rank's token count.
+
+        Raises:
+            RuntimeError: every Attention rank has stopped (no stage will come any more).
+            stepmesh.StepMeshError: an Attention rank died, or the mesh failed.
         """
         batch = stepmesh.get_batch()
+        if not batch:
+            raise RuntimeError("recv_attn_output: every Attention rank has stopped; no stage will come")
         tensors = [ts[0] for _, ts, _ in batch]
         hidden = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        layer, stage = _split_key(int(batch[0][2][0]))
         metadata = AFDTransferMetadata.create_ffn_metadata(
-            layer_idx=0, stage_idx=int(batch[0][2][0]), seq_lens=[t.shape[0] for t in tensors]
+            layer_idx=layer, stage_idx=stage, seq_lens=[t.shape[0] for t in tensors]
         )
         state = StepMeshTransferState(handles=[h for h, _, _ in batch])
         return AFDA2FTransferPayload(hidden_states=hidden, context=AFDTransferContext(metadata=metadata, states=state))
@@ -257,6 +286,15 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
             raise ValueError(f"ffn_output of shape {tuple(ffn_output.shape)} does not match {metadata.total_tokens} tokens")
         rows = list(torch.split(ffn_output, metadata.seq_lens, dim=0))
         stepmesh.respond_vec(ffn_output.contiguous(), rows, list(context.states.handles))
+
+
+def _stage_key(layer: int, stage: int) -> int:
+    """The push/pull key of a (layer, stage): the FFN side learns both from it."""
+    return (layer << 16) | (stage & 0xFFFF)
+
+
+def _split_key(key: int) -> tuple[int, int]:
+    return key >> 16, key & 0xFFFF
 
 
 def _register() -> None:
