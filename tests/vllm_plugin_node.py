@@ -20,7 +20,7 @@ role, role_rank, port, layers, device = sys.argv[1], int(sys.argv[2]), int(sys.a
 n_attn, n_ffn = int(sys.argv[6]), int(sys.argv[7])
 stages, hidden = 3, 1024
 vllm_config = SimpleNamespace(
-    model_config=SimpleNamespace(hf_config=SimpleNamespace(hidden_size=hidden), dtype=torch.bfloat16),
+    model_config=SimpleNamespace(hf_config=SimpleNamespace(hidden_size=hidden, num_hidden_layers=layers), dtype=torch.bfloat16),
     scheduler_config=SimpleNamespace(max_num_batched_tokens=32),
     additional_config={"afd": {"connector_extra_config": {"stages": stages, "progress": "blocking"}}},
 )

@@ -147,6 +147,8 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
         self._initialized = False
         self._recv: list[torch.Tensor] = []
         self._pending: dict[int, tuple[int, int]] = {}  # stage -> (push_pull handle, tokens)
+        self.num_layers = int(getattr(model.hf_config, "num_hidden_layers", 0) or 0)
+        self._layers_seen: dict[int, int] = {}  # FFN side: stage -> the layer its next arrival belongs to
 
     # ------------------------------------------------------------ lifecycle
     def init_afd_connector(self) -> None:
@@ -222,8 +224,7 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
         stage = metadata.stage_idx
         if stage in self._pending:
             raise RuntimeError(f"stage {stage}: the previous answer was not received yet (recv_ffn_output)")
-        key = _stage_key(int(getattr(metadata, "layer_idx", 0)), stage)
-        handle = stepmesh.push_pull([hidden_states.contiguous()], [key], [self._recv[stage][:n]], [key])
+        handle = stepmesh.push_pull([hidden_states.contiguous()], [stage], [self._recv[stage][:n]], [stage])
         self._pending[stage] = (handle, n)
 
     def recv_ffn_output(self, ref_tensor: torch.Tensor | None = None, ubatch_idx: int = 0, **kwargs: Any) -> torch.Tensor:
@@ -253,8 +254,10 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
         """The next stage's hidden states from every Attention rank of this FFN rank, concatenated by tokens.
 
         Stages are taken in the order the Attention ranks sent them; the
-        metadata's ``stage_idx`` and ``layer_idx`` say which one this is
-        (``ubatch_idx`` is not used to pick one).
+        metadata's ``stage_idx`` says which one this is (``ubatch_idx`` is not
+        used to pick one), and ``layer_idx`` counts that stage's arrivals modulo
+        the model's ``num_hidden_layers`` (the key carries only the stage, so
+        that a model's layers share one request layout).
 
         Returns:
             ``AFDA2FTransferPayload``; its context's metadata holds each rank's token count.
@@ -268,7 +271,9 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
             raise RuntimeError("recv_attn_output: every Attention rank has stopped; no stage will come")
         tensors = [ts[0] for _, ts, _ in batch]
         hidden = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-        layer, stage = _split_key(int(batch[0][2][0]))
+        stage = int(batch[0][2][0])
+        layer = self._layers_seen.get(stage, 0)
+        self._layers_seen[stage] = (layer + 1) % self.num_layers if self.num_layers else layer + 1
         metadata = AFDTransferMetadata.create_ffn_metadata(
             layer_idx=layer, stage_idx=stage, seq_lens=[t.shape[0] for t in tensors]
         )
@@ -286,15 +291,6 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
             raise ValueError(f"ffn_output of shape {tuple(ffn_output.shape)} does not match {metadata.total_tokens} tokens")
         rows = list(torch.split(ffn_output, metadata.seq_lens, dim=0))
         stepmesh.respond_vec(ffn_output.contiguous(), rows, list(context.states.handles))
-
-
-def _stage_key(layer: int, stage: int) -> int:
-    """The push/pull key of a (layer, stage): the FFN side learns both from it."""
-    return (layer << 16) | (stage & 0xFFFF)
-
-
-def _split_key(key: int) -> tuple[int, int]:
-    return key >> 16, key & 0xFFFF
 
 
 def _register() -> None:
