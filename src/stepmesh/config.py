@@ -124,8 +124,8 @@ class Config:
             _check_int("root_port", self.root_port, 0, 65535)
             if self.root_port == 0 and self.role not in (None, "scheduler"):
                 _fail("root_port", 0, "a port from 1 to 65535 (0 is only for the scheduler)")
-        if isinstance(self.verbose, bool) or not isinstance(self.verbose, int) or self.verbose not in (0, 1, 2):
-            _fail("verbose", self.verbose, "0, 1 or 2")
+        if isinstance(self.verbose, bool) or not isinstance(self.verbose, int) or self.verbose < 0:
+            _fail("verbose", self.verbose, "an integer >= 0 (2 and above log every message)")
         if not self.root_uri or not isinstance(self.root_uri, str):
             _fail("root_uri", self.root_uri, "a host name or IP address")
         if self.backend is not None:
@@ -260,13 +260,17 @@ def _split(raw: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.split(",") if p.strip())
 
 
-def _parse_bool(name: str, var: str, raw: str) -> bool:
+def _parse_bool(name: str, var: str, raw: str) -> bool | None:
     low = raw.lower()
+    if name == "enable_rdma" and low in ("zmq", "tcp"):
+        return False  # StepMesh's TCP van: no RDMA
+    if name == "enable_rdma" and low == "ucx":
+        return None  # StepMesh's UCX van: whatever UCX finds, as by default here
     if low in _TRUE or (name == "enable_rdma" and low in ("ibverbs", "verbs", "rdma")):
         return True
     if low in _FALSE:
         return False
-    extra = ", ibverbs" if name == "enable_rdma" else ""
+    extra = ", ibverbs, zmq, ucx" if name == "enable_rdma" else ""
     raise ConfigError(f"{var} = {raw!r} is invalid: expected one of 1, 0, true, false{extra}")
 
 

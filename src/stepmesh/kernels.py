@@ -17,7 +17,7 @@ import ctypes
 import threading
 from typing import Any
 
-from .errors import ArgumentError, ConfigError, StepMeshError
+from .errors import ArgumentError, ConfigError, StepMeshError, TransportError
 
 __all__ = ["map_pinned_tensor", "write_flag", "wait_flag", "seq_add_one", "device_pointer"]
 
@@ -33,8 +33,8 @@ def _torch() -> Any:
         raise ConfigError("stepmesh's wait kernels need a CUDA device; torch sees none here")
     if getattr(torch.version, "hip", None):
         raise ConfigError(
-            "stepmesh's wait kernels are written for CUDA (its PTX fence); ROCm is not supported yet: "
-            "use SimpleNotify, which waits on the stream without a kernel"
+            "stepmesh's wait kernels are written for CUDA (its PTX fence and the CUDA driver's stream waits); "
+            "ROCm is not supported yet, nor is SimpleNotify: on ROCm wait with wait()/get_batch() on the host"
         )
     return torch
 
@@ -57,7 +57,7 @@ class _Driver:
     @staticmethod
     def check(status: int, what: str) -> None:
         if status != 0:
-            raise StepMeshError(f"{what} failed with CUDA driver error {status}")
+            raise TransportError(f"{what} failed with CUDA driver error {status}")
 
 
 def driver() -> _Driver:
@@ -78,7 +78,7 @@ def device_pointer(host_ptr: int) -> int:
 
     Raises:
         ConfigError: no CUDA driver here.
-        StepMeshError: the memory is not pinned by CUDA.
+        TransportError: the memory is not pinned by CUDA (the driver refused it).
     """
     d = driver()
     out = ctypes.c_uint64(0)
