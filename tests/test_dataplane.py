@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -722,6 +723,11 @@ def _vec(ctx: NodeContext) -> bool:
     if ctx.role == "worker":
         out = torch.zeros(8, 4)
         h = f.push_pull([torch.zeros(rows[ctx.rank], 4)], [0], [out], [1])
+        t0 = time.monotonic()
+        with pytest.raises(f.PeerError, match=["as long as", "duplicates"][ctx.rank]):
+            f.wait(h)  # a respond_vec that named this request was refused: told at once, with the reason
+        assert time.monotonic() - t0 < 2.0
+        h = f.push_pull([torch.zeros(rows[ctx.rank], 4)], [0], [out], [1])
         if ctx.args.get("refused"):
             t0 = time.monotonic()
             with pytest.raises(f.PeerError, match="holds only"):
@@ -739,7 +745,8 @@ def _vec(ctx: NodeContext) -> bool:
         with pytest.raises(f.ArgumentError, match="handles"):
             f.respond_vec(ret, [t[0] for _, t, _ in batch], [batch[0][0]])
         with pytest.raises(f.ArgumentError, match="duplicates"):
-            f.respond_vec(ret, [t[0] for _, t, _ in batch], [batch[0][0]] * 2)
+            f.respond_vec(ret, [t[0] for _, t, _ in batch], [np.int64(batch[1][0])] * 2)  # numpy handles are handles
+        batch = f.get_batch()
         if ctx.args.get("refused"):
             with pytest.raises(f.ArgumentError, match="holds only"):  # 9 rows for worker 1's 8
                 f.respond_vec(torch.zeros(12, 4), [torch.zeros(3, 4), torch.zeros(9, 4)], [h for h, _, _ in batch])
