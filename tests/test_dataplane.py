@@ -428,7 +428,7 @@ def _in_sending_order(ctx: NodeContext) -> int | list[tuple[int, int, int]]:
         out = []
         for k in range(n_calls):
             batch = f.get_batch()
-            for w, (h, ts, keys) in enumerate(batch):
+            for w, (_, ts, keys) in enumerate(batch):
                 got = int(ts[0][0].item())
                 if got != k or keys != [k % 3]:
                     out.append((w, k, got))

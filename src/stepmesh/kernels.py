@@ -17,7 +17,7 @@ import ctypes
 import threading
 from typing import Any
 
-from .errors import ArgumentError, ConfigError, StepMeshError, TransportError
+from .errors import ArgumentError, ConfigError, TransportError
 
 __all__ = ["map_pinned_tensor", "write_flag", "wait_flag", "seq_add_one", "device_pointer"]
 

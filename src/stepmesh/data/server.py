@@ -320,8 +320,8 @@ class AFTensorServer(Node):
         try:
             parts = self._vec_parts(ret_buffer, tensors_vec, handles, hs)
         except ArgumentError as e:
-            for h in known:  # every worker learns why, none gets a partial answer
-                core.refuse(h, f"respond_vec refused the answers of this call: {e}")
+            for k in known:  # every worker learns why, none gets a partial answer
+                core.refuse(k, f"respond_vec refused the answers of this call: {e}")
             raise
         for h, part in zip(hs, parts):
             if core.respond(part, h, True) != W.Result.DONE:

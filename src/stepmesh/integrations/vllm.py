@@ -131,7 +131,7 @@ class StepMeshAFDConnector(AFDConnectorBase):  # type: ignore[misc]
         attention = afd_config.role == "attention"
         group = role_rank // self.ratio if attention else role_rank
         # STEPMESH_*/DMLC_* in the environment (auth token, heartbeats, timeouts) apply; the mesh's shape comes from here.
-        optional = {
+        optional: dict[str, Any] = {
             "progress": extra.progress,
             "transports": tuple(extra.transports.split(",")) if extra.transports else None,
             "backend": "cuda" if self.device.type == "cuda" else None,
