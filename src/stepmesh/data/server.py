@@ -80,7 +80,9 @@ class AFTensorServer(Node):
             [W.make_tag(W.Tag.REQUEST, p.node_id) for p in self.workers],
             [W.make_tag(W.Tag.PUSH, p.node_id) for p in self.workers],
             W.make_tag(W.Tag.RESPONSE, self.node_id), W.make_tag(W.Tag.PULL, self.node_id),
-            gpu, cfg.gpu if gpu else -1,
+            # pinned receive slots and response headers only where device tensors travel inline (staged through
+            # them); otherwise UCX sees plain host memory
+            gpu and W.DEVICE_INLINE_MAX > 0, cfg.gpu if gpu else -1,
         )
         data.on_close(self._core.close)
         self._spins = data.core_spins
