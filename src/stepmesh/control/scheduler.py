@@ -272,6 +272,8 @@ class Scheduler:
         self._send(node, P.encode_welcome(node.node_id, rank, proof=conn.proof))
         log.info("registered %s as node %d", node.describe(), node.node_id)
         self._maybe_send_books()
+        for key in [k for k in self._barriers if k[0] & P.SCOPE_EVERY_GROUP]:
+            self._settle(key, node)
 
     def _may_rejoin(self, role: P.Role, group: int, rank: int) -> bool:
         """A server that died after the mesh formed may register again under its rank."""
@@ -431,6 +433,8 @@ class Scheduler:
             return
         if scope & P.SCOPE_STOP and (not self._stop_requested or (not self._gave_up_waiting and self._missing())):
             return  # every node the mesh expects stops together: a late instance group is waited for
+        if scope & P.SCOPE_EVERY_GROUP and not self._gave_up_waiting and self._missing():
+            return  # a barrier of every instance group waits for the groups not registered yet
         if all(n.node_id in barrier.arrived for n in members):
             for n in members:
                 self._send(n, P.encode_release(seq, scope))
