@@ -1396,6 +1396,10 @@ cdef class Req:
     cdef uint64_t t_recv, t_proc
 
 
+cdef enum:
+    LENT = -2  # Sending.staged_device: the answer is read from the caller's memory
+
+
 @cython.no_gc_clear
 cdef class Sending:
     """One response on its way: its sends and the buffers they read; the request it answers stays alive with it."""
@@ -1405,8 +1409,9 @@ cdef class Sending:
     cdef Ops ops
     cdef uint8_t *header
     cdef size_t hlen
-    cdef void **staged  # per answer: its staging buffer, or NULL
-    cdef int *staged_device
+    cdef void **staged  # per answer: its staging buffer, the caller's memory (LENT), or NULL
+    cdef int *staged_device  # per answer: the staging buffer's device (-1: host), or LENT
+    cdef bint lends  # some answer is sent from the caller's memory: respond waits until it has left
     cdef uint64_t *sizes
     cdef void *event
     cdef int device
@@ -1458,6 +1463,7 @@ cdef class Server:
     cdef int failed_worker, failed_status, new_worker
     cdef bint closed
     cdef object endpoints
+    cdef int lent_out  # Sendings in flight that read the caller's memory
 
     def __cinit__(self, Ucp ucp, list eps, list endpoints, list ring_tags, list push_tags, uint64_t resp_tag,
                   uint64_t pull_tag, bint pinned, int device):
@@ -1772,10 +1778,12 @@ cdef class Server:
     def respond(self, object tensors, int64_t handle, object need_event):
         """Check, stage and send the answers to request ``handle``: DONE, UNKNOWN or BAD_ANSWER (nothing sent).
 
-        When this returns, the answers' memory is the caller's again: small ones
-        were copied into the response, large ones into staging buffers (on the
-        caller's current stream with ``need_event``, which the send then waits
-        for; otherwise on the core's stream, synchronised here).
+        Small answers are copied into the response; large device ones into
+        staging buffers (on the caller's current stream with ``need_event``,
+        which the send then waits for; otherwise on the core's stream,
+        synchronised here); large host ones are sent from the caller's memory,
+        lent until ``lent`` drops to 0 (the caller waits for that before
+        returning: on the CPU a copy costs more than the transfer).
         """
         cdef object found = self.handles.get(handle)
         if found is None:
@@ -1839,6 +1847,11 @@ cdef class Server:
                     memcpy(hdr + pos, <void *><uintptr_t>ptr, n)
                 pos += n
                 continue
+            if dev < 0:  # host: sent from the caller's memory, which respond lends until it has left
+                out.staged[j] = <void *><uintptr_t>ptr
+                out.staged_device[j] = LENT
+                out.lends = True
+                continue
             out.staged[j] = self._staging(lay, j, dev).get()
             if dev >= 0:
                 _drv_check(drv.d2d(<uint64_t><uintptr_t>out.staged[j], ptr, n, stream), "staging an answer")
@@ -1857,6 +1870,8 @@ cdef class Server:
             out.device = first
             _drv_check(drv.event_record(out.event, current_stream(first)), "recording an event")
         out.in_flight = True
+        if out.lends:
+            self.lent_out += 1
         if out.event != NULL or self.deferred:
             self.deferred.append(out)
             self._kick()
@@ -1931,9 +1946,12 @@ cdef class Server:
             lay = out.layout
             lay.resp_pool.put(out.header)
             for j in range(lay.n_pull):
-                if out.staged[j] != NULL:
+                if out.staged[j] != NULL and out.staged_device[j] != LENT:
                     (<Pool>(<dict>lay.staging[j])[out.staged_device[j]]).put(out.staged[j])
-                    out.staged[j] = NULL
+                out.staged[j] = NULL
+            if out.lends:
+                out.lends = False
+                self.lent_out -= 1
             r = out.req
             out.req = None
             out.in_flight = False
@@ -1992,6 +2010,11 @@ cdef class Server:
         return lay.keys, [(lay.pull_keys[j], lay.caps[j]) for j in range(lay.n_pull)]
 
     @property
+    def lent(self):
+        """Answers in flight that UCX reads from the caller's memory (host answers sent without a copy)."""
+        return self.lent_out
+
+    @property
     def waiting_for_stream(self):
         """Answers held back until their stream work completes."""
         return len(self.deferred)
@@ -2007,6 +2030,7 @@ cdef class Server:
         self.arriving = []
         self.sending = []
         self.deferred = []
+        self.lent_out = 0
         self.handles.clear()
         self.forget_layouts()
 

@@ -34,6 +34,7 @@ log = logging.getLogger("stepmesh.server")
 _SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last between liveness checks
 _EVENT_SLICE_S = 0.0002  # ... while answers wait for a stream event, which UCX does not signal
 _FOREVER_S = 3600.0
+_LEND_TIMEOUT_S = 10.0  # how long respond waits for a worker to take a large host answer sent from the caller's memory
 
 
 def _check_need_event(need_event: Any) -> None:
@@ -244,7 +245,10 @@ class AFTensorServer(Node):
 
         A tensor may be smaller than the worker's buffer (its first bytes are
         written, the rest stays as it was), never larger. When this returns the
-        answers' memory is the caller's again (they were copied or staged).
+        answers' memory is the caller's again: small ones were copied, large
+        device ones staged on the GPU, and large host ones have left (respond
+        waits for the worker to take them: on the CPU a copy costs more than
+        the transfer).
         Device answers are taken after the work queued on the current stream
         before this call (``need_event=True``, the default, which never blocks);
         ``need_event=False`` takes them as they are now, synchronously.
@@ -257,11 +261,34 @@ class AFTensorServer(Node):
                 is not a contiguous tensor of a known dtype or does not fit the
                 worker's buffer (the worker is told why; nothing else is sent).
             PeerError: the worker died.
+            TimeoutError: the worker did not take a large host answer within 10 s.
         """
         if self.healthy and type(handle) is int and need_event.__class__ is bool:
-            if self._core.respond(tensors, handle, need_event) == W.Result.DONE:
+            core = self._core
+            if core.respond(tensors, handle, need_event) == W.Result.DONE:
+                if core.lent:
+                    self._take_back()
                 return
         self._respond_slow(tensors, handle, need_event)
+        self._take_back()
+
+    def _take_back(self) -> None:
+        """Progress until UCX no longer reads answers from the caller's memory (large host answers are sent
+        without a copy: on the CPU, copying costs more than the transfer; the worker fetches while it waits).
+
+        Raises:
+            PeerError: a worker died.
+            TimeoutError: a worker did not take its answer within the lend timeout.
+        """
+        core = self._core
+        if not core.lent:
+            return
+        deadline = time.monotonic() + _LEND_TIMEOUT_S
+        if not self.data.progress_until(lambda: core.progress() >= 0 and not core.lent, deadline, self._check_workers):
+            raise TimeoutError(
+                f"{core.lent} answer(s) not taken by their worker within {_LEND_TIMEOUT_S:g} s: UCX may still read "
+                "their memory (is the worker inside wait()?)"
+            )
 
     def _respond_slow(self, tensors: Any, handle: Any, need_event: Any) -> None:
         core = self._core
@@ -328,6 +355,7 @@ class AFTensorServer(Node):
         for h, part in zip(hs, parts):
             if core.respond(part, h, True) != W.Result.DONE:
                 raise StepMeshError(f"respond_vec: the core refused answers stepmesh found valid (handle {h})")
+        self._take_back()
 
     def _vec_parts(self, ret_buffer: Any, tensors_vec: Any, handles: Any, hs: list[int | None]) -> list[list[torch.Tensor]]:
         """respond_vec's answers, one list per handle, or the ArgumentError that names what is wrong."""
