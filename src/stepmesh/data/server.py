@@ -280,11 +280,11 @@ class AFTensorServer(Node):
             PeerError: a worker died.
             TimeoutError: a worker did not take its answer within the lend timeout.
         """
-        core = self._core
-        if not core.lent:
+        core, data = self._core, self.data
+        if core is None or data is None or not core.lent:
             return
         deadline = time.monotonic() + _LEND_TIMEOUT_S
-        if not self.data.progress_until(lambda: core.progress() >= 0 and not core.lent, deadline, self._check_workers):
+        if not data.progress_until(lambda: core.progress() >= 0 and not core.lent, deadline, self._check_workers):
             raise TimeoutError(
                 f"{core.lent} answer(s) not taken by their worker within {_LEND_TIMEOUT_S:g} s: UCX may still read "
                 "their memory (is the worker inside wait()?)"
