@@ -116,3 +116,13 @@ def test_a_wrong_default_is_caught():
 
 def test_row_parsing_keeps_escaped_pipes():
     assert _cells(r"| `a` | b \| c | d |") == ["`a`", "b | c", "d"]
+
+
+USER_DOCS = sorted(DOCS.parent.glob("*.md")) + [DOCS.parent.parent / "README.md"]
+
+
+@pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: p.name)
+def test_user_docs_name_no_commit_of_their_own(path: Path) -> None:
+    """Which revision measured what belongs in git: user docs say when and on what, not at which commit."""
+    found = re.findall(r"\bcommit [0-9a-f]{7,40}\b|\bthis revision\b", path.read_text(), re.IGNORECASE)
+    assert not found, f"{path.name} names {found}"
