@@ -988,3 +988,29 @@ def test_a_server_loop_ends_when_every_worker_has_stopped():
     """(get_batch() once blocked while the workers sat in stop(): servers had to count requests.)"""
     results = _mesh(_until_workers_stop, num_workers=2, num_servers=1, timeout=40)
     assert results["server-0-0"] == 5 and results["worker-0-0"] == 5
+
+
+# ------------------------------------------------------ lent host answers
+def _lent(ctx: NodeContext) -> str:
+    f.init()
+    if ctx.role == "worker":
+        out = [torch.zeros(LARGE)]
+        h = f.push_pull([torch.ones(LARGE)], [0], out, [0])
+        time.sleep(1.0)  # busy elsewhere, outside stepmesh
+        f.wait(h)
+        assert torch.all(out[0] == 2)
+        f.stop()
+        return "ok"
+    (h, (t,), _), = f.get_batch()
+    answer = t * 2
+    f.respond([answer], h)
+    lent = f._server("respond")._core.lent
+    answer.fill_(-1)  # the caller's again at once
+    f.stop()
+    return f"lent {lent}"
+
+
+@pytest.mark.timeout(120)
+def test_a_large_host_answer_has_left_when_respond_returns():
+    """A large host answer is sent from the caller's memory, without a copy: respond returns once UCX is done with it."""
+    assert _mesh(_lent) == {"worker-0-0": "ok", "server-0-0": "lent 0"}

@@ -274,7 +274,7 @@ class AFTensorServer(Node):
 
     def _take_back(self) -> None:
         """Progress until UCX no longer reads answers from the caller's memory (large host answers are sent
-        without a copy: on the CPU, copying costs more than the transfer; the worker fetches while it waits).
+        without a copy: on the CPU, copying costs more than the transfer).
 
         Raises:
             PeerError: a worker died.
@@ -287,7 +287,7 @@ class AFTensorServer(Node):
         if not data.progress_until(lambda: core.progress() >= 0 and not core.lent, deadline, self._check_workers):
             raise TimeoutError(
                 f"{core.lent} answer(s) not taken by their worker within {_LEND_TIMEOUT_S:g} s: UCX may still read "
-                "their memory (is the worker inside wait()?)"
+                "their memory (a transport that needs the worker to progress, and a worker outside stepmesh?)"
             )
 
     def _respond_slow(self, tensors: Any, handle: Any, need_event: Any) -> None:
