@@ -1375,7 +1375,7 @@ cdef class Layout:
     cdef int *placements
     cdef size_t resp_pos, resp_size
     cdef Pool resp_pool
-    cdef list staging  # per answer: {device index (-1: host): Pool}
+    cdef list staging  # per answer: {device index: Pool} (host answers are lent, not staged)
     cdef list free_reqs, free_sendings  # recycled (cleared when the layout is dropped: no cycle outlives it)
 
     def __dealloc__(self):
@@ -1410,7 +1410,7 @@ cdef class Sending:
     cdef uint8_t *header
     cdef size_t hlen
     cdef void **staged  # per answer: its staging buffer, the caller's memory (LENT), or NULL
-    cdef int *staged_device  # per answer: the staging buffer's device (-1: host), or LENT
+    cdef int *staged_device  # per answer: the staging buffer's device, or LENT
     cdef bint lends  # some answer is sent from the caller's memory: respond waits until it has left
     cdef uint64_t *sizes
     cdef void *event
@@ -1853,10 +1853,7 @@ cdef class Server:
                 out.lends = True
                 continue
             out.staged[j] = self._staging(lay, j, dev).get()
-            if dev >= 0:
-                _drv_check(drv.d2d(<uint64_t><uintptr_t>out.staged[j], ptr, n, stream), "staging an answer")
-            else:
-                memcpy(out.staged[j], <void *><uintptr_t>ptr, n)
+            _drv_check(drv.d2d(<uint64_t><uintptr_t>out.staged[j], ptr, n, stream), "staging an answer")
         out.hlen = pos
         dev = -1
         for j in range(lay.n_pull):  # copies on the core's streams: done before the caller may write again
@@ -1883,7 +1880,7 @@ cdef class Server:
         cdef dict pools = <dict>lay.staging[j]
         cdef object p = pools.get(device)
         if p is None:
-            p = pools[device] = self._pool(MEM_DEVICE if device >= 0 else MEM_HOST, device, lay.caps[j])
+            p = pools[device] = self._pool(MEM_DEVICE, device, lay.caps[j])
         return <Pool>p
 
     cdef Pool _pool(self, int kind, int device, size_t size):

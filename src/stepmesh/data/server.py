@@ -283,8 +283,11 @@ class AFTensorServer(Node):
         core, data = self._core, self.data
         if core is None or data is None or not core.lent:
             return
-        deadline = time.monotonic() + _LEND_TIMEOUT_S
-        if not data.progress_until(lambda: core.progress() >= 0 and not core.lent, deadline, self._check_workers):
+        def taken() -> bool:
+            core.progress()  # reaps the answers UCX is done with
+            return not core.lent
+
+        if not data.progress_until(taken, time.monotonic() + _LEND_TIMEOUT_S, self._check_workers):
             raise TimeoutError(
                 f"{core.lent} answer(s) not taken by their worker within {_LEND_TIMEOUT_S:g} s: UCX may still read "
                 "their memory (a transport that needs the worker to progress, and a worker outside stepmesh?)"
