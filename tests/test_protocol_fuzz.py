@@ -96,3 +96,34 @@ def test_control_decoder_survives_bytes_behind_a_valid_prefix(tail, kind):
 def test_oversized_control_message_is_refused_before_parsing():
     with pytest.raises(ProtocolError, match="exceeds"):
         P.decode_control(b"\0" * (P.MAX_CONTROL_BYTES + 1))
+
+
+# ------------------------------------------------------------ packed tensors
+def test_a_hidden_state_and_its_count_on_the_device_are_answered_packed():
+    sep, inl, packed = W.Placement.SEPARATE, W.Placement.INLINE, W.Placement.PACKED
+    hidden, count = 64 * 7168 * 2, 4
+    assert W.pack_placements([hidden, count], [True, True], [sep, sep]) == [packed, packed]
+    # one device tensor, host tensors, or only large ones: nothing to save
+    assert W.pack_placements([hidden], [True], [sep]) == [sep]
+    assert W.pack_placements([hidden, count], [False, False], [sep, inl]) == [sep, inl]
+    assert W.pack_placements([hidden, hidden], [True, True], [sep, sep]) == [sep, sep]
+    # a host tensor among them keeps its place; the device ones pack
+    assert W.pack_placements([count, hidden, count], [False, True, True], [inl, sep, sep]) == [inl, packed, packed]
+    assert W.pack_placements([W.PACK_MAX, count], [True, True], [sep, sep]) == [sep, sep]
+    assert W.pack_offsets([hidden, count, 0, 1]) == [0, hidden, hidden + W.PACK_ALIGN, hidden + W.PACK_ALIGN,
+                                                      hidden + 2 * W.PACK_ALIGN]
+
+
+def test_only_device_answers_travel_packed():
+    buf = bytearray(_valid_request())
+    pull_at = W.REQ_FIXED.size + W.REQ_TENSOR.size + 16
+    W.REQ_PULL.pack_into(buf, pull_at, 9, 1024, W.Placement.PACKED, 1)
+    assert W.decode_request(bytes(buf), ITEMSIZE).pulls[0].placement is W.Placement.PACKED
+    for what in ("host answer", "push"):
+        bad = bytearray(buf)
+        if what == "host answer":
+            W.REQ_PULL.pack_into(bad, pull_at, 9, 1024, W.Placement.PACKED, 0)
+        else:
+            W.REQ_TENSOR.pack_into(bad, W.REQ_FIXED.size, 5, 0, 2, W.Placement.PACKED, 1, 64 * 4 * 4)
+        with pytest.raises(W.WireError, match="placement"):
+            W.decode_request(bytes(bad), ITEMSIZE)

@@ -731,14 +731,16 @@ cdef struct Push:
 
 cdef struct Answer:
     int device  # 1: the pull tensor is device memory
-    int how  # ANSWER_COPY (inline, copied out), ANSWER_SCATTER (inline, UCX puts it in place), ANSWER_SEPARATE
-    uint64_t ptr, cap
+    int how  # ANSWER_COPY (inline, copied out), ANSWER_SCATTER (inline, UCX puts it in place), ANSWER_SEPARATE,
+             # ANSWER_PACKED (in the server's packed message, at offset: copied out on the device)
+    uint64_t ptr, cap, offset
 
 
 cdef enum:
     ANSWER_COPY = 0
     ANSWER_SCATTER = 1
     ANSWER_SEPARATE = 2
+    ANSWER_PACKED = 3
 
 
 cdef class Plan:
@@ -758,6 +760,7 @@ cdef class Plan:
     cdef int n_inline, n_inline_device
     cdef Push *sep_push
     cdef int n_sep
+    cdef uint64_t *ans_pack_size  # per server: bytes of its packed answers' buffer, 0: none
     cdef size_t resp_size, resp_pos
     cdef uint64_t *resp_tag  # per server: RESPONSE | its node id
     cdef uint64_t *pull_tag  # per server: PULL | its node id
@@ -772,6 +775,7 @@ cdef class Plan:
         free(self.eps)
         free(self.inline_push)
         free(self.sep_push)
+        free(self.ans_pack_size)
         free(self.resp_tag)
         free(self.pull_tag)
         free(self.answers)
@@ -798,6 +802,7 @@ cdef class Call:
     cdef uint8_t *refusal
     cdef int refused_server
     cdef Ops refusal_ops
+    cdef void **pack_in  # per server, device: its packed answers (or NULL)
 
     def __dealloc__(self):
         cdef int s
@@ -807,6 +812,10 @@ cdef class Call:
         if self.resp != NULL:
             for s in range(self.n_servers):
                 mem_put(self.mem_kind, self.resp[s], self.device)
+        if self.pack_in != NULL:
+            for s in range(self.n_servers):
+                mem_put(MEM_DEVICE, self.pack_in[s], self.device)
+        free(self.pack_in)
         free(self.resp)
         free(self.iov)
         free(self.recv_lo)
@@ -824,14 +833,17 @@ cdef Call new_call(Plan p):
     c.resp = <uint8_t **>calloc(p.n_servers, sizeof(uint8_t *))
     c.iov = <uint64_t *>calloc(p.n_servers * 4, sizeof(uint64_t))
     c.recv_lo = <int *>calloc(p.n_servers + 1, sizeof(int))
-    if c.resp == NULL or c.iov == NULL or c.recv_lo == NULL:
+    c.pack_in = <void **>calloc(p.n_servers, sizeof(void *))
+    if c.resp == NULL or c.iov == NULL or c.recv_lo == NULL or c.pack_in == NULL:
         raise MemoryError()
     c.header = <uint8_t *>mem_get(c.mem_kind, p.hlen, p.device)
     memcpy(c.header, <const char *>p.template, len(p.template))
     for s in range(p.n_servers):
         c.resp[s] = <uint8_t *>mem_get(c.mem_kind, p.resp_size, p.device)
+        if p.ans_pack_size[s]:
+            c.pack_in[s] = mem_get(MEM_DEVICE, p.ans_pack_size[s], p.device)
         c.recv_lo[s] = n_recv
-        n_recv += 1 + p.n_sep_answers[s]
+        n_recv += 1 + p.n_sep_answers[s] + (1 if p.ans_pack_size[s] else 0)
         if p.scatter[s] >= 0:
             j = p.scatter[s]
             c.iov[4 * s] = <uintptr_t>c.resp[s]
@@ -956,12 +968,15 @@ cdef class Worker:
         p.answers = <Answer *>calloc(max(p.n_servers * p.per, 1), sizeof(Answer))
         p.n_sep_answers = <int *>calloc(p.n_servers, sizeof(int))
         p.scatter = <int *>calloc(p.n_servers, sizeof(int))
-        servers = spec["servers"]  # per server: (resp tag, pull tag, scatter index or -1, [(device, ptr, cap, how)])
+        p.ans_pack_size = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
+        # per server: (resp tag, pull tag, scatter index or -1, [(device, ptr, cap, how, pack offset)], pack size)
+        servers = spec["servers"]
         for s in range(p.n_servers):
             item = servers[s]
             p.resp_tag[s] = item[0]
             p.pull_tag[s] = item[1]
             p.scatter[s] = item[2]
+            p.ans_pack_size[s] = item[4]
             answers = item[3]
             if len(answers) != p.per:
                 raise ValueError("a server's share of answers has the wrong length")
@@ -971,6 +986,7 @@ cdef class Worker:
                 p.answers[s * p.per + j].ptr = a[1]
                 p.answers[s * p.per + j].cap = a[2]
                 p.answers[s * p.per + j].how = a[3]
+                p.answers[s * p.per + j].offset = a[4]
                 if a[3] == ANSWER_SEPARATE:
                     p.n_sep_answers[s] += 1
         p.free_calls = []
@@ -1110,6 +1126,9 @@ cdef class Worker:
                 if a.how == ANSWER_SEPARATE:
                     c.recvs.add(ucp.recv_raw(<void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
                                              FULL_MASK, False))
+            if p.ans_pack_size[s]:
+                c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
+                                         FULL_MASK, False))
         return c.handle
 
     cdef void _send(self, Call c) noexcept:
@@ -1178,7 +1197,7 @@ cdef class Worker:
             moved = self.ucp.progress_raw()
             if moved:
                 self.ucp.drain()
-            if moved or (i & 3) == 0:
+            if moved or (i & 3) == 0 or self.deferred:  # a held-back send goes the moment its event completes
                 done = self._settled(c)
             i += 1
         if not done:
@@ -1229,6 +1248,13 @@ cdef class Worker:
                 a = &p.answers[s * p.per + j]
                 if size > a.cap:
                     return self._fail(c, (F_TOO_LONG, s, j, size, a.cap))
+                if a.how == ANSWER_PACKED and size:
+                    if not staged:
+                        dev_enter(p.device)
+                        staged = True
+                    rc = drv.d2d(a.ptr, <uint64_t><uintptr_t>c.pack_in[s] + a.offset, size, core_stream(p.device))
+                    if rc != DRV_SUCCESS:
+                        return self._fail(c, (F_DEVICE, s, rc))
                 if a.how != ANSWER_COPY or not size:
                     continue
                 if pos + size > p.resp_size:
@@ -1373,6 +1399,8 @@ cdef class Layout:
     cdef list keys, pull_keys
     cdef uint64_t *caps
     cdef int *placements
+    cdef uint64_t *ans_at  # per answer: its offset in the packed answers' buffer (PACKED)
+    cdef uint64_t ans_pack_size  # 0: no packed answers
     cdef size_t resp_pos, resp_size
     cdef Pool resp_pool
     cdef list staging  # per answer: {device index: Pool} (host answers are lent, not staged)
@@ -1382,6 +1410,7 @@ cdef class Layout:
         free(self.push)
         free(self.caps)
         free(self.placements)
+        free(self.ans_at)
 
 
 cdef class Req:
@@ -1411,6 +1440,9 @@ cdef class Sending:
     cdef size_t hlen
     cdef void **staged  # per answer: its staging buffer, the caller's memory (LENT), or NULL
     cdef int *staged_device  # per answer: the staging buffer's device, or LENT
+    cdef void *pack  # the packed answers' buffer (device pack_dev), or NULL
+    cdef int pack_dev
+    cdef uint64_t pack_len  # bytes sent from it
     cdef bint lends  # some answer is sent from the caller's memory: respond waits until it has left
     cdef uint64_t *sizes
     cdef void *event
@@ -1560,13 +1592,16 @@ cdef class Server:
             lay.devices.append(device)
         lay.keys = spec["keys"]
         lay.pull_keys = spec["pull_keys"]
-        pulls = spec["pull"]  # (placement, capacity)
+        pulls = spec["pull"]  # (placement, capacity, offset in the packed answers' buffer)
         lay.n_pull = len(pulls)
         lay.caps = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
         lay.placements = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
+        lay.ans_at = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
+        lay.ans_pack_size = spec["ans_pack_size"]
         for j in range(lay.n_pull):
             lay.placements[j] = pulls[j][0]
             lay.caps[j] = pulls[j][1]
+            lay.ans_at[j] = pulls[j][2]
             lay.n_sep_pull += lay.placements[j] == SEPARATE
         lay.resp_pos = RESP_FIXED_SIZE + RESP_SIZE_SIZE * lay.n_pull
         lay.resp_size = spec["resp_size"]
@@ -1752,9 +1787,9 @@ cdef class Server:
             moved = self.ucp.progress_raw()
             if moved:
                 self.ucp.drain()
+            if self.deferred:
+                self._kick()
             if moved or (i & 3) == 0:
-                if self.deferred:
-                    self._kick()
                 rc = self._intake()
             i += 1
         if rc != R_DONE:
@@ -1812,10 +1847,10 @@ cdef class Server:
 
     cdef int _answer(self, Req r, Sending out, list ts, bint need_event) except -1:
         cdef Layout lay = r.layout
-        cdef int j, dev, first = -1
+        cdef int j, k, dev, first = -1
         cdef size_t pos = lay.resp_pos
         cdef void *stream = NULL
-        cdef uint64_t ptr, n
+        cdef uint64_t ptr, n, dst
         cdef uint64_t *sizes = out.sizes
         cdef int *devices = out.staged_device
         cdef uint8_t *hdr = <uint8_t *>lay.resp_pool.get()
@@ -1825,21 +1860,41 @@ cdef class Server:
         out.event = NULL
         out.device = -1
         out.ep = self.eps[r.worker]
+        out.pack = NULL
+        out.pack_len = 0
         _fill_header(hdr, r.seq, STATUS_OK, lay.n_pull, r.t_recv, r.t_proc)
         for j in range(lay.n_pull):
             memcpy(hdr + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &sizes[j], 8)
             out.staged[j] = NULL
+        if lay.ans_pack_size:  # on the device of the first packed answer there is (a host one is copied up)
+            out.pack_dev = -1
+            for j in range(lay.n_pull):
+                if lay.placements[j] == PACKED and devices[j] >= 0 and out.pack_dev < 0:
+                    out.pack_dev = devices[j]
+            out.pack = self._pool(MEM_DEVICE if out.pack_dev >= 0 else MEM_HOST, out.pack_dev, lay.ans_pack_size).get()
         for j in range(lay.n_pull):
             n = sizes[j]
             if n == 0:
                 continue
             dev = devices[j]
             ptr = ts[j].data_ptr()
+            if lay.placements[j] == PACKED and dev < 0 <= out.pack_dev:
+                dev = out.pack_dev  # a host answer copied up into a device pack: on that device's stream
             if dev >= 0:
                 dev_enter(dev)
                 if need_event and first < 0:
                     first = dev
                 stream = current_stream(dev) if need_event and dev == first else core_stream(dev)
+            if lay.placements[j] == PACKED:
+                out.pack_len = max(out.pack_len, lay.ans_at[j] + n)
+                dst = <uint64_t><uintptr_t>out.pack + lay.ans_at[j]
+                if out.pack_dev < 0:
+                    memcpy(<void *><uintptr_t>dst, <void *><uintptr_t>ptr, n)
+                elif devices[j] < 0:
+                    _drv_check(drv.h2d(dst, <void *><uintptr_t>ptr, n, stream), "packing an answer")
+                else:
+                    _drv_check(drv.d2d(dst, ptr, n, stream), "packing an answer")
+                continue
             if lay.placements[j] == INLINE:
                 if dev >= 0:
                     _drv_check(drv.d2h(hdr + pos, ptr, n, stream), "staging an answer")
@@ -1857,8 +1912,9 @@ cdef class Server:
         out.hlen = pos
         dev = -1
         for j in range(lay.n_pull):  # copies on the core's streams: done before the caller may write again
-            if sizes[j] and devices[j] >= 0 and not (need_event and devices[j] == first) and devices[j] != dev:
-                dev = devices[j]
+            k = devices[j] if devices[j] >= 0 or lay.placements[j] != PACKED else out.pack_dev
+            if sizes[j] and k >= 0 and not (need_event and k == first) and k != dev:
+                dev = k
                 dev_enter(dev)
                 sync_core_stream(dev)
         if first >= 0:  # copies on the caller's stream: the send waits for them
@@ -1911,6 +1967,9 @@ cdef class Server:
             if lay.placements[j] == SEPARATE:  # an empty one still completes the worker's receive
                 out.ops.add(self.ucp.send_raw(out.ep, out.staged[j] if out.staged[j] != NULL else out.header,
                                               out.sizes[j], self.pull_tag | bits | <uint64_t>j, False))
+        if lay.ans_pack_size:
+            out.ops.add(self.ucp.send_raw(out.ep, out.pack if out.pack != NULL else out.header, out.pack_len,
+                                          self.pull_tag | bits | PACK_SLOT, False))
         self.sending.append(out)
 
     cdef int _kick(self) except -1:
@@ -1946,6 +2005,9 @@ cdef class Server:
                 if out.staged[j] != NULL and out.staged_device[j] != LENT:
                     (<Pool>(<dict>lay.staging[j])[out.staged_device[j]]).put(out.staged[j])
                 out.staged[j] = NULL
+            if out.pack != NULL:
+                self._pool(MEM_DEVICE if out.pack_dev >= 0 else MEM_HOST, out.pack_dev, lay.ans_pack_size).put(out.pack)
+                out.pack = NULL
             if out.lends:
                 out.lends = False
                 self.lent_out -= 1
@@ -1974,6 +2036,8 @@ cdef class Server:
         out.device = -1
         out.ep = self.eps[r.worker]
         out.note = reason.encode("utf-8")[:REFUSAL_MAX - 1] + b"\0"
+        out.pack = NULL
+        out.pack_len = 0
         _fill_header(out.header, r.seq, STATUS_REFUSED, lay.n_pull, r.t_recv, r.t_proc)
         for j in range(lay.n_pull):
             out.sizes[j] = 0

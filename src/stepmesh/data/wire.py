@@ -10,8 +10,15 @@ A push_pull is, per server, one request message (the header, with small
 tensors copied behind it) and one tag message per large push tensor, received
 straight into its destination. The answer is one response message (header,
 then small answers) and one tag message per large answer, received straight
-into the worker's pull tensor. The worker decides, per tensor, which travel
-inline, and says so in the header; the server follows.
+into the worker's pull tensor. Device answers that come with a small device
+answer (a hidden state and its token count) travel packed instead: the server
+copies them on the device into one buffer, sends it as one message, and the
+worker copies them out on the device; so UCX moves one rendezvous instead of
+a rendezvous plus a tiny eager device message (which it copies through the
+host, synchronously, on both sides). Pushes are not packed: the server would
+have to copy them out into its registered memory, and measured on one GPU
+that cost more than the message it saves. The worker decides, per tensor,
+how it travels, and says so in the header; the server follows.
 
 Little endian throughout (x86-64 and aarch64 are).
 """
@@ -28,12 +35,13 @@ __all__ = [
     "HEADER_MAX", "INLINE_MAX", "DEVICE_INLINE_MAX", "MAX_TENSORS", "MAX_PULLS", "MAX_NDIM",
     "MAX_TENSOR_BYTES", "MAX_IN_FLIGHT", "RING_DEPTH", "SLOT_SIZE", "TRACE_KEEP",
     "STATUS_OK", "STATUS_REFUSED", "REFUSAL_SLOT", "REFUSAL_MAX", "FLAG_DEVICE",
+    "PACK_SLOT", "PACK_SMALL", "PACK_MAX", "PACK_ALIGN", "pack_placements", "pack_offsets",
     "SEQ_OFFSET", "SEQ_MASK", "SEQ_SHIFT", "TAG_MASK_KIND_NODE", "UCX_OPTIONS",
     "inline_placements", "request_header_size", "response_header_size", "cython_constants", "check_core",
     "TensorMeta", "PullMeta", "RequestHeader", "WireError", "decode_request",
 ]
 
-DATA_VERSION = 4  # 4: placements in the header, device tensors inline, refusals apart, staged answers
+DATA_VERSION = 5  # 5: packed device answers (4: placements in the header, refusals apart, staged answers)
 
 # ---------------------------------------------------------------- tag layout
 # kind (4 bits) | sender node id (12 bits) | sequence (32 bits) | slot (16 bits)
@@ -44,7 +52,7 @@ class Tag(IntEnum):
     REQUEST = 2
     PUSH = 3  # slot: the push tensor's index
     RESPONSE = 4  # slot 0: the header; REFUSAL_SLOT: a refusal's reason
-    PULL = 5  # slot: the answer's index
+    PULL = 5  # slot: the answer's index, or PACK_SLOT
 
 
 KIND_SHIFT = 60
@@ -54,6 +62,7 @@ SEQ_MASK = 0xFFFFFFFF
 MAX_NODE_ID = (1 << 12) - 1
 TAG_MASK_KIND_NODE = ((1 << 16) - 1) << NODE_SHIFT
 REFUSAL_SLOT = 0xFFFF
+PACK_SLOT = 0xFFFE  # PULL: the slot of an answer's packed device tensors
 
 
 def make_tag(kind: int, node: int, seq: int = 0, slot: int = 0) -> int:
@@ -78,6 +87,11 @@ RING_DEPTH = 8  # receive slots kept posted per worker
 MAX_TENSORS = 64  # push tensors per request
 MAX_PULLS = 256  # pull tensors per request, all servers together
 MAX_NDIM = 8
+# Device answers are packed when one of them is at most PACK_SMALL bytes and they total at most PACK_MAX; each
+# starts at a multiple of PACK_ALIGN in the packed buffer.
+PACK_SMALL = 65536
+PACK_MAX = 64 << 20
+PACK_ALIGN = 256
 MAX_TENSOR_BYTES = 1 << 40
 MAX_IN_FLIGHT = 1024  # push_pulls one worker may have outstanding
 TRACE_KEEP = 4096  # completed push_pulls whose traces a worker keeps
@@ -88,10 +102,11 @@ STATUS_REFUSED = 1
 
 
 class Placement(IntEnum):
-    """How one tensor travels: copied behind its header, or as a tag message of its own."""
+    """How one tensor travels: copied behind its header, as a tag message of its own, or packed."""
 
     INLINE = 0
     SEPARATE = 1
+    PACKED = 2  # a device answer, in the one message of its server's packed answers
 
 
 # --------------------------------------------------------------- headers
@@ -124,6 +139,31 @@ def inline_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | t
             room -= n
         out.append(Placement.INLINE if fits else Placement.SEPARATE)
     return out
+
+
+def pack_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
+                    placements: list[Placement]) -> list[Placement]:
+    """``placements`` of one server's answers with the device ones that travel separately packed, where that pays.
+
+    Packing costs a device copy on each side; it pays when a small device answer
+    would otherwise be a message of its own (see the module's docstring).
+    """
+    sep = [i for i, (dev, p) in enumerate(zip(device, placements)) if dev and p is Placement.SEPARATE]
+    if len(sep) < 2 or min(sizes[i] for i in sep) > PACK_SMALL or pack_offsets([sizes[i] for i in sep])[-1] > PACK_MAX:
+        return list(placements)
+    out = list(placements)
+    for i in sep:
+        out[i] = Placement.PACKED
+    return out
+
+
+def pack_offsets(sizes: list[int]) -> list[int]:
+    """Where each of the packed tensors of ``sizes`` (bytes, in order) starts, and then the packed size."""
+    out, pos = [], 0
+    for n in sizes:
+        out.append(pos)
+        pos += -(-n // PACK_ALIGN) * PACK_ALIGN
+    return out + [pos]
 
 
 def request_header_size(ndims: list[int], n_pulls: int) -> int:
@@ -222,7 +262,8 @@ def decode_request(buf: bytes, itemsizes: dict[int, int]) -> RequestHeader:
     pulls = []
     for i in range(n_pulls):
         key, cap, placement, device = REQ_PULL.unpack_from(buf, pos + i * REQ_PULL.size)
-        if placement not in (Placement.INLINE, Placement.SEPARATE) or cap > MAX_TENSOR_BYTES:
+        if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.PACKED) or cap > MAX_TENSOR_BYTES \
+                or (placement == Placement.PACKED and not device):
             raise WireError(f"pull {i}: placement {placement}, capacity {cap}")
         pulls.append(PullMeta(key, cap, Placement(placement), bool(device)))
     pos += REQ_PULL.size * n_pulls
@@ -292,7 +333,8 @@ def _constants() -> dict[str, int]:
         "STATUS_OK": STATUS_OK, "STATUS_REFUSED": STATUS_REFUSED, "FLAG_DEVICE": FLAG_DEVICE,
         "REQ_FIXED_SIZE": REQ_FIXED.size, "REQ_TENSOR_SIZE": REQ_TENSOR.size, "REQ_DIM_SIZE": REQ_DIM.size,
         "REQ_PULL_SIZE": REQ_PULL.size, "RESP_FIXED_SIZE": RESP_FIXED.size, "RESP_SIZE_SIZE": RESP_SIZE.size,
-        "INLINE": Placement.INLINE, "SEPARATE": Placement.SEPARATE,
+        "INLINE": Placement.INLINE, "SEPARATE": Placement.SEPARATE, "PACKED": Placement.PACKED,
+        "PACK_SLOT": PACK_SLOT, "PACK_ALIGN": PACK_ALIGN,
     }
     for enum in (Tag, Result, Failure, AnswerProblem):
         prefix = {"Tag": "TAG_", "Result": "R_", "Failure": "F_", "AnswerProblem": "A_"}[enum.__name__]

@@ -166,7 +166,8 @@ class AFTensorWorker(Node):
         pull_device = [t.is_cuda for t in pulls]
         answer_placements: list[W.Placement] = []
         for s in range(n_servers):
-            answer_placements += W.inline_placements(caps[s * per : (s + 1) * per], pull_device[s * per : (s + 1) * per])
+            share_caps, share_device = caps[s * per : (s + 1) * per], pull_device[s * per : (s + 1) * per]
+            answer_placements += W.pack_placements(share_caps, share_device, W.inline_placements(share_caps, share_device))
 
         header = bytearray(hsize)
         flags = W.FLAG_DEVICE if device >= 0 else 0
@@ -201,18 +202,24 @@ class AFTensorWorker(Node):
             if len(inline_answers) == 1 and not pull_device[s * per + inline_answers[0]]:
                 scatter = inline_answers[0]  # UCX puts it in place behind the header: no copy
             answers = []
+            in_pack = [q for q in share if answer_placements[q] is W.Placement.PACKED]
+            *ans_at, ans_pack_size = W.pack_offsets([caps[q] for q in in_pack])
             for j, q in enumerate(share):
+                at = 0
                 if answer_placements[q] is W.Placement.SEPARATE:
                     how = 2
+                elif answer_placements[q] is W.Placement.PACKED:
+                    how, at = 3, ans_at[in_pack.index(q)]
                 elif j == scatter:
                     how = 1
                 else:
                     how = 0
                     pinned = pinned or (pull_device[q] and caps[q] > 0)
-                answers.append((int(pull_device[q]), pulls[q].data_ptr(), caps[q], how))
+                answers.append((int(pull_device[q]), pulls[q].data_ptr(), caps[q], how, at))
             inline_room = max(inline_room, sum(caps[q] for q in share if answer_placements[q] is W.Placement.INLINE))
             servers.append((
                 W.make_tag(W.Tag.RESPONSE, peer.node_id), W.make_tag(W.Tag.PULL, peer.node_id), scatter, answers,
+                ans_pack_size,
             ))
         endpoints = [self.endpoints[p.node_id] for p in self.servers]
         return {
