@@ -4,8 +4,10 @@ The same messages as a 1 x 1 push_pull, with the same sizes, tags and copies,
 through the compiled core's libucp calls: the request header with the small
 pushes copied behind it and each large push as a message of its own; the
 response header with the small answers behind it and each large answer as its
-own message into a receive posted in advance (device tensors always travel as
-messages of their own, as the core sends them). None of the bookkeeping around them
+own message into a receive posted in advance (device pushes always travel as
+messages of their own, as the core sends them; device answers with a small
+device answer among them travel packed, copied into one device buffer on the
+server and out of it on the worker). None of the bookkeeping around them
 (signatures, plans, records, checks, events, traces): how close any
 implementation of this protocol could come to ``ucxx`` here.
 """
@@ -41,8 +43,12 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
     mine = [t.make(dev, 1) for t in (wl.push if client else wl.pull)]
     theirs = [t.make(dev) for t in (wl.pull if client else wl.push)]
-    out_place = W.inline_placements([t.nbytes for t in mine], [on_dev] * len(mine))
-    in_place = W.inline_placements([t.nbytes for t in theirs], [on_dev] * len(theirs))
+    def placements(ts: list[Any], answers: bool) -> list[W.Placement]:
+        sizes, device = [t.nbytes for t in ts], [on_dev] * len(ts)
+        place = W.inline_placements(sizes, device)
+        return W.pack_placements(sizes, device, place) if answers else place
+
+    out_place, in_place = placements(mine, not client), placements(theirs, client)
     hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull))
     resp = W.response_header_size(len(wl.pull))
     out_head, in_head = (hsize, resp) if client else (resp, hsize)
@@ -61,6 +67,12 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     in_buf = torch.zeros(W.SLOT_SIZE, dtype=torch.uint8, pin_memory=on_dev)
     sends = [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(mine, out_place)) if p is W.Placement.SEPARATE]
     recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(theirs, in_place)) if p is W.Placement.SEPARATE]
+    def packed(ts: list[Any], place: list[W.Placement]) -> tuple[list[tuple[int, Any]], Any]:
+        views = [t.view(torch.uint8).view(-1) for t, p in zip(ts, place) if p is W.Placement.PACKED]
+        *at, size = W.pack_offsets([v.numel() for v in views])
+        return list(zip(at, views)), (torch.empty(size, dtype=torch.uint8, device=dev) if views else None)
+
+    (out_packed, out_pack), (in_packed, in_pack) = packed(mine, out_place), packed(theirs, in_place)
     kinds = (W.Tag.REQUEST, W.Tag.PUSH, W.Tag.RESPONSE, W.Tag.PULL)
     out_kind, out_bulk, in_kind, in_bulk = kinds if client else kinds[2:] + kinds[:2]
     me, peer = (1, 2) if client else (2, 1)
@@ -72,19 +84,31 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     def pack() -> None:
         for pos, src in out_inline:
             out_buf[pos : pos + src.numel()].copy_(src)
+        for pos, src in out_packed:
+            out_pack[pos : pos + src.numel()].copy_(src)
+        if out_packed:
+            torch.cuda.current_stream().synchronize()
 
     def unpack() -> None:
         for pos, dst in in_inline:
             dst.copy_(in_buf[pos : pos + dst.numel()])
+        for pos, dst in in_packed:
+            dst.copy_(in_pack[pos : pos + dst.numel()])
+        if in_packed:
+            torch.cuda.current_stream().synchronize()
 
     def post_out(bits: int) -> list[Any]:
         sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits)]
+        if out_pack is not None:
+            sent.append(send(ep, out_pack.data_ptr(), out_pack.numel(), out_bulk_tag | bits | W.PACK_SLOT))
         return sent + [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
 
     def one_client(bits: int) -> None:
         pack()
         got = [recv(in_buf.data_ptr(), in_buf.numel(), in_tag | bits)]
         got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
+        if in_pack is not None:
+            got.append(recv(in_pack.data_ptr(), in_pack.numel(), in_bulk_tag | bits | W.PACK_SLOT))
         sent = post_out(bits)
         wait(got + sent, _SPIN)
         unpack()
