@@ -817,6 +817,38 @@ def test_large_and_small_tensors_in_one_call(device):
     assert all(_mesh(_mixed, device).values())
 
 
+def _host_count_answer(ctx: NodeContext) -> bool:
+    """A device hidden state answered with a host count: both land, the count as it was at respond."""
+    dev = _dev(ctx)
+    f.init()
+    if ctx.role == "worker":
+        for rows in (64, 17, 64):
+            hidden = torch.randn(64, 7168, device=dev).to(torch.bfloat16)
+            count = torch.tensor([rows], dtype=torch.int32, device=dev)
+            out = torch.zeros(64, 7168, dtype=torch.bfloat16, device=dev)
+            out_count = torch.zeros(1, dtype=torch.int32, device=dev)
+            f.wait(f.push_pull([hidden[:rows], count], [1, 2], [out, out_count], [3, 4]))
+            assert int(out_count) == rows * 2, (int(out_count), rows)
+            assert torch.equal(out[:rows], hidden[:rows] + 1)
+    else:
+        host_count = torch.zeros(1, dtype=torch.int32, pin_memory=dev == "cuda")
+        for _ in range(3):
+            (h, (hidden, count), _), = f.get_batch()
+            _busy(dev)
+            answer = hidden + 1
+            host_count.fill_(int(count) * 2)
+            f.respond([answer, host_count], h)  # need_event: the device answer is copied on the stream
+            host_count.fill_(-1)  # the host answer is the caller's again
+    f.stop()
+    return True
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_host_answer_among_packed_device_answers_is_taken_at_respond(device):
+    assert all(_mesh(_host_count_answer, device).values())
+
+
 # ------------------------------------------- many request layouts, recycled
 def _many_layouts(ctx: NodeContext) -> int:
     """More distinct layouts (keys, shapes, header sizes) than fit a table slot, twice over."""

@@ -127,3 +127,6 @@ def test_only_device_answers_travel_packed():
             W.REQ_TENSOR.pack_into(bad, W.REQ_FIXED.size, 5, 0, 2, W.Placement.PACKED, 1, 64 * 4 * 4)
         with pytest.raises(W.WireError, match="placement"):
             W.decode_request(bytes(bad), ITEMSIZE)
+    W.REQ_PULL.pack_into(buf, pull_at, 9, W.PACK_MAX + 1, W.Placement.PACKED, 1)  # more than the worker packs
+    with pytest.raises(W.WireError, match="packed answers"):
+        W.decode_request(bytes(buf), ITEMSIZE)

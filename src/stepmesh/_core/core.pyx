@@ -1247,25 +1247,25 @@ cdef class Worker:
                 memcpy(&size, r + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
                 a = &p.answers[s * p.per + j]
                 if size > a.cap:
-                    return self._fail(c, (F_TOO_LONG, s, j, size, a.cap))
+                    return self._fail_copying(c, staged, (F_TOO_LONG, s, j, size, a.cap))
                 if a.how == ANSWER_PACKED and size:
                     if not staged:
                         dev_enter(p.device)
                         staged = True
                     rc = drv.d2d(a.ptr, <uint64_t><uintptr_t>c.pack_in[s] + a.offset, size, core_stream(p.device))
                     if rc != DRV_SUCCESS:
-                        return self._fail(c, (F_DEVICE, s, rc))
+                        return self._fail_copying(c, staged, (F_DEVICE, s, rc))
                 if a.how != ANSWER_COPY or not size:
                     continue
                 if pos + size > p.resp_size:
-                    return self._fail(c, (F_BAD_RESPONSE, s, r[0], c.seq, n))
+                    return self._fail_copying(c, staged, (F_BAD_RESPONSE, s, r[0], c.seq, n))
                 if a.device:
                     if not staged:
                         dev_enter(p.device)
                         staged = True
                     rc = drv.h2d(a.ptr, r + pos, size, core_stream(p.device))
                     if rc != DRV_SUCCESS:
-                        return self._fail(c, (F_DEVICE, s, rc))
+                        return self._fail_copying(c, staged, (F_DEVICE, s, rc))
                 else:
                     memcpy(<void *><uintptr_t>a.ptr, r + pos, size)
                 pos += size
@@ -1276,6 +1276,12 @@ cdef class Worker:
         self._trace(c)
         self._release(c)
         return R_DONE
+
+    cdef int _fail_copying(self, Call c, bint staged, tuple why) except -1:
+        """Fail a call whose answers were being copied out: the copies end first (the call's buffers are reused)."""
+        if staged:
+            drv.stream_sync(core_stream(c.plan.device))
+        return self._fail(c, why)
 
     cdef str _refusal_text(self, Call c):
         cdef bytes raw = (<char *>c.refusal)[:REFUSAL_MAX]
@@ -1878,22 +1884,24 @@ cdef class Server:
                 continue
             dev = devices[j]
             ptr = ts[j].data_ptr()
-            if lay.placements[j] == PACKED and dev < 0 <= out.pack_dev:
-                dev = out.pack_dev  # a host answer copied up into a device pack: on that device's stream
+            if lay.placements[j] == PACKED and dev < 0:  # a host answer: its copy is done before respond returns
+                out.pack_len = max(out.pack_len, lay.ans_at[j] + n)
+                dst = <uint64_t><uintptr_t>out.pack + lay.ans_at[j]
+                if out.pack_dev < 0:
+                    memcpy(<void *><uintptr_t>dst, <void *><uintptr_t>ptr, n)
+                else:
+                    dev_enter(out.pack_dev)
+                    _drv_check(drv.h2d(dst, <void *><uintptr_t>ptr, n, core_stream(out.pack_dev)), "packing an answer")
+                    sync_core_stream(out.pack_dev)
+                continue
             if dev >= 0:
                 dev_enter(dev)
                 if need_event and first < 0:
                     first = dev
                 stream = current_stream(dev) if need_event and dev == first else core_stream(dev)
-            if lay.placements[j] == PACKED:
+            if lay.placements[j] == PACKED:  # a device answer into a pack on the device (the first found)
                 out.pack_len = max(out.pack_len, lay.ans_at[j] + n)
-                dst = <uint64_t><uintptr_t>out.pack + lay.ans_at[j]
-                if out.pack_dev < 0:
-                    memcpy(<void *><uintptr_t>dst, <void *><uintptr_t>ptr, n)
-                elif devices[j] < 0:
-                    _drv_check(drv.h2d(dst, <void *><uintptr_t>ptr, n, stream), "packing an answer")
-                else:
-                    _drv_check(drv.d2d(dst, ptr, n, stream), "packing an answer")
+                _drv_check(drv.d2d(<uint64_t><uintptr_t>out.pack + lay.ans_at[j], ptr, n, stream), "packing an answer")
                 continue
             if lay.placements[j] == INLINE:
                 if dev >= 0:
@@ -1912,7 +1920,7 @@ cdef class Server:
         out.hlen = pos
         dev = -1
         for j in range(lay.n_pull):  # copies on the core's streams: done before the caller may write again
-            k = devices[j] if devices[j] >= 0 or lay.placements[j] != PACKED else out.pack_dev
+            k = devices[j]
             if sizes[j] and k >= 0 and not (need_event and k == first) and k != dev:
                 dev = k
                 dev_enter(dev)

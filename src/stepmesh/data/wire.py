@@ -274,6 +274,8 @@ def decode_request(buf: bytes, itemsizes: dict[int, int]) -> RequestHeader:
         share = pulls[s * per_server : (s + 1) * per_server]
         if sum(p.capacity for p in share if p.placement is Placement.INLINE) > INLINE_MAX:
             raise WireError(f"server {s}'s inline answers would exceed {INLINE_MAX} bytes")
+        if pack_offsets([p.capacity for p in share if p.placement is Placement.PACKED])[-1] > PACK_MAX:
+            raise WireError(f"server {s}'s packed answers would exceed {PACK_MAX} bytes")
     return RequestHeader(flags, seq, n_servers, per_server, tuple(tensors), tuple(pulls), pos)
 
 
