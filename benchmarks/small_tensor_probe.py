@@ -79,28 +79,17 @@ class _Am:
     def __init__(self, lib_path: str, worker: int):
         self.lib = lib = ctypes.CDLL(lib_path)
         self.worker = ctypes.c_void_p(worker)
-        lib.ucp_am_send_nbx.restype = ctypes.c_void_p
-        lib.ucp_am_send_nbx.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_uint,
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.POINTER(_RequestParam),
-        ]
-        lib.ucp_am_recv_data_nbx.restype = ctypes.c_void_p
-        lib.ucp_am_recv_data_nbx.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.POINTER(_RequestParam),
-        ]
-        lib.ucp_request_check_status.restype = ctypes.c_int
-        lib.ucp_request_check_status.argtypes = [ctypes.c_void_p]
-        lib.ucp_request_free.argtypes = [ctypes.c_void_p]
-        lib.ucp_worker_set_am_recv_handler.argtypes = [ctypes.c_void_p, ctypes.POINTER(_HandlerParam)]
+        ptr, size, req = ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(_RequestParam)
+        signatures: dict[str, tuple[Any, list[Any]]] = {  # name: (result, arguments), as ucp.h declares them
+            "ucp_am_send_nbx": (ptr, [ptr, ctypes.c_uint, ptr, size, ptr, size, req]),
+            "ucp_am_recv_data_nbx": (ptr, [ptr, ptr, ptr, size, req]),
+            "ucp_request_check_status": (ctypes.c_int, [ptr]),
+            "ucp_request_free": (None, [ptr]),
+            "ucp_worker_set_am_recv_handler": (ctypes.c_int, [ptr, ctypes.POINTER(_HandlerParam)]),
+        }
+        for name, (result, args) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = result, args
         self.arrived: list[tuple[int, int, bool]] = []  # (descriptor or data pointer, length, rendezvous)
         self._cb = _AM_CB(self._on_am)  # kept alive as long as the handler is set
         param = _HandlerParam(field_mask=_HANDLER_ID_CB, id=_AM_ID, cb=ctypes.cast(self._cb, ctypes.c_void_p))
