@@ -120,17 +120,3 @@ def test_bench_floor_runs_on_the_transports_the_mesh_is_narrowed_to(tmp_path):
     assert data["ucx_options"]["TLS"] == "tcp" and data["ucx_options"]["NET_DEVICES"] == "lo"
     for name in ("stepmesh", "ucxx"):
         assert data["contenders"][name]["stats"]["samples"] == 40
-
-
-@pytest.mark.timeout(240)
-def test_protocol_lane_runs_the_protocol_contender_with_a_second_context(tmp_path):
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "lane.json"
-    script = str(Path(__file__).with_name("protocol_lane.py"))
-    cmd = [sys.executable, script, "--contenders", "stepmesh,protocol", *QUICK, "--no-traces", "--json", str(out)]
-    r = run_command(cmd, timeout=200)
-    assert r.returncode == 0, r.stderr
-    entry = json.loads(out.read_text())["contenders"]["protocol"]
-    assert entry["stats"]["samples"] == 40 and entry["stats"]["p50_us"] > 0

@@ -345,6 +345,66 @@ def test_two_workers_three_servers_route_every_answer(device):
     assert set(results.values()) == {2} and len(results) == 5
 
 
+# ---------------------------------------------------------------- the lane
+def _lanes(ctx: NodeContext) -> tuple[int, list[bool]]:
+    """StepMesh's shape (hidden state + int32 count each way), 3 stages in flight, to 2 servers.
+
+    Returns how many servers the node reaches on the lane (workers) or whether
+    it has a lane (servers), and, on the worker, which separate pushes of the
+    call were planned on the lane.
+    """
+    dev = _dev(ctx)
+    f.init()
+    node = f._worker("test") if ctx.role == "worker" else f._server("test")
+    flags: list[bool] = []
+    if ctx.role == "worker":
+        pulls = [[torch.empty(LARGE, device=dev), torch.empty(1, dtype=torch.int32, device=dev)] for _ in range(2 * 3)]
+        for rnd in range(4):
+            calls = []
+            for stage in range(3):
+                _busy(dev, 2_000_000)
+                x = torch.full((LARGE,), float(rnd * 3 + stage), device=dev)
+                count = torch.full((1,), 1 + rnd * 3 + stage, dtype=torch.int32, device=dev)
+                pull = [t for s in range(2) for t in pulls[stage * 2 + s]]
+                calls.append((f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]), rnd * 3 + stage, stage))
+            for h, v, stage in reversed(calls):
+                f.wait(h)
+                for s in range(2):
+                    answer, n = pulls[stage * 2 + s]
+                    assert torch.all(answer == v * 2 + s) and int(n) == v + 1 + s, (v, s, answer[:2], n)
+        flags = [item[3] for item in node._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)["sep_push"]]
+        reach = len(node.lane_endpoints)
+    else:
+        for _ in range(4 * 3):
+            ((h, (t, n), _),) = f.get_batch()
+            _busy(dev, 2_000_000)
+            f.respond([t * 2 + ctx.rank, n + ctx.rank], h)
+        reach = int(node.data.has_lane)
+    f.stop()
+    return reach, flags
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lanes", ["everywhere", "worker-only", "one-server"])
+def test_small_device_pushes_take_the_lane_only_where_every_server_has_one(device, lanes):
+    has = {"everywhere": {("worker", 0), ("server", 0), ("server", 1)},
+           "worker-only": {("worker", 0)},
+           "one-server": {("worker", 0), ("server", 0)}}[lanes]
+
+    def node_env(role: str, rank: int, group: int) -> dict[str, str]:
+        return {"STEPMESH_DEVICE_LANE": "1" if (role, rank) in has else "0"}
+
+    results = _mesh(_lanes, device, num_servers=2, node_env=node_env, timeout=250)
+    assert results["server-0-0"][0] == (("server", 0) in has) and results["server-0-1"][0] == (("server", 1) in has)
+    reach, flags = results["worker-0-0"]
+    assert reach == sum(("server", r) in has for r in range(2))
+    # the hidden state is large (by rendezvous on the data worker); the count goes on the lane when it is
+    # device memory and every server has a lane, else as a message of its own (device) or inline (host)
+    on_lane = device == "cuda" and lanes == "everywhere"
+    assert flags == ([False, True] if on_lane else [False, False] if device == "cuda" else [False]), flags
+
+
 # ------------------------------------------------------- a slow server shows
 def _slow_server(ctx: NodeContext) -> str:
     f.init()

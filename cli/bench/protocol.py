@@ -11,9 +11,9 @@ server and out of it on the worker). None of the bookkeeping around them
 (signatures, plans, records, checks, events, traces): how close any
 implementation of this protocol could come to ``ucxx`` here.
 
-With ``lane=True`` (``benchmarks/protocol_lane.py``; not a contender of its
-own), small device pushes go on a second UCX context whose rendezvous
-threshold is 0: what a "device lane" in the core would save (docs/performance.md).
+Small device pushes go on the lane, a second UCX worker whose rendezvous
+threshold is 0, as the core sends them: on a device unless
+``STEPMESH_DEVICE_LANE=0``.
 """
 
 from __future__ import annotations
@@ -28,31 +28,35 @@ __all__ = ["protocol_child"]
 _SPIN = 1 << 30
 
 
-def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None, lane: bool = False) -> None:
+def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -> None:
     pin(core)
     import torch
 
+    from stepmesh.config import Config
     from stepmesh.control import transport as T
     from stepmesh.data import wire as W
 
     wl = opts.workload
-    tp = T.Transport(data_options(), opts.progress)
-    tp2 = T.Transport({**data_options(), "RNDV_THRESH": "0"}, opts.progress) if lane else None
-    conn.send((tp.address, tp2.address if tp2 else b""))
-    peer, peer2 = conn.recv()
-    endpoints = [tp.connect(peer)] + ([tp2.connect(peer2)] if tp2 else [])  # kept: the handles die with them
+    dev = opts.device
+    on_dev = dev.startswith("cuda")
+    wanted = Config.from_env().device_lane
+    lane = on_dev if wanted is None else wanted
+    tp = T.Transport(data_options(), opts.progress, lane_options={**data_options(), **W.LANE_OPTIONS} if lane else None)
+    conn.send((tp.address, tp.lane_address))
+    peer, peer_lane = conn.recv()
+    endpoints = [tp.connect(peer)] + ([tp.connect_lane(peer_lane)] if lane else [])  # kept: handles die with them
     ep = endpoints[0].handle
     ucp = tp.ucp
     client = role == "client"
-    dev = opts.device
-    on_dev = dev.startswith("cuda")
     # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
     mine = [t.make(dev, 1) for t in (wl.push if client else wl.pull)]
     theirs = [t.make(dev) for t in (wl.pull if client else wl.push)]
     def placements(ts: list[Any], answers: bool) -> list[W.Placement]:
         sizes, device = [t.nbytes for t in ts], [on_dev] * len(ts)
         place = W.inline_placements(sizes, device)
-        return W.pack_placements(sizes, device, place) if answers else place
+        if answers:
+            return W.pack_placements(sizes, device, place)
+        return W.lane_placements(sizes, device, place) if lane else place
 
     out_place, in_place = placements(mine, not client), placements(theirs, client)
     hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull))
@@ -71,16 +75,11 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None, l
     out_len = out_head + sum(b.numel() for _, b in out_inline)
     out_buf = torch.zeros(out_len, dtype=torch.uint8, pin_memory=on_dev)
     in_buf = torch.zeros(W.SLOT_SIZE, dtype=torch.uint8, pin_memory=on_dev)
-    sends = [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(mine, out_place)) if p is W.Placement.SEPARATE]
-    recvs = [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(theirs, in_place)) if p is W.Placement.SEPARATE]
-    lane_sends: list[tuple[int, int, int]] = []
-    lane_recvs: list[tuple[int, int, int]] = []
-    if tp2 is not None and on_dev:  # the small pushes move to the lane (answers travel packed already)
-        small = W.SLOT_SIZE
-        lane_sends = [x for x in sends if x[1] < small] if client else []
-        lane_recvs = [x for x in recvs if x[1] < small] if not client else []
-        sends = [x for x in sends if x not in lane_sends]
-        recvs = [x for x in recvs if x not in lane_recvs]
+    def apart(ts: list[Any], place: list[W.Placement], how: W.Placement) -> list[tuple[int, int, int]]:
+        return [(t.data_ptr(), t.nbytes, i) for i, (t, p) in enumerate(zip(ts, place)) if p is how]
+
+    sends, recvs = apart(mine, out_place, W.Placement.SEPARATE), apart(theirs, in_place, W.Placement.SEPARATE)
+    lane_sends, lane_recvs = apart(mine, out_place, W.Placement.LANE), apart(theirs, in_place, W.Placement.LANE)
     def packed(ts: list[Any], place: list[W.Placement]) -> tuple[list[tuple[int, Any]], Any]:
         views = [t.view(torch.uint8).view(-1) for t, p in zip(ts, place) if p is W.Placement.PACKED]
         *at, size = W.pack_offsets([v.numel() for v in views])
@@ -93,14 +92,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None, l
     out_tag, out_bulk_tag = W.make_tag(out_kind, me), W.make_tag(out_bulk, me)
     in_tag, in_bulk_tag = W.make_tag(in_kind, peer), W.make_tag(in_bulk, peer)
     send, recv, wait = ucp.send, ucp.recv, ucp.wait
-    if tp2 is not None:
-        ucp2, ep2 = tp2.ucp, endpoints[1].handle
-
-        def wait(reqs: list[Any], spins: int) -> bool:  # both workers, as a core with a lane would progress them
-            while not all([r.completed for r in reqs]):
-                ucp.progress()
-                ucp2.progress()
-            return True
+    lane_ep = endpoints[-1].handle
     state: dict[str, Any] = {"seq": 0, "slot": None}
 
     def pack() -> None:
@@ -123,7 +115,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None, l
         sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits)]
         if out_pack is not None:
             sent.append(send(ep, out_pack.data_ptr(), out_pack.numel(), out_bulk_tag | bits | W.PACK_SLOT))
-        sent += [ucp2.send(ep2, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in lane_sends]
+        sent += [send(lane_ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in lane_sends]
         return sent + [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
 
     def one_client(bits: int) -> None:
@@ -140,7 +132,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None, l
         slot = state["slot"] or recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE)
         wait([slot], _SPIN)
         got = [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
-        got += [ucp2.recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in lane_recvs]
+        got += [recv(ptr, n, in_bulk_tag | bits | i, lane=True) for ptr, n, i in lane_recvs]
         unpack()
         wait(got, _SPIN)
         pack()
@@ -157,6 +149,4 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None, l
     if theirs and int(theirs[0].reshape(-1)[0].float()) != 1:  # the peer's tensors are filled with 1s
         raise RuntimeError(f"protocol baseline: the {role} received {theirs[0].reshape(-1)[0]!r}, expected 1")
     serve_ping_pong(conn, one)
-    if tp2 is not None:
-        tp2.close()
     tp.close()

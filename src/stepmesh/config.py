@@ -65,6 +65,7 @@ class Config:
     )
     net_devices: str | None = field(default=None, metadata=_env("STEPMESH_NET_DEVICES"))
     progress: str | None = field(default=None, metadata=_env("STEPMESH_PROGRESS"))
+    device_lane: bool | None = field(default=None, metadata=_env("STEPMESH_DEVICE_LANE"))
     topology: str = field(default="group", metadata=_env("STEPMESH_TOPOLOGY"))
     auth_token: str | None = field(
         default=None, repr=False, metadata=_env("STEPMESH_AUTH_TOKEN")
@@ -116,9 +117,9 @@ class Config:
             )
         if self.node_rank is not None:
             _check_int("node_rank", self.node_rank, 0, _MAX_NODES)
-        for name in ("bind_cpu_core", "enable_rdma"):
+        for name in ("bind_cpu_core", "enable_rdma", "device_lane"):
             value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "enable_rdma" and value is None):
+            if not isinstance(value, bool) and not (name != "bind_cpu_core" and value is None):
                 _fail(name, value, "a bool (1, 0, true, false)")
         if self.root_port is not None:
             _check_int("root_port", self.root_port, 0, 65535)
@@ -298,6 +299,7 @@ _PARSERS: dict[str, Callable[[str, str, str], Any]] = {
     "heartbeat_timeout_ms": _parse_int,
     "bind_cpu_core": _parse_bool,
     "enable_rdma": _parse_bool,
+    "device_lane": _parse_bool,
 }
 
 

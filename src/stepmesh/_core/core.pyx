@@ -408,23 +408,29 @@ cdef class Pool:
 
 # ------------------------------------------------------------ tag operations
 cdef class Ucp:
-    """libucp's tag calls on one ucxx worker: ``Ucp(worker, handle, release_gil)``.
+    """libucp's tag calls on one ucxx worker and its lane: ``Ucp(worker, handle, release_gil, lane, lane_handle)``.
 
-    The worker object is kept alive; ``release_gil`` lets go of the GIL around
-    every UCX call (another thread, ucxx's progress thread, progresses the worker).
+    The worker objects are kept alive; ``release_gil`` lets go of the GIL around
+    every UCX call (other threads, ucxx's progress threads, progress the workers).
+    The lane, a second worker for small device messages, is optional (handle 0);
+    progress moves both, and receives are posted on the lane only when asked.
     """
 
     cdef void *worker
-    cdef object worker_obj
+    cdef void *lane
+    cdef object worker_obj, lane_obj
     cdef bint release_gil
     cdef set live  # Request objects handed out and still in flight
     cdef bint closed
 
-    def __cinit__(self, object worker_obj, uintptr_t handle, bint release_gil=False):
+    def __cinit__(self, object worker_obj, uintptr_t handle, bint release_gil=False, object lane_obj=None,
+                  uintptr_t lane_handle=0):
         if ucp_send == NULL:
             raise TransportError("stepmesh._core: bind_ucp() was not called")
         self.worker_obj = worker_obj
         self.worker = <void *>handle
+        self.lane_obj = lane_obj
+        self.lane = <void *>lane_handle
         self.release_gil = release_gil
         self.live = set()
 
@@ -439,13 +445,17 @@ cdef class Ucp:
         return h
 
     cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov) noexcept:
+        return self.recv_on(self.worker, buf, n, tag, mask, iov)
+
+    cdef inline void *recv_on(self, void *worker, void *buf, size_t n, uint64_t tag, uint64_t mask,
+                              bint iov) noexcept:
         cdef void *h
         cdef const void *param = <const void *>&IOV_PARAM[0] if iov else <const void *>&PARAM[0]
         if self.release_gil:
             with nogil:
-                h = ucp_recv(self.worker, buf, n, tag, mask, param)
+                h = ucp_recv(worker, buf, n, tag, mask, param)
         else:
-            h = ucp_recv(self.worker, buf, n, tag, mask, param)
+            h = ucp_recv(worker, buf, n, tag, mask, param)
         return h
 
     cdef inline int poll_raw(self, void *h) noexcept:
@@ -467,12 +477,16 @@ cdef class Ucp:
         if self.release_gil:
             with nogil:
                 n = ucp_progress(self.worker)
+                if self.lane != NULL:
+                    n += ucp_progress(self.lane)
         else:
             n = ucp_progress(self.worker)
+            if self.lane != NULL:
+                n += ucp_progress(self.lane)
         return n
 
-    cdef inline void cancel_raw(self, void *h) noexcept:
-        ucp_cancel(self.worker, h)
+    cdef inline void cancel_raw(self, void *h, bint on_lane=False) noexcept:
+        ucp_cancel(self.lane if on_lane else self.worker, h)
 
     cdef inline void drain(self) noexcept:
         while self.progress_raw():
@@ -498,13 +512,22 @@ cdef class Ucp:
         """
         return self._wrap(self.send_raw(ep, <void *>ptr, nbytes, tag, False))
 
-    def recv(self, uintptr_t ptr, size_t nbytes, uint64_t tag, uint64_t mask=0xFFFFFFFFFFFFFFFF):
-        """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr``.
+    def recv(self, uintptr_t ptr, size_t nbytes, uint64_t tag, uint64_t mask=0xFFFFFFFFFFFFFFFF, bint lane=False):
+        """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr`` (on the lane: ``lane``).
 
         Raises:
-            TransportError: UCX refused the receive.
+            TransportError: UCX refused the receive, or ``lane`` without a lane.
         """
-        return self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False))
+        if lane and self.lane == NULL:
+            raise TransportError("Ucp.recv(lane=True): this Ucp has no lane")
+        cdef Request r = self._wrap(self.recv_on(self.lane if lane else self.worker, <void *>ptr, nbytes, tag, mask,
+                                                 False))
+        r.on_lane = lane
+        return r
+
+    @property
+    def has_lane(self):
+        return self.lane != NULL
 
     def progress(self):
         """One ``ucp_worker_progress``; non-zero when anything moved."""
@@ -523,7 +546,7 @@ cdef class Ucp:
     def cancel(self, Request r):
         """Cancel ``r`` if it is still in flight (it then completes with a cancelled status)."""
         if r.h != NULL:
-            self.cancel_raw(r.h)
+            self.cancel_raw(r.h, r.on_lane)
 
     @property
     def in_flight(self):
@@ -544,6 +567,7 @@ cdef class Request:
     cdef int status_
     cdef uint64_t t_done_
     cdef Ucp ucp
+    cdef bint on_lane
 
     cdef bint poll(self):
         if self.h == NULL:
@@ -559,7 +583,7 @@ cdef class Request:
 
     cdef void abandon(self):
         if self.h != NULL:
-            self.ucp.cancel_raw(self.h)
+            self.ucp.cancel_raw(self.h, self.on_lane)
             ucp_free(self.h)
             self.h = NULL
             self.status_ = UCS_ERR_CANCELED
@@ -597,6 +621,7 @@ cdef class Ops:
     cdef void **h
     cdef int *status
     cdef uint64_t *t_done
+    cdef uint8_t *on_lane  # 1: a receive posted on the lane (cancelled there)
 
     def __cinit__(self, int cap):
         self.cap = cap if cap > 0 else 1
@@ -604,13 +629,15 @@ cdef class Ops:
         self.h = <void **>calloc(self.cap, sizeof(void *))
         self.status = <int *>calloc(self.cap, sizeof(int))
         self.t_done = <uint64_t *>calloc(self.cap, sizeof(uint64_t))
-        if self.h == NULL or self.status == NULL or self.t_done == NULL:
+        self.on_lane = <uint8_t *>calloc(self.cap, sizeof(uint8_t))
+        if self.h == NULL or self.status == NULL or self.t_done == NULL or self.on_lane == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         free(self.h)
         free(self.status)
         free(self.t_done)
+        free(self.on_lane)
 
     cdef inline void clear(self) noexcept:
         self.n = 0
@@ -620,6 +647,7 @@ cdef class Ops:
         cdef int i = self.n
         self.n += 1
         self.t_done[i] = 0
+        self.on_lane[i] = 0
         if h == NULL:
             self.h[i] = NULL
             self.status[i] = UCS_OK
@@ -629,6 +657,11 @@ cdef class Ops:
         else:
             self.h[i] = h
             self.status[i] = UCS_INPROGRESS
+
+    cdef inline void add_lane(self, void *h) noexcept:
+        """``add`` for a receive posted on the lane."""
+        self.add(h)
+        self.on_lane[self.n - 1] = 1
 
     cdef inline bint settled(self, Ucp ucp, int lo, int hi) noexcept:
         """Whether requests lo..hi-1 are done (each is looked at: each gets its own t_done)."""
@@ -657,7 +690,7 @@ cdef class Ops:
         cdef int i
         for i in range(self.n):
             if self.h[i] != NULL:
-                ucp.cancel_raw(self.h[i])
+                ucp.cancel_raw(self.h[i], self.on_lane[i])
                 ucp_free(self.h[i])
                 self.h[i] = NULL
                 self.status[i] = UCS_ERR_CANCELED
@@ -726,6 +759,7 @@ cdef enum CallState:
 cdef struct Push:
     int index
     int device  # 1: device memory (staged through pinned memory)
+    int lane  # a separate push sent on the lane
     uint64_t ptr, nbytes, offset, slot
 
 
@@ -752,6 +786,7 @@ cdef class Plan:
     cdef uint64_t hash
     cdef object endpoints  # keeps the ucxx endpoints (and so their handles) alive
     cdef uint64_t *eps
+    cdef uint64_t *lane_eps  # per server: the endpoint to its lane (0: none)
     cdef int n_servers, per, n_handles
     cdef bytes template
     cdef size_t hlen
@@ -773,6 +808,7 @@ cdef class Plan:
         free(self.facts)
         free(self.keys)
         free(self.eps)
+        free(self.lane_eps)
         free(self.inline_push)
         free(self.sep_push)
         free(self.ans_pack_size)
@@ -932,9 +968,14 @@ cdef class Worker:
         p.n_servers = len(eps)
         if p.n_servers != self.n_servers:
             raise ValueError("a plan for another number of servers")
-        p.eps = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
+        p.eps = <uint64_t *>calloc(max(p.n_servers, 1), sizeof(uint64_t))
+        p.lane_eps = <uint64_t *>calloc(max(p.n_servers, 1), sizeof(uint64_t))
+        if p.eps == NULL or p.lane_eps == NULL:
+            raise MemoryError()
+        lane_eps = spec["lane_eps"]
         for s in range(p.n_servers):
             p.eps[s] = eps[s]
+            p.lane_eps[s] = lane_eps[s]
         p.per = spec["per"]
         p.n_handles = spec["n_handles"]
         p.template = spec["template"]
@@ -953,7 +994,7 @@ cdef class Worker:
             p.inline_push[k].nbytes = item[3]
             p.inline_push[k].offset = item[4]
             p.n_inline_device += p.inline_push[k].device
-        sep = spec["sep_push"]  # (ptr, nbytes, slot)
+        sep = spec["sep_push"]  # (ptr, nbytes, slot, on the lane)
         p.n_sep = len(sep)
         p.sep_push = <Push *>calloc(max(p.n_sep, 1), sizeof(Push))
         for k in range(p.n_sep):
@@ -961,6 +1002,10 @@ cdef class Worker:
             p.sep_push[k].ptr = item[0]
             p.sep_push[k].nbytes = item[1]
             p.sep_push[k].slot = item[2]
+            p.sep_push[k].lane = 1 if item[3] else 0
+            for s in range(p.n_servers):
+                if p.sep_push[k].lane and not p.lane_eps[s]:
+                    raise ValueError("a push on the lane of a server without one")
         p.resp_size = spec["resp_size"]
         p.resp_pos = spec["resp_pos"]
         p.resp_tag = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
@@ -1140,7 +1185,8 @@ cdef class Worker:
         for s in range(p.n_servers):
             c.sends.add(ucp.send_raw(p.eps[s], c.header, p.hlen, p.req_tag | bits, False))
             for k in range(p.n_sep):
-                c.sends.add(ucp.send_raw(p.eps[s], <void *><uintptr_t>p.sep_push[k].ptr, p.sep_push[k].nbytes,
+                c.sends.add(ucp.send_raw(p.lane_eps[s] if p.sep_push[k].lane else p.eps[s],
+                                         <void *><uintptr_t>p.sep_push[k].ptr, p.sep_push[k].nbytes,
                                          p.push_tag | bits | p.sep_push[k].slot, False))
         c.t_sent = now_ns()
         c.state = C_POSTED
@@ -1591,7 +1637,9 @@ cdef class Server:
             lay.push[i].fresh = view is None
             lay.push[i].ptr = 0 if view is None else view.data_ptr()
             lay.push[i].dest_device = dev
-            lay.n_sep_push += placement == SEPARATE
+            lay.n_sep_push += placement == SEPARATE or placement == LANE
+            if placement == LANE and self.ucp.lane == NULL:
+                raise ValueError("a push on the lane of a server without one")
             lay.views.append(view)
             lay.shapes.append(shape)
             lay.dtypes.append(dtype)
@@ -1733,6 +1781,10 @@ cdef class Server:
             if d.placement == SEPARATE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
                 r.ops.add(self.ucp.recv_raw(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK, False))
+            elif d.placement == LANE:
+                ptr = tensors[i].data_ptr() if d.fresh else d.ptr
+                r.ops.add_lane(self.ucp.recv_on(self.ucp.lane, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
+                                                FULL_MASK, False))
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:

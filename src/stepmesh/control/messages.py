@@ -15,7 +15,7 @@ from enum import IntEnum
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 3  # 3: STOPPING; 2: PROOF carries the node's nonce, WELCOME the scheduler's proof
+PROTOCOL_VERSION = 4  # 4: the lane address; 3: STOPPING; 2: PROOF carries the node's nonce, WELCOME the scheduler's proof
 CONTROL_MAGIC = b"SMC1"
 MAX_CONTROL_BYTES = 1 << 20
 MAX_STRING = 4096
@@ -179,6 +179,7 @@ class Registration:
     num_servers: int
     group_size: int
     topology: str
+    lane_address: bytes = b""  # the device lane's worker address; empty: the node has no lane
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class Peer:
     group: int
     host: str
     address: bytes
+    lane_address: bytes = b""
 
     def describe(self) -> str:
         return f"{self.role.label} rank {self.rank} (group {self.group}, {self.host})"
@@ -248,7 +250,7 @@ def _start(kind: Msg) -> Writer:
 def encode_register(r: Registration) -> bytes:
     w = _start(Msg.REGISTER).text(r.version).u8(r.role).i64(r.rank).u16(r.group)
     w.u16(r.gpu).u32(r.pid).text(r.host).blob(r.address)
-    w.u16(r.num_workers).u16(r.num_servers).u16(r.group_size).text(r.topology)
+    w.u16(r.num_workers).u16(r.num_servers).u16(r.group_size).text(r.topology).blob(r.lane_address)
     return bytes(w.buf)
 
 
@@ -260,7 +262,7 @@ def encode_welcome(node_id: int, rank: int, rejoin: bool = False, proof: bytes =
 def encode_book(peers: list[Peer] | tuple[Peer, ...], kind: Msg = Msg.BOOK) -> bytes:
     w = _start(kind).u16(len(peers))
     for p in peers:
-        w.u16(p.node_id).u8(p.role).u32(p.rank).u16(p.group).text(p.host).blob(p.address)
+        w.u16(p.node_id).u8(p.role).u32(p.rank).u16(p.group).text(p.host).blob(p.address).blob(p.lane_address)
     return bytes(w.buf)
 
 
@@ -332,6 +334,7 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
             num_servers=r.u16(),
             group_size=r.u16(),
             topology=r.text(),
+            lane_address=r.blob(MAX_ADDRESS),
         )
         msg = Control(kind, registration=reg)
     elif kind is Msg.WELCOME:
@@ -341,7 +344,7 @@ def decode_control(data: bytes | bytearray | memoryview) -> Control:
         if n > MAX_PEERS:
             raise ProtocolError(f"address book of {n} peers exceeds {MAX_PEERS}")
         peers = tuple(
-            Peer(r.u16(), _role(r.u8()), r.u32(), r.u16(), r.text(), r.blob(MAX_ADDRESS))
+            Peer(r.u16(), _role(r.u8()), r.u32(), r.u16(), r.text(), r.blob(MAX_ADDRESS), r.blob(MAX_ADDRESS))
             for _ in range(n)
         )
         msg = Control(kind, peers=peers)

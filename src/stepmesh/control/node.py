@@ -1,8 +1,9 @@
 """Membership of a worker or server: registration, address book, wire-up, barriers, liveness.
 
 A node owns two UCX workers: the data worker (tag messages to its peers,
-progressed by the caller's thread in the configured progress mode) and the
-control worker (active messages to the scheduler over TCP, progressed by a
+progressed by the caller's thread in the configured progress mode; on a GPU
+host with a *lane* beside it for small device messages, see
+``stepmesh.data.wire``) and the control worker (active messages to the scheduler over TCP, progressed by a
 background thread that sleeps in epoll). Keeping control apart lets heartbeats
 flow while the caller computes, and keeps the data path free of control traffic.
 """
@@ -63,12 +64,14 @@ _VERDICT_GRACE_S = 2.0
 class Node:
     """Base of :class:`~stepmesh.AFTensorWorker` and :class:`~stepmesh.AFTensorServer`.
 
-    The data plane tells it the UCX options of its data worker and the tag of a
-    peer's wire-up message (``data_options``, ``wireup_tag``).
+    The data plane tells it the UCX options of its data worker and of its lane,
+    and the tag of a peer's wire-up message (``data_options``, ``lane_options``,
+    ``wireup_tag``).
     """
 
     role: str = ""
     data_options: dict[str, str] = {}
+    lane_options: dict[str, str] = {}
 
     @staticmethod
     def wireup_tag(node_id: int) -> int:
@@ -89,6 +92,7 @@ class Node:
         self.group = cfg.group
         self.peers: list[P.Peer] = []
         self.endpoints: dict[int, Any] = {}
+        self.lane_endpoints: dict[int, Any] = {}  # to the peers that have a lane, when this node has one
         self.dead: dict[int, str] = {}
         self.stopping: set[int] = set()  # peers that entered stop(): they send nothing more
         self.data: Transport | None = None
@@ -136,7 +140,11 @@ class Node:
             from ..backends import select
 
             select(cfg.backend).set_device(cfg.gpu)
-        self.data = Transport({**self.data_options, **cfg.ucx_options()}, cfg.progress or "blocking")
+        options = {**self.data_options, **cfg.ucx_options()}
+        self.data = Transport(
+            options, cfg.progress or "blocking",
+            lane_options={**options, **self.lane_options} if self._wants_lane() else None,
+        )
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
         self._running = True
@@ -158,6 +166,16 @@ class Node:
             raise
         self._update_health()
         log.info("%s rank %d of group %d joined (node %d)", self.role, self.rank, self.group, self.node_id)
+
+    def _wants_lane(self) -> bool:
+        """``device_lane`` (STEPMESH_DEVICE_LANE), by default whether this host has a CUDA or ROCm device."""
+        if self.config.device_lane is not None:
+            return self.config.device_lane
+        if self.config.backend == "cpu":
+            return False
+        import torch
+
+        return bool(torch.cuda.is_available())
 
     def _bind_core(self) -> None:
         """Pin the calling thread to core ``STEPMESH_CPU_START_OFFSET`` (modulo the cores it may use).
@@ -189,6 +207,7 @@ class Node:
             num_servers=cfg.num_servers,
             group_size=cfg.group_size,
             topology=cfg.topology,
+            lane_address=self.data.lane_address,
         )
         message = self._register_message = P.encode_register(reg)
         last_error = "no answer"
@@ -256,7 +275,7 @@ class Node:
         assert data is not None
         pings = []
         for peer in self.peers:
-            self.endpoints[peer.node_id] = data.connect(peer.address)
+            self._connect(peer)
             pings.append(self._ping(peer))
         ok = data.progress_until(lambda: all(r.completed and s.completed for r, s, _, _ in pings), deadline, self.check_alive)
         if not ok:
@@ -267,6 +286,15 @@ class Node:
             send.check_error()
             if int(echo[0]) != peer.node_id:
                 raise ProtocolError(f"wire-up from {peer.describe()} carried node id {int(echo[0])}")
+
+    def _connect(self, peer: P.Peer) -> None:
+        """Endpoints to ``peer``'s data worker, and to its lane when both sides have one."""
+        data = self.data
+        assert data is not None
+        self.endpoints[peer.node_id] = data.connect(peer.address)
+        self.lane_endpoints.pop(peer.node_id, None)
+        if data.has_lane and peer.lane_address:
+            self.lane_endpoints[peer.node_id] = data.connect_lane(peer.lane_address)
 
     def _ping(self, peer: P.Peer) -> tuple[Any, Any, np.ndarray, np.ndarray]:
         """One wire-up message each way with ``peer``: (receive, send, our token, its echo)."""
@@ -383,7 +411,7 @@ class Node:
             back, self._returned = self._returned, []
         self._wireups = [w for w in self._wireups if not (w[0].completed and w[1].completed)]
         for peer in back:
-            self.endpoints[peer.node_id] = data.connect(peer.address)
+            self._connect(peer)
             self._wireups.append(self._ping(peer))  # the rejoining node waits for it
             self.peers = [peer if p.node_id == peer.node_id else p for p in self.peers]
             self.dead.pop(peer.node_id, None)
@@ -533,6 +561,7 @@ class Node:
         if self._channel is not None:
             self._channel.close(hang_up=self._fatal is None)  # the scheduler waits for this after the stop barrier
         self.endpoints.clear()
+        self.lane_endpoints.clear()
         if self.data is not None:
             self.data.close()
         if self._loop is not None:

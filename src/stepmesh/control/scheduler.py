@@ -50,7 +50,7 @@ class _Node:
     @property
     def peer(self) -> P.Peer:
         r = self.reg
-        return P.Peer(self.node_id, r.role, self.rank, r.group, r.host, r.address)
+        return P.Peer(self.node_id, r.role, self.rank, r.group, r.host, r.address, r.lane_address)
 
     def describe(self) -> str:
         return f"{self.reg.role.label} rank {self.rank} of group {self.reg.group} (pid {self.reg.pid} on {self.reg.host})"

@@ -101,15 +101,21 @@ def wrap(obj: Any) -> Any:
 
 
 class Transport:
-    """One UCX context and worker, progressed in one of three modes.
+    """One UCX context and worker, progressed in one of three modes; optionally a device lane beside it.
 
     Args:
         options: UCX options without the ``UCX_`` prefix (``{"TLS": "tcp"}``).
         progress: ``blocking``, ``polling`` or ``thread``.
         active_messages: enable UCX active messages (the control plane uses them).
+        lane_options: options of a second context and worker, the *lane*, for
+            small device messages (see :data:`stepmesh.data.wire.LANE_OPTIONS`);
+            None: no lane. The lane is progressed with the worker, in the same mode.
     """
 
-    def __init__(self, options: dict[str, str], progress: str, active_messages: bool = False):
+    def __init__(
+        self, options: dict[str, str], progress: str, active_messages: bool = False,
+        lane_options: dict[str, str] | None = None,
+    ):
         api, _ = _ucx()
         self.api = api
         features = [api.Feature.TAG, api.Feature.WAKEUP]
@@ -117,21 +123,38 @@ class Transport:
             features.append(api.Feature.AM)
         self.context = api.UCXContext(config_dict=dict(options), feature_flags=tuple(features))
         self.worker = api.UCXWorker(self.context)
+        self.lane_context: Any = None
+        self.lane_worker: Any = None
+        self._epoll: Any = None  # blocking mode with a lane: sleeps on both workers' event fds
+        workers = [self.worker]
+        if lane_options is not None:
+            self.lane_context = api.UCXContext(config_dict=dict(lane_options), feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
+            self.lane_worker = api.UCXWorker(self.lane_context)
+            workers.append(self.lane_worker)
         self.mode = progress
-        if progress == "thread":
-            self.worker.start_progress_thread(polling_mode=False, epoll_timeout=_BLOCKING_SLICE_MS)
-        elif progress == "blocking":
-            self.worker.init_blocking_progress_mode()
+        for worker in workers:
+            if progress == "thread":
+                worker.start_progress_thread(polling_mode=False, epoll_timeout=_BLOCKING_SLICE_MS)
+            elif progress == "blocking":
+                worker.init_blocking_progress_mode()
+        if progress == "blocking" and self.lane_worker is not None:
+            import select
+
+            self._epoll = select.epoll()
+            for worker in workers:
+                self._epoll.register(worker.epoll_file_descriptor, select.EPOLLIN)
         self._closed = False
         self._ucp: Any = None
         self._closers: list[Callable[[], None]] = []
 
     @property
     def ucp(self) -> Any:
-        """The compiled core's libucp calls on this worker (:class:`stepmesh._core.core.Ucp`)."""
+        """The compiled core's libucp calls on this worker and its lane (:class:`stepmesh._core.core.Ucp`)."""
         if self._ucp is None:
             core = bound_core()
-            self._ucp = core.Ucp(self.worker, self.worker.handle, self.mode == "thread")
+            lane = self.lane_worker
+            self._ucp = core.Ucp(self.worker, self.worker.handle, self.mode == "thread",
+                                 lane, lane.handle if lane is not None else 0)
         return self._ucp
 
     @property
@@ -147,6 +170,15 @@ class Transport:
     def address(self) -> bytes:
         return bytes(self.worker.address)
 
+    @property
+    def has_lane(self) -> bool:
+        return self.lane_worker is not None
+
+    @property
+    def lane_address(self) -> bytes:
+        """The lane worker's address; empty without a lane."""
+        return bytes(self.lane_worker.address) if self.lane_worker is not None else b""
+
     def transports(self) -> str:
         """What UCX says about this context (transports and devices), for ``stepmesh info``."""
         return str(self.context.info)
@@ -157,8 +189,21 @@ class Transport:
         Endpoint error handling stays off: with it on, shared-memory transports
         are unusable; liveness comes from the scheduler instead.
         """
+        return self._endpoint(self.worker, address)
+
+    def connect_lane(self, address: bytes) -> Any:
+        """An endpoint from the lane to a peer's lane worker (as :meth:`connect`).
+
+        Raises:
+            StepMeshError: this transport has no lane.
+        """
+        if self.lane_worker is None:
+            raise StepMeshError("connect_lane(): this transport has no lane")
+        return self._endpoint(self.lane_worker, address)
+
+    def _endpoint(self, worker: Any, address: bytes) -> Any:
         ucx_address = self.api.UCXAddress.create_from_buffer(address)
-        return self.worker.create_endpoint_from_worker_address(ucx_address, False)
+        return worker.create_endpoint_from_worker_address(ucx_address, False)
 
     def connect_listener(self, host: str, port: int) -> Any:
         """An endpoint to a listener (TCP), with UCX error handling on."""
@@ -173,9 +218,9 @@ class Transport:
     def progress_once(self, timeout_ms: int = 0) -> None:
         """Make progress; in blocking mode sleep up to ``timeout_ms`` waiting for events."""
         if self.mode == "blocking":
-            self.worker.progress_worker_event(timeout_ms)
+            self._sleep(timeout_ms)
         elif self.mode == "polling":
-            self.worker.progress()
+            self.ucp.progress()  # the lane too
         else:
             time.sleep(_THREAD_WAIT_S if timeout_ms else 0)
 
@@ -192,7 +237,6 @@ class Transport:
         In blocking mode the worker sleeps at most ``slice_ms`` between checks,
         which bounds how late a ``done`` that no UCX event signals is noticed.
         """
-        worker = self.worker
         mode = self.mode
         if mode == "polling":
             # The latency-critical loop. ``done`` runs once UCX has no more to do
@@ -222,11 +266,21 @@ class Transport:
             if now >= deadline:
                 return done()
             if mode == "blocking":
-                ms = max(0, min(slice_ms, int((deadline - now) * 1000) + 1))
-                worker.progress_worker_event(ms)
+                self._sleep(max(0, min(slice_ms, int((deadline - now) * 1000) + 1)))
             else:
                 time.sleep(_THREAD_WAIT_S)
         return True
+
+    def _sleep(self, timeout_ms: int) -> None:
+        """Blocking mode: progress, then sleep up to ``timeout_ms`` until UCX has work (on either worker)."""
+        if self._epoll is None:
+            self.worker.progress_worker_event(timeout_ms)
+            return
+        progress = self.ucp.progress  # both workers
+        if not progress() and self.worker.arm() and self.lane_worker.arm():
+            self._epoll.poll(timeout_ms / 1000)
+        while progress():
+            pass
 
     def wait_requests(self, reqs: list[Any], deadline: float, check: Callable[[], None] | None = None) -> bool:
         """Progress until every one of ``reqs`` (core Requests) is complete; False on timeout.
@@ -254,6 +308,10 @@ class Transport:
             self._ucp.close()
         if self.mode == "thread":
             self.worker.stop_progress_thread()
+            if self.lane_worker is not None:
+                self.lane_worker.stop_progress_thread()
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 class ControlChannel:

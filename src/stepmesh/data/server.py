@@ -51,6 +51,7 @@ class AFTensorServer(Node):
 
     role = "server"
     data_options = W.UCX_OPTIONS
+    lane_options = W.LANE_OPTIONS
     wireup_tag = staticmethod(W.wireup_tag)
 
     def __init__(self, config: Any = None) -> None:
@@ -174,7 +175,7 @@ class AFTensorServer(Node):
         w, raw = pending
         peer = self.workers[w]
         try:
-            hdr = W.decode_request(raw, ITEMSIZE)
+            hdr = W.decode_request(raw, ITEMSIZE, lane=self.data is not None and self.data.has_lane)
             if hdr.n_servers != self._n_servers:
                 raise W.WireError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
         except W.WireError as e:

@@ -17,8 +17,11 @@ worker copies them out on the device; so UCX moves one rendezvous instead of
 a rendezvous plus a tiny eager device message (which it copies through the
 host, synchronously, on both sides). Pushes are not packed: the server would
 have to copy them out into its registered memory, and measured on one GPU
-that cost more than the message it saves. The worker decides, per tensor,
-how it travels, and says so in the header; the server follows.
+that cost more than the message it saves. A small device push (a token count)
+goes instead on the *lane*, a second UCX worker of each node whose rendezvous
+threshold is 0, so that UCX moves it device to device (CUDA-IPC, RDMA) instead
+of eagerly through the host; both sides must have a lane. The worker decides,
+per tensor, how it travels, and says so in the header; the server follows.
 
 Little endian throughout (x86-64 and aarch64 are).
 """
@@ -36,12 +39,13 @@ __all__ = [
     "MAX_TENSOR_BYTES", "MAX_IN_FLIGHT", "RING_DEPTH", "SLOT_SIZE", "TRACE_KEEP",
     "STATUS_OK", "STATUS_REFUSED", "REFUSAL_SLOT", "REFUSAL_MAX", "FLAG_DEVICE",
     "PACK_SLOT", "PACK_SMALL", "PACK_MAX", "PACK_ALIGN", "pack_placements", "pack_offsets",
+    "LANE_MAX", "LANE_OPTIONS", "lane_placements",
     "SEQ_OFFSET", "SEQ_MASK", "SEQ_SHIFT", "TAG_MASK_KIND_NODE", "UCX_OPTIONS",
     "inline_placements", "request_header_size", "response_header_size", "cython_constants", "check_core",
     "TensorMeta", "PullMeta", "RequestHeader", "WireError", "decode_request",
 ]
 
-DATA_VERSION = 5  # 5: packed device answers (4: placements in the header, refusals apart, staged answers)
+DATA_VERSION = 6  # 6: small device pushes on the lane; 5: packed device answers (4: placements in the header, refusals apart, staged answers)
 
 # ---------------------------------------------------------------- tag layout
 # kind (4 bits) | sender node id (12 bits) | sequence (32 bits) | slot (16 bits)
@@ -92,6 +96,8 @@ MAX_NDIM = 8
 PACK_SMALL = 65536
 PACK_MAX = 64 << 20
 PACK_ALIGN = 256
+# A separate device push at most this large goes on the lane (larger ones go by rendezvous anyway: see UCX_OPTIONS).
+LANE_MAX = HEADER_MAX + INLINE_MAX
 MAX_TENSOR_BYTES = 1 << 40
 MAX_IN_FLIGHT = 1024  # push_pulls one worker may have outstanding
 TRACE_KEEP = 4096  # completed push_pulls whose traces a worker keeps
@@ -107,6 +113,7 @@ class Placement(IntEnum):
     INLINE = 0
     SEPARATE = 1
     PACKED = 2  # a device answer, in the one message of its server's packed answers
+    LANE = 3  # a small device push, as a tag message of its own on the lane
 
 
 # --------------------------------------------------------------- headers
@@ -139,6 +146,18 @@ def inline_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | t
             room -= n
         out.append(Placement.INLINE if fits else Placement.SEPARATE)
     return out
+
+
+def lane_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
+                    placements: list[Placement]) -> list[Placement]:
+    """``placements`` of pushes with the small separate device ones moved to the lane (both sides have one).
+
+    On the data worker UCX sends a device message below its rendezvous
+    threshold eagerly, copying it through host memory synchronously on both
+    sides; on the lane, whose threshold is 0, it moves device to device.
+    """
+    return [Placement.LANE if p is Placement.SEPARATE and dev and 0 < n <= LANE_MAX else p
+            for n, dev, p in zip(sizes, device, placements)]
 
 
 def pack_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
@@ -212,12 +231,13 @@ class RequestHeader:
         return self.pulls[server_index * p : (server_index + 1) * p]
 
 
-def decode_request(buf: bytes, itemsizes: dict[int, int]) -> RequestHeader:
+def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) -> RequestHeader:
     """Decode and check a request header (and that its inline tensors fit the slot).
 
     Args:
         buf: a receive slot's bytes (the header, then the inline tensors).
         itemsizes: dtype code -> element size, for the shape/size cross-check.
+        lane: the server has a lane (pushes may come on it).
 
     Raises:
         WireError: any inconsistency.
@@ -242,8 +262,14 @@ def decode_request(buf: bytes, itemsizes: dict[int, int]) -> RequestHeader:
             raise WireError(f"tensor with {ndim} dimensions, more than {MAX_NDIM}")
         if dtype not in itemsizes:
             raise WireError(f"unknown dtype code {dtype}")
-        if placement not in (Placement.INLINE, Placement.SEPARATE):
+        if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.LANE):
             raise WireError(f"unknown placement {placement}")
+        if placement == Placement.LANE and not (lane and device and 0 < nbytes <= LANE_MAX):
+            raise WireError(
+                f"a push of {nbytes} bytes on the lane: " + (
+                    "this server has no lane" if not lane else f"only device pushes of 1 to {LANE_MAX} bytes go there"
+                )
+            )
         if pos + REQ_DIM.size * ndim > len(buf):
             raise WireError("request header truncated in a shape")
         shape = struct.unpack_from(f"<{ndim}q", buf, pos)
@@ -323,6 +349,11 @@ class AnswerProblem(IntEnum):
 UCX_OPTIONS = {"RNDV_THRESH": str(SLOT_SIZE), "MM_SEG_SIZE": str(INLINE_MAX + 1024)}
 
 
+# The lane's: its rendezvous threshold is 0, whatever the memory (UCX sets it per context, not per memory type;
+# on the data worker, 0 would double the round trip of every small host message).
+LANE_OPTIONS = {"RNDV_THRESH": "0"}
+
+
 # ------------------------------------------------------ the compiled core
 def _constants() -> dict[str, int]:
     """Every constant the core is built with, by the name it has there."""
@@ -336,6 +367,7 @@ def _constants() -> dict[str, int]:
         "REQ_FIXED_SIZE": REQ_FIXED.size, "REQ_TENSOR_SIZE": REQ_TENSOR.size, "REQ_DIM_SIZE": REQ_DIM.size,
         "REQ_PULL_SIZE": REQ_PULL.size, "RESP_FIXED_SIZE": RESP_FIXED.size, "RESP_SIZE_SIZE": RESP_SIZE.size,
         "INLINE": Placement.INLINE, "SEPARATE": Placement.SEPARATE, "PACKED": Placement.PACKED,
+        "LANE": Placement.LANE,
         "PACK_SLOT": PACK_SLOT, "PACK_ALIGN": PACK_ALIGN,
     }
     for enum in (Tag, Result, Failure, AnswerProblem):

@@ -56,6 +56,7 @@ class AFTensorWorker(Node):
 
     role = "worker"
     data_options = W.UCX_OPTIONS
+    lane_options = W.LANE_OPTIONS
     wireup_tag = staticmethod(W.wireup_tag)
 
     def __init__(self, config: Any = None) -> None:
@@ -162,6 +163,9 @@ class AFTensorWorker(Node):
         sizes = [t.nbytes for t in push]
         on_device = [t.is_cuda for t in push]
         placements = W.inline_placements(sizes, on_device)
+        lanes = [self.lane_endpoints.get(p.node_id) for p in self.servers]
+        if all(lanes):
+            placements = W.lane_placements(sizes, on_device, placements)
         caps = [t.nbytes for t in pulls]
         pull_device = [t.is_cuda for t in pulls]
         answer_placements: list[W.Placement] = []
@@ -189,7 +193,7 @@ class AFTensorWorker(Node):
                 inline.append((i, int(t.is_cuda), t.data_ptr(), t.nbytes, offset))
                 offset += t.nbytes
             else:
-                sep.append((t.data_ptr(), t.nbytes, i))
+                sep.append((t.data_ptr(), t.nbytes, i, placement is W.Placement.LANE))
 
         resp_pos = W.response_header_size(per)
         servers = []
@@ -224,7 +228,8 @@ class AFTensorWorker(Node):
         endpoints = [self.endpoints[p.node_id] for p in self.servers]
         return {
             "push": push, "push_keys": keys, "pull": pulls, "pull_keys": pkeys, "need_event": need_event,
-            "device": device, "pinned": pinned, "endpoints": endpoints, "eps": [ep.handle for ep in endpoints],
+            "device": device, "pinned": pinned, "endpoints": endpoints + [ep for ep in lanes if ep is not None],
+            "eps": [ep.handle for ep in endpoints], "lane_eps": [ep.handle if ep is not None else 0 for ep in lanes],
             "per": per, "n_handles": max(1, len(push) + per), "template": bytes(header), "hlen": offset,
             "req_tag": W.make_tag(W.Tag.REQUEST, self.node_id), "push_tag": W.make_tag(W.Tag.PUSH, self.node_id),
             "inline_push": inline, "sep_push": sep, "resp_pos": resp_pos, "resp_size": resp_pos + inline_room,
