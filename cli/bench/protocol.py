@@ -92,7 +92,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     out_tag, out_bulk_tag = W.make_tag(out_kind, me), W.make_tag(out_bulk, me)
     in_tag, in_bulk_tag = W.make_tag(in_kind, peer), W.make_tag(in_bulk, peer)
     send, recv, wait = ucp.send, ucp.recv, ucp.wait
-    lane_ep = endpoints[-1].handle
+    lane_ep = endpoints[1].handle if lane else 0
     state: dict[str, Any] = {"seq": 0, "slot": None}
 
     def pack() -> None:

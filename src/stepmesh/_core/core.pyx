@@ -444,12 +444,10 @@ cdef class Ucp:
             h = ucp_send(<void *><uintptr_t>ep, buf, n, tag, param)
         return h
 
-    cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov) noexcept:
-        return self.recv_on(self.worker, buf, n, tag, mask, iov)
-
-    cdef inline void *recv_on(self, void *worker, void *buf, size_t n, uint64_t tag, uint64_t mask,
-                              bint iov) noexcept:
+    cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov,
+                               bint on_lane=False) noexcept:
         cdef void *h
+        cdef void *worker = self.lane if on_lane else self.worker
         cdef const void *param = <const void *>&IOV_PARAM[0] if iov else <const void *>&PARAM[0]
         if self.release_gil:
             with nogil:
@@ -520,8 +518,7 @@ cdef class Ucp:
         """
         if lane and self.lane == NULL:
             raise TransportError("Ucp.recv(lane=True): this Ucp has no lane")
-        cdef Request r = self._wrap(self.recv_on(self.lane if lane else self.worker, <void *>ptr, nbytes, tag, mask,
-                                                 False))
+        cdef Request r = self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False, lane))
         r.on_lane = lane
         return r
 
@@ -642,12 +639,13 @@ cdef class Ops:
     cdef inline void clear(self) noexcept:
         self.n = 0
 
-    cdef inline void add(self, void *h) noexcept:
-        """Record what a post returned: a request, NULL (done within the call) or an error status."""
+    cdef inline void add(self, void *h, bint on_lane=False) noexcept:
+        """Record what a post returned: a request, NULL (done within the call) or an error status (``on_lane``:
+        a receive posted on the lane, cancelled there)."""
         cdef int i = self.n
         self.n += 1
         self.t_done[i] = 0
-        self.on_lane[i] = 0
+        self.on_lane[i] = on_lane
         if h == NULL:
             self.h[i] = NULL
             self.status[i] = UCS_OK
@@ -657,11 +655,6 @@ cdef class Ops:
         else:
             self.h[i] = h
             self.status[i] = UCS_INPROGRESS
-
-    cdef inline void add_lane(self, void *h) noexcept:
-        """``add`` for a receive posted on the lane."""
-        self.add(h)
-        self.on_lane[self.n - 1] = 1
 
     cdef inline bint settled(self, Ucp ucp, int lo, int hi) noexcept:
         """Whether requests lo..hi-1 are done (each is looked at: each gets its own t_done)."""
@@ -973,9 +966,11 @@ cdef class Worker:
         if p.eps == NULL or p.lane_eps == NULL:
             raise MemoryError()
         lane_eps = spec["lane_eps"]
+        cdef bint every_lane = True
         for s in range(p.n_servers):
             p.eps[s] = eps[s]
             p.lane_eps[s] = lane_eps[s]
+            every_lane = every_lane and p.lane_eps[s] != 0
         p.per = spec["per"]
         p.n_handles = spec["n_handles"]
         p.template = spec["template"]
@@ -1003,9 +998,8 @@ cdef class Worker:
             p.sep_push[k].nbytes = item[1]
             p.sep_push[k].slot = item[2]
             p.sep_push[k].lane = 1 if item[3] else 0
-            for s in range(p.n_servers):
-                if p.sep_push[k].lane and not p.lane_eps[s]:
-                    raise ValueError("a push on the lane of a server without one")
+            if p.sep_push[k].lane and not every_lane:
+                raise ValueError("a push on the lane of a server without one")
         p.resp_size = spec["resp_size"]
         p.resp_pos = spec["resp_pos"]
         p.resp_tag = <uint64_t *>calloc(p.n_servers, sizeof(uint64_t))
@@ -1778,13 +1772,10 @@ cdef class Server:
         cdef uint64_t bits = self.push_tag[w] | (<uint64_t>r.seq << SEQ_SHIFT)
         for i in range(lay.n_push):  # the large ones first: UCX moves them while the small ones are copied
             d = &lay.push[i]
-            if d.placement == SEPARATE:
+            if d.placement == SEPARATE or d.placement == LANE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
-                r.ops.add(self.ucp.recv_raw(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK, False))
-            elif d.placement == LANE:
-                ptr = tensors[i].data_ptr() if d.fresh else d.ptr
-                r.ops.add_lane(self.ucp.recv_on(self.ucp.lane, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
-                                                FULL_MASK, False))
+                r.ops.add(self.ucp.recv_raw(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK, False,
+                                            d.placement == LANE), d.placement == LANE)
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:

@@ -3,8 +3,8 @@
 A node owns two UCX workers: the data worker (tag messages to its peers,
 progressed by the caller's thread in the configured progress mode; on a GPU
 host with a *lane* beside it for small device messages, see
-``stepmesh.data.wire``) and the control worker (active messages to the scheduler over TCP, progressed by a
-background thread that sleeps in epoll). Keeping control apart lets heartbeats
+``stepmesh.data.wire``) and the control worker (active messages to the
+scheduler over TCP, progressed by a background thread that sleeps in epoll). Keeping control apart lets heartbeats
 flow while the caller computes, and keeps the data path free of control traffic.
 """
 
