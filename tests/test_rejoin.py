@@ -43,15 +43,17 @@ def _node(ctx: NodeContext) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_restarted_server_is_reached_again_without_restarting_workers(tmp_path):
-    mesh = spawn_mesh(_node, env=FAST, timeout=90)
+@pytest.mark.parametrize("lane", ["0", "1"], ids=["no-lane", "lane"])
+def test_restarted_server_is_reached_again_without_restarting_workers(tmp_path, lane):
+    """With lanes on, the replacement's wire-up waits for a ping on the lane too, so the worker must reconnect both."""
+    mesh = spawn_mesh(_node, env=dict(FAST, STEPMESH_DEVICE_LANE=lane), timeout=90)
     replacement = None
     try:
         server = mesh.children["server-0-0"].process
         server.join(60)  # it kills itself after three answers
         assert server.exitcode == -signal.SIGKILL, server.exitcode
         env = dict(
-            FAST, DMLC_ROLE="server", DMLC_NODE_RANK="0", DMLC_NUM_WORKER="1", DMLC_NUM_SERVER="1",
+            FAST, STEPMESH_DEVICE_LANE=lane, DMLC_ROLE="server", DMLC_NODE_RANK="0", DMLC_NUM_WORKER="1", DMLC_NUM_SERVER="1",
             DMLC_GROUP_SIZE="1", DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(mesh.port),
         )
         log = open(tmp_path / "replacement.log", "w")

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,35 @@ _ERRORS: dict[int, type[StepMeshError]] = {
 }
 _CONNECT_RETRY_S = 0.2
 _VERDICT_GRACE_S = 2.0
+
+
+@dataclass
+class _Wireup:
+    """The wire-up messages exchanged with one peer: per path (data path, device lane) a receive, a send and the echo."""
+
+    peer: P.Peer
+    token: np.ndarray
+    paths: list[tuple[str, Any, Any, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return all(recv.completed and send.completed for _, recv, send, _ in self.paths)
+
+    @property
+    def received(self) -> bool:
+        return all(recv.completed for _, recv, _, _ in self.paths)
+
+    def describe_missing(self) -> str:
+        missing = [path for path, recv, _, _ in self.paths if not recv.completed]
+        return f"{self.peer.describe()} ({' and '.join(missing)})"
+
+    def check(self) -> None:
+        """Raises: TransportError when a message failed; ProtocolError when the echo names another node."""
+        for path, recv, send, echo in self.paths:
+            recv.check_error()
+            send.check_error()
+            if int(echo[0]) != self.peer.node_id:
+                raise ProtocolError(f"{path} wire-up from {self.peer.describe()} carried node id {int(echo[0])}")
 
 
 class Node:
@@ -108,7 +137,7 @@ class Node:
         self._welcome: P.Control | None = None
         self._register_message = b""
         self._returned: list[P.Peer] = []
-        self._wireups: list[Any] = []
+        self._wireups: list[_Wireup] = []
         self._book: P.Control | None = None
         self._fatal: StepMeshError | None = None
         self._releases: dict[tuple[int, int], P.Control] = {}
@@ -270,22 +299,19 @@ class Node:
         self.peers = sorted(self._book.peers, key=lambda p: (order[p.role], p.group, p.rank))
 
     def _connect_peers(self, deadline: float) -> None:
-        """Endpoints to every peer from its worker address, then one ping each way."""
+        """Endpoints to every peer from its worker address, then one ping each way on each path."""
         data = self.data
         assert data is not None
         pings = []
         for peer in self.peers:
             self._connect(peer)
             pings.append(self._ping(peer))
-        ok = data.progress_until(lambda: all(r.completed and s.completed for r, s, _, _ in pings), deadline, self.check_alive)
+        ok = data.progress_until(lambda: all(w.completed for w in pings), deadline, self.check_alive)
         if not ok:
-            missing = [p.describe() for p, (r, _, _, _) in zip(self.peers, pings) if not r.completed]
-            raise TimeoutError(f"{self.role}: no data-path wire-up from {', '.join(missing)}")
-        for peer, (recv, send, _, echo) in zip(self.peers, pings):
-            recv.check_error()
-            send.check_error()
-            if int(echo[0]) != peer.node_id:
-                raise ProtocolError(f"wire-up from {peer.describe()} carried node id {int(echo[0])}")
+            missing = [w.describe_missing() for w in pings if not w.received]
+            raise TimeoutError(f"{self.role}: no wire-up from {', '.join(missing)}")
+        for wireup in pings:
+            wireup.check()
 
     def _connect(self, peer: P.Peer) -> None:
         """Endpoints to ``peer``'s data worker, and to its lane when both sides have one."""
@@ -296,17 +322,21 @@ class Node:
         if data.has_lane and peer.lane_address:
             self.lane_endpoints[peer.node_id] = data.connect_lane(peer.lane_address)
 
-    def _ping(self, peer: P.Peer) -> tuple[Any, Any, np.ndarray, np.ndarray]:
-        """One wire-up message each way with ``peer``: (receive, send, our token, its echo)."""
+    def _ping(self, peer: P.Peer) -> _Wireup:
+        """One wire-up message each way with ``peer`` on the data worker, and on the lane when there is one."""
         data = self.data
         assert data is not None
-        token = np.array([self.node_id], dtype=np.uint64)
-        echo = np.zeros(1, dtype=np.uint64)
+        wireup = _Wireup(peer, np.array([self.node_id], dtype=np.uint64))
         ucp = data.ucp  # the data path's own tag calls: the wire-up proves them too
-        recv = ucp.recv(echo.ctypes.data, echo.nbytes, self.wireup_tag(peer.node_id))
-        send = ucp.send(self.endpoints[peer.node_id].handle, token.ctypes.data, token.nbytes,
-                        self.wireup_tag(self.node_id))
-        return recv, send, token, echo
+        paths = [("data path", self.endpoints[peer.node_id], False)]
+        if peer.node_id in self.lane_endpoints:
+            paths.append(("device lane", self.lane_endpoints[peer.node_id], True))
+        for path, endpoint, lane in paths:
+            echo = np.zeros(1, dtype=np.uint64)
+            recv = ucp.recv(echo.ctypes.data, echo.nbytes, self.wireup_tag(peer.node_id), lane=lane)
+            send = ucp.send(endpoint.handle, wireup.token.ctypes.data, wireup.token.nbytes, self.wireup_tag(self.node_id))
+            wireup.paths.append((path, recv, send, echo))
+        return wireup
 
     # ---------------------------------------------------------- control loop
     def _run(self) -> None:
@@ -409,7 +439,7 @@ class Node:
         assert data is not None
         with self._lock:
             back, self._returned = self._returned, []
-        self._wireups = [w for w in self._wireups if not (w[0].completed and w[1].completed)]
+        self._wireups = [w for w in self._wireups if not w.completed]
         for peer in back:
             self._connect(peer)
             self._wireups.append(self._ping(peer))  # the rejoining node waits for it
