@@ -577,3 +577,13 @@ def test_to_env_is_what_from_env_reads_back():
     assert env["DMLC_ROLE"] == "worker" and env["STEPMESH_TRANSPORTS"] == "tcp,posix" and env["STEPMESH_BIND_CPU_CORE"] == "1"
     assert "DMLC_NODE_RANK" not in env  # unset stays unset
     assert Config.from_env(environ=env) == c
+
+
+def test_the_device_lane_is_on_where_torch_sees_a_device_unless_set():
+    import torch
+
+    here = bool(torch.cuda.is_available())
+    assert Config.from_env({}).lane_on() is here
+    assert Config.from_env({"STEPMESH_BACKEND": "cpu"}).lane_on() is False
+    assert Config.from_env({"STEPMESH_DEVICE_LANE": "1", "STEPMESH_BACKEND": "cpu"}).lane_on() is True
+    assert Config.from_env({"STEPMESH_DEVICE_LANE": "0"}).lane_on() is False

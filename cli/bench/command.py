@@ -161,7 +161,7 @@ def bench(
     click.echo(
         f"stepmesh bench: {wl.name}, {wl.workers} worker(s) x {wl.servers} server(s), {stages} stage(s), "
         f"{iters} iterations in {rounds} rounds, {progress_mode} progress, {device}"
-        + (f" (MPS {'on' if env.mps else 'off'})" if device == "cuda" else ""),
+        + (f" (MPS {'on' if env.mps else 'off'}, device lane {'on' if env.lane else 'off'})" if device == "cuda" else ""),
         err=True,
     )
     try:

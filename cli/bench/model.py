@@ -135,6 +135,7 @@ class Environment:
     device: str = ""  # the GPU's name, or "cpu"
     devices: int = 0  # GPUs visible
     mps: bool = False  # the CUDA MPS daemon was serving this run's processes
+    lane: bool = False  # stepmesh's nodes opened the device lane (STEPMESH_DEVICE_LANE, by default on a GPU host)
     core: str = ""  # the compiled core's module
 
     @classmethod
@@ -144,6 +145,7 @@ class Environment:
 
         import stepmesh
         from stepmesh._core import core
+        from stepmesh.config import Config
         from stepmesh.control.transport import ucx_version
 
         name, count = "cpu", 0
@@ -161,11 +163,15 @@ class Environment:
             device=name,
             devices=count,
             mps=mps_running() if device.startswith("cuda") else False,
+            lane=Config.from_env().lane_on(),
             core=core.__file__ or "",
         )
 
     def describe(self) -> str:
-        gpu = f"{self.device} x{self.devices}, MPS {'on' if self.mps else 'off'}" if self.devices else "no GPU"
+        gpu = (
+            f"{self.device} x{self.devices}, MPS {'on' if self.mps else 'off'}, lane {'on' if self.lane else 'off'}"
+            if self.devices else "no GPU"
+        )
         return (
             f"{self.host} {self.date}: stepmesh {self.stepmesh}, torch {self.torch}, UCX {self.ucx}, "
             f"Python {self.python}, {self.cpu}, {gpu}"

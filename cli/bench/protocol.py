@@ -12,8 +12,8 @@ server and out of it on the worker). None of the bookkeeping around them
 implementation of this protocol could come to ``ucxx`` here.
 
 Small device pushes go on the lane, a second UCX worker whose rendezvous
-threshold is 0, as the core sends them: on a device unless
-``STEPMESH_DEVICE_LANE=0``.
+threshold is 0, as the core sends them: where stepmesh's nodes open a lane
+(``Config.lane_on``: on a GPU host unless ``STEPMESH_DEVICE_LANE=0``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     wl = opts.workload
     dev = opts.device
     on_dev = dev.startswith("cuda")
-    wanted = Config.from_env().device_lane
-    lane = on_dev if wanted is None else wanted
+    lane = Config.from_env().lane_on()  # as stepmesh's nodes decide
     tp = T.Transport(data_options(), opts.progress, lane_options={**data_options(), **W.LANE_OPTIONS} if lane else None)
     conn.send((tp.address, tp.lane_address))
     peer, peer_lane = conn.recv()

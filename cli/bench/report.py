@@ -106,7 +106,7 @@ def plot(result: BenchResult, path: str) -> None:
     ax.set_xlabel("round trip (us, log scale)")
     ax.set_ylabel("fraction of round trips")
     env = result.environment
-    where = f"{env.device}{', MPS' if env.mps else ''}" if env.devices else "CPU"
+    where = f"{env.device}{', MPS' if env.mps else ''}{', lane' if env.lane else ''}" if env.devices else "CPU"
     ax.set_title(
         f"{wl.name}: {wl.workers}x{wl.servers}, {opts.stages} stage(s), {opts.progress}, {where}"
         + ("" if opts.need_event else ", need_event=False"),

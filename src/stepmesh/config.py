@@ -224,6 +224,17 @@ class Config:
         """How many workers and servers the scheduler waits for, all groups together."""
         return (self.num_workers + self.num_servers) * self.group_size
 
+    def lane_on(self) -> bool:
+        """Whether nodes open the device lane: ``device_lane`` when set, else whether torch sees a CUDA or ROCm
+        device (never with the ``cpu`` backend)."""
+        if self.device_lane is not None:
+            return self.device_lane
+        if self.backend == "cpu":
+            return False
+        import torch
+
+        return bool(torch.cuda.is_available())
+
     def ucx_options(self) -> dict[str, str]:
         """UCX context options (without the ``UCX_`` prefix) implied by this config."""
         opts: dict[str, str] = {}

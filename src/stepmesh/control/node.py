@@ -172,7 +172,7 @@ class Node:
         options = {**self.data_options, **cfg.ucx_options()}
         self.data = Transport(
             options, cfg.progress or "blocking",
-            lane_options={**options, **self.lane_options} if self._wants_lane() else None,
+            lane_options={**options, **self.lane_options} if self.config.lane_on() else None,
         )
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)
@@ -195,16 +195,6 @@ class Node:
             raise
         self._update_health()
         log.info("%s rank %d of group %d joined (node %d)", self.role, self.rank, self.group, self.node_id)
-
-    def _wants_lane(self) -> bool:
-        """``device_lane`` (STEPMESH_DEVICE_LANE), by default whether this host has a CUDA or ROCm device."""
-        if self.config.device_lane is not None:
-            return self.config.device_lane
-        if self.config.backend == "cpu":
-            return False
-        import torch
-
-        return bool(torch.cuda.is_available())
 
     def _bind_core(self) -> None:
         """Pin the calling thread to core ``STEPMESH_CPU_START_OFFSET`` (modulo the cores it may use).
