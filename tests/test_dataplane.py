@@ -346,17 +346,18 @@ def test_two_workers_three_servers_route_every_answer(device):
 
 
 # ---------------------------------------------------------------- the lane
-def _lanes(ctx: NodeContext) -> tuple[int, list[bool]]:
+def _lanes(ctx: NodeContext) -> tuple[int, list[bool], list[list[int]]]:
     """StepMesh's shape (hidden state + int32 count each way), 3 stages in flight, to 2 servers.
 
     Returns how many servers the node reaches on the lane (workers) or whether
     it has a lane (servers), and, on the worker, which separate pushes of the
-    call were planned on the lane.
+    call were planned on the lane and how each server's answers come.
     """
     dev = _dev(ctx)
     f.init()
     node = f._worker("test") if ctx.role == "worker" else f._server("test")
     flags: list[bool] = []
+    hows: list[list[int]] = []
     if ctx.role == "worker":
         pulls = [[torch.empty(LARGE, device=dev), torch.empty(1, dtype=torch.int32, device=dev)] for _ in range(2 * 3)]
         for rnd in range(4):
@@ -372,7 +373,9 @@ def _lanes(ctx: NodeContext) -> tuple[int, list[bool]]:
                 for s in range(2):
                     answer, n = pulls[stage * 2 + s]
                     assert torch.all(answer == v * 2 + s) and int(n) == v + 1 + s, (v, s, answer[:2], n)
-        flags = [item[3] for item in node._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)["sep_push"]]
+        plan = node._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)
+        flags = [item[3] for item in plan["sep_push"]]
+        hows = [[answer[3] for answer in server[3]] for server in plan["servers"]]
         reach = len(node.lane_endpoints)
     else:
         for _ in range(4 * 3):
@@ -381,13 +384,13 @@ def _lanes(ctx: NodeContext) -> tuple[int, list[bool]]:
             f.respond([t * 2 + ctx.rank, n + ctx.rank], h)
         reach = int(node.data.has_lane)
     f.stop()
-    return reach, flags
+    return reach, flags, hows
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lanes", ["everywhere", "worker-only", "one-server"])
-def test_small_device_pushes_take_the_lane_only_where_every_server_has_one(device, lanes):
+def test_small_device_tensors_take_the_lane_only_where_every_server_has_one(device, lanes):
     has = {"everywhere": {("worker", 0), ("server", 0), ("server", 1)},
            "worker-only": {("worker", 0)},
            "one-server": {("worker", 0), ("server", 0)}}[lanes]
@@ -397,12 +400,16 @@ def test_small_device_pushes_take_the_lane_only_where_every_server_has_one(devic
 
     results = _mesh(_lanes, device, num_servers=2, node_env=node_env, timeout=250)
     assert results["server-0-0"][0] == (("server", 0) in has) and results["server-0-1"][0] == (("server", 1) in has)
-    reach, flags = results["worker-0-0"]
+    reach, flags, hows = results["worker-0-0"]
     assert reach == sum(("server", r) in has for r in range(2))
     # the hidden state is large (by rendezvous on the data worker); the count goes on the lane when it is
     # device memory and every server has a lane, else as a message of its own (device) or inline (host)
     on_lane = device == "cuda" and lanes == "everywhere"
     assert flags == ([False, True] if on_lane else [False, False] if device == "cuda" else [False]), flags
+    # answers (the core's plan: 1 put in place behind the header, 2 separate, 3 packed, 4 on the lane): on the lane the count comes
+    # by itself and the hidden state straight into its tensor; without, device answers come packed
+    expect = [2, 4] if on_lane else [3, 3] if device == "cuda" else [2, 1]
+    assert hows == [expect, expect], hows
 
 
 # ------------------------------------------------------- a slow server shows

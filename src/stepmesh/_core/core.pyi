@@ -58,7 +58,8 @@ class Worker:
 
 class Server:
     def __init__(
-        self, ucp: Ucp, eps: list[int], endpoints: list[Any], ring_tags: list[int], push_tags: list[int],
+        self, ucp: Ucp, eps: list[int], lane_eps: list[int], endpoints: list[Any], ring_tags: list[int],
+        push_tags: list[int],
         resp_tag: int, pull_tag: int, pinned: bool, device: int,
     ) -> None: ...
     def add_layout(self, worker: int, spec: dict[str, Any]) -> None: ...

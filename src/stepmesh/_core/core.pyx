@@ -759,7 +759,8 @@ cdef struct Push:
 cdef struct Answer:
     int device  # 1: the pull tensor is device memory
     int how  # ANSWER_COPY (inline, copied out), ANSWER_SCATTER (inline, UCX puts it in place), ANSWER_SEPARATE,
-             # ANSWER_PACKED (in the server's packed message, at offset: copied out on the device)
+             # ANSWER_PACKED (in the server's packed message, at offset: copied out on the device), ANSWER_LANE
+             # (a message of its own on the lane)
     uint64_t ptr, cap, offset
 
 
@@ -768,6 +769,7 @@ cdef enum:
     ANSWER_SCATTER = 1
     ANSWER_SEPARATE = 2
     ANSWER_PACKED = 3
+    ANSWER_LANE = 4
 
 
 cdef class Plan:
@@ -1026,7 +1028,9 @@ cdef class Worker:
                 p.answers[s * p.per + j].cap = a[2]
                 p.answers[s * p.per + j].how = a[3]
                 p.answers[s * p.per + j].offset = a[4]
-                if a[3] == ANSWER_SEPARATE:
+                if a[3] == ANSWER_LANE and not every_lane:
+                    raise ValueError("an answer on the lane of a server without one")
+                if a[3] == ANSWER_SEPARATE or a[3] == ANSWER_LANE:
                     p.n_sep_answers[s] += 1
         p.free_calls = []
         old = self.table[p.hash % TABLE]
@@ -1162,9 +1166,9 @@ cdef class Worker:
                 c.recvs.add(ucp.recv_raw(c.resp[s], p.resp_size, p.resp_tag[s] | bits, FULL_MASK, False))
             for j in range(p.per):
                 a = &p.answers[s * p.per + j]
-                if a.how == ANSWER_SEPARATE:
+                if a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE:
                     c.recvs.add(ucp.recv_raw(<void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
-                                             FULL_MASK, False))
+                                             FULL_MASK, False, a.how == ANSWER_LANE), a.how == ANSWER_LANE)
             if p.ans_pack_size[s]:
                 c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
                                          FULL_MASK, False))
@@ -1523,6 +1527,7 @@ cdef class Server:
     cdef Ucp ucp
     cdef int n_workers, pinned, device
     cdef uint64_t *eps
+    cdef uint64_t *lane_eps  # per worker: the endpoint to its lane (0: none)
     cdef uint64_t *ring_tag
     cdef uint64_t *push_tag
     cdef uint64_t resp_tag, pull_tag
@@ -1543,8 +1548,8 @@ cdef class Server:
     cdef object endpoints
     cdef int lent_out  # Sendings in flight that read the caller's memory
 
-    def __cinit__(self, Ucp ucp, list eps, list endpoints, list ring_tags, list push_tags, uint64_t resp_tag,
-                  uint64_t pull_tag, bint pinned, int device):
+    def __cinit__(self, Ucp ucp, list eps, list lane_eps, list endpoints, list ring_tags, list push_tags,
+                  uint64_t resp_tag, uint64_t pull_tag, bint pinned, int device):
         cdef int w, k
         self.ucp = ucp
         self.n_workers = len(eps)
@@ -1552,14 +1557,16 @@ cdef class Server:
         self.device = device
         self.endpoints = endpoints
         self.eps = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
+        self.lane_eps = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
         self.ring_tag = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
         self.push_tag = <uint64_t *>calloc(max(self.n_workers, 1), sizeof(uint64_t))
         self.head = <int *>calloc(max(self.n_workers, 1), sizeof(int))
         self.slots = <uint8_t **>calloc(max(self.n_workers, 1) * RING_DEPTH, sizeof(uint8_t *))
-        if not (self.eps and self.ring_tag and self.push_tag and self.head and self.slots):
+        if not (self.eps and self.lane_eps and self.ring_tag and self.push_tag and self.head and self.slots):
             raise MemoryError()
         for w in range(self.n_workers):
             self.eps[w] = eps[w]
+            self.lane_eps[w] = lane_eps[w]
             self.ring_tag[w] = ring_tags[w]
             self.push_tag[w] = push_tags[w]
         self.resp_tag = resp_tag
@@ -1589,6 +1596,7 @@ cdef class Server:
                 mem_put(MEM_PINNED if self.pinned else MEM_HOST, self.slots[i], self.device)
         free(self.slots)
         free(self.eps)
+        free(self.lane_eps)
         free(self.ring_tag)
         free(self.push_tag)
         free(self.head)
@@ -1650,7 +1658,9 @@ cdef class Server:
             lay.placements[j] = pulls[j][0]
             lay.caps[j] = pulls[j][1]
             lay.ans_at[j] = pulls[j][2]
-            lay.n_sep_pull += lay.placements[j] == SEPARATE
+            lay.n_sep_pull += lay.placements[j] == SEPARATE or lay.placements[j] == LANE
+            if lay.placements[j] == LANE and self.lane_eps[worker] == 0:
+                raise ValueError("an answer on the lane to a worker without one")
         lay.resp_pos = RESP_FIXED_SIZE + RESP_SIZE_SIZE * lay.n_pull
         lay.resp_size = spec["resp_size"]
         lay.resp_pool = self._pool(MEM_PINNED if self.pinned else MEM_HOST, self.device, lay.resp_size)
@@ -2015,8 +2025,9 @@ cdef class Server:
             out.ops.add(self.ucp.send_raw(out.ep, <const char *>out.note, len(out.note),
                                           self.resp_tag | bits | REFUSAL_SLOT, False))
         for j in range(lay.n_pull):
-            if lay.placements[j] == SEPARATE:  # an empty one still completes the worker's receive
-                out.ops.add(self.ucp.send_raw(out.ep, out.staged[j] if out.staged[j] != NULL else out.header,
+            if lay.placements[j] == SEPARATE or lay.placements[j] == LANE:  # an empty one still completes the receive
+                out.ops.add(self.ucp.send_raw(self.lane_eps[r.worker] if lay.placements[j] == LANE else out.ep,
+                                              out.staged[j] if out.staged[j] != NULL else out.header,
                                               out.sizes[j], self.pull_tag | bits | <uint64_t>j, False))
         if lay.ans_pack_size:
             out.ops.add(self.ucp.send_raw(out.ep, out.pack if out.pack != NULL else out.header, out.pack_len,

@@ -77,8 +77,10 @@ class AFTensorServer(Node):
         if gpu:
             backends.get(cfg.backend).bind_core(core)  # type: ignore[arg-type]
         endpoints = [self.endpoints[p.node_id] for p in self.workers]
+        lanes = [self.lane_endpoints.get(p.node_id) for p in self.workers]
         self._core = core.Server(
-            data.ucp, [ep.handle for ep in endpoints], endpoints,
+            data.ucp, [ep.handle for ep in endpoints], [ep.handle if ep is not None else 0 for ep in lanes],
+            endpoints + [ep for ep in lanes if ep is not None],
             [W.make_tag(W.Tag.REQUEST, p.node_id) for p in self.workers],
             [W.make_tag(W.Tag.PUSH, p.node_id) for p in self.workers],
             W.make_tag(W.Tag.RESPONSE, self.node_id), W.make_tag(W.Tag.PULL, self.node_id),
@@ -175,7 +177,7 @@ class AFTensorServer(Node):
         w, raw = pending
         peer = self.workers[w]
         try:
-            hdr = W.decode_request(raw, ITEMSIZE, lane=self.data is not None and self.data.has_lane)
+            hdr = W.decode_request(raw, ITEMSIZE, lane=peer.node_id in self.lane_endpoints)
             if hdr.n_servers != self._n_servers:
                 raise W.WireError(f"addressed {hdr.n_servers} servers, this mesh has {self._n_servers}")
         except W.WireError as e:

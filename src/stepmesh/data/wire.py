@@ -10,18 +10,20 @@ A push_pull is, per server, one request message (the header, with small
 tensors copied behind it) and one tag message per large push tensor, received
 straight into its destination. The answer is one response message (header,
 then small answers) and one tag message per large answer, received straight
-into the worker's pull tensor. Device answers that come with a small device
-answer (a hidden state and its token count) travel packed instead: the server
-copies them on the device into one buffer, sends it as one message, and the
-worker copies them out on the device; so UCX moves one rendezvous instead of
-a rendezvous plus a tiny eager device message (which it copies through the
-host, synchronously, on both sides). Pushes are not packed: the server would
-have to copy them out into its registered memory, and measured on one GPU
-that cost more than the message it saves. A small device push (a token count)
-goes instead on the *lane*, a second UCX worker of each node whose rendezvous
-threshold is 0, so that UCX moves it device to device (CUDA-IPC, RDMA) instead
-of eagerly through the host; both sides must have a lane. The worker decides,
-per tensor, how it travels, and says so in the header; the server follows.
+into the worker's pull tensor.
+
+A small device tensor (a token count, pushed or answered) would be a tiny eager
+device message, which UCX copies through the host, synchronously, on both
+sides. Where both sides have a *lane*, a second UCX worker of each node whose
+rendezvous threshold is 0, it goes there instead as a message of its own, and
+UCX moves it device to device (CUDA-IPC, RDMA), straight into the worker's
+tensor. Without a lane, device answers that come with a small device answer
+(a hidden state and its token count) travel packed: the server copies them on
+the device into one buffer, sends it as one message, and the worker copies
+them out on the device. Pushes are never packed: the server would have to copy
+them out into its registered memory, and measured on one GPU that cost more
+than the message it saves. The worker decides, per tensor, how it travels, and
+says so in the header; the server follows.
 
 Little endian throughout (x86-64 and aarch64 are).
 """
@@ -45,7 +47,7 @@ __all__ = [
     "TensorMeta", "PullMeta", "RequestHeader", "WireError", "decode_request",
 ]
 
-DATA_VERSION = 6  # 6: small device pushes on the lane; 5: packed device answers (4: placements in the header, refusals apart, staged answers)
+DATA_VERSION = 7  # 7: small device answers on the lane too; 6: small device pushes on the lane; 5: packed device answers (4: placements in the header, refusals apart, staged answers)
 
 # ---------------------------------------------------------------- tag layout
 # kind (4 bits) | sender node id (12 bits) | sequence (32 bits) | slot (16 bits)
@@ -96,7 +98,7 @@ MAX_NDIM = 8
 PACK_SMALL = 65536
 PACK_MAX = 64 << 20
 PACK_ALIGN = 256
-# A separate device push at most this large goes on the lane (larger ones go by rendezvous anyway: see UCX_OPTIONS).
+# A separate device push or answer at most this large goes on the lane (larger ones go by rendezvous anyway: see UCX_OPTIONS).
 LANE_MAX = HEADER_MAX + INLINE_MAX
 MAX_TENSOR_BYTES = 1 << 40
 MAX_IN_FLIGHT = 1024  # push_pulls one worker may have outstanding
@@ -113,7 +115,7 @@ class Placement(IntEnum):
     INLINE = 0
     SEPARATE = 1
     PACKED = 2  # a device answer, in the one message of its server's packed answers
-    LANE = 3  # a small device push, as a tag message of its own on the lane
+    LANE = 3  # a small device push or answer, as a tag message of its own on the lane
 
 
 # --------------------------------------------------------------- headers
@@ -150,7 +152,7 @@ def inline_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | t
 
 def lane_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
                     placements: list[Placement]) -> list[Placement]:
-    """``placements`` of pushes with the small separate device ones moved to the lane (both sides have one).
+    """``placements`` of pushes or answers with the small separate device ones moved to the lane (both sides have one).
 
     On the data worker UCX sends a device message below its rendezvous
     threshold eagerly, copying it through host memory synchronously on both
@@ -237,7 +239,7 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
     Args:
         buf: a receive slot's bytes (the header, then the inline tensors).
         itemsizes: dtype code -> element size, for the shape/size cross-check.
-        lane: the server has a lane (pushes may come on it).
+        lane: the server has a lane (small device pushes and answers may travel on it).
 
     Raises:
         WireError: any inconsistency.
@@ -288,9 +290,15 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
     pulls = []
     for i in range(n_pulls):
         key, cap, placement, device = REQ_PULL.unpack_from(buf, pos + i * REQ_PULL.size)
-        if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.PACKED) or cap > MAX_TENSOR_BYTES \
-                or (placement == Placement.PACKED and not device):
+        if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.PACKED, Placement.LANE) \
+                or cap > MAX_TENSOR_BYTES or (placement == Placement.PACKED and not device):
             raise WireError(f"pull {i}: placement {placement}, capacity {cap}")
+        if placement == Placement.LANE and not (lane and device and 0 < cap <= LANE_MAX):
+            raise WireError(
+                f"pull {i} of {cap} bytes answered on the lane: " + (
+                    "this server has no lane" if not lane else f"only device answers of 1 to {LANE_MAX} bytes go there"
+                )
+            )
         pulls.append(PullMeta(key, cap, Placement(placement), bool(device)))
     pos += REQ_PULL.size * n_pulls
     inline = sum(t.nbytes for t in tensors if t.placement is Placement.INLINE)

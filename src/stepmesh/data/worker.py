@@ -164,14 +164,18 @@ class AFTensorWorker(Node):
         on_device = [t.is_cuda for t in push]
         placements = W.inline_placements(sizes, on_device)
         lanes = [self.lane_endpoints.get(p.node_id) for p in self.servers]
-        if all(lanes):
+        every_lane = all(lanes)
+        if every_lane:
             placements = W.lane_placements(sizes, on_device, placements)
         caps = [t.nbytes for t in pulls]
         pull_device = [t.is_cuda for t in pulls]
         answer_placements: list[W.Placement] = []
         for s in range(n_servers):
             share_caps, share_device = caps[s * per : (s + 1) * per], pull_device[s * per : (s + 1) * per]
-            answer_placements += W.pack_placements(share_caps, share_device, W.inline_placements(share_caps, share_device))
+            planned = W.inline_placements(share_caps, share_device)
+            if every_lane:
+                planned = W.lane_placements(share_caps, share_device, planned)
+            answer_placements += W.pack_placements(share_caps, share_device, planned)
 
         header = bytearray(hsize)
         flags = W.FLAG_DEVICE if device >= 0 else 0
@@ -212,6 +216,8 @@ class AFTensorWorker(Node):
                 at = 0
                 if answer_placements[q] is W.Placement.SEPARATE:
                     how = 2
+                elif answer_placements[q] is W.Placement.LANE:
+                    how = 4
                 elif answer_placements[q] is W.Placement.PACKED:
                     how, at = 3, ans_at[in_pack.index(q)]
                 elif j == scatter:
