@@ -5,15 +5,15 @@ through the compiled core's libucp calls: the request header with the small
 pushes copied behind it and each large push as a message of its own; the
 response header with the small answers behind it and each large answer as its
 own message into a receive posted in advance (device pushes always travel as
-messages of their own, as the core sends them; device answers with a small
-device answer among them travel packed, copied into one device buffer on the
-server and out of it on the worker). None of the bookkeeping around them
+messages of their own, as the core sends them; without a lane, device answers
+with a small device answer among them travel packed, copied into one device
+buffer on the server and out of it on the worker). None of the bookkeeping around them
 (signatures, plans, records, checks, events, traces): how close any
 implementation of this protocol could come to ``ucxx`` here.
 
-Small device pushes go on the lane, a second UCX worker whose rendezvous
-threshold is 0, as the core sends them: where stepmesh's nodes open a lane
-(``Config.lane_on``: on a GPU host unless ``STEPMESH_DEVICE_LANE=0``).
+Small device pushes and answers go on the lane, a second UCX worker whose
+rendezvous threshold is 0, as the core sends them: where stepmesh's nodes open
+a lane (``Config.lane_on``: on a GPU host unless ``STEPMESH_DEVICE_LANE=0``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     def placements(ts: list[Any], answers: bool) -> list[W.Placement]:
         sizes, device = [t.nbytes for t in ts], [on_dev] * len(ts)
         place = W.inline_placements(sizes, device)
-        if answers:
-            return W.pack_placements(sizes, device, place)
-        return W.lane_placements(sizes, device, place) if lane else place
+        if lane:
+            place = W.lane_placements(sizes, device, place)
+        return W.pack_placements(sizes, device, place) if answers else place
 
     out_place, in_place = placements(mine, not client), placements(theirs, client)
     hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull))
@@ -121,6 +121,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
         pack()
         got = [recv(in_buf.data_ptr(), in_buf.numel(), in_tag | bits)]
         got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
+        got += [recv(ptr, n, in_bulk_tag | bits | i, lane=True) for ptr, n, i in lane_recvs]
         if in_pack is not None:
             got.append(recv(in_pack.data_ptr(), in_pack.numel(), in_bulk_tag | bits | W.PACK_SLOT))
         sent = post_out(bits)
