@@ -130,3 +130,25 @@ def test_only_device_answers_travel_packed():
     W.REQ_PULL.pack_into(buf, pull_at, 9, W.PACK_MAX + 1, W.Placement.PACKED, 1)  # more than the worker packs
     with pytest.raises(W.WireError, match="packed answers"):
         W.decode_request(bytes(buf), ITEMSIZE)
+
+
+def test_only_small_device_tensors_travel_on_the_lane_and_only_to_a_server_with_one():
+    sep, inl, lane = W.Placement.SEPARATE, W.Placement.INLINE, W.Placement.LANE
+    hidden, count = 64 * 7168 * 2, 4
+    assert W.lane_placements([hidden, count], [True, True], [sep, sep]) == [sep, lane]
+    assert W.lane_placements([count, W.LANE_MAX + 1], [False, True], [inl, sep]) == [inl, sep]
+    buf = bytearray(_valid_request())
+    pull_at = W.REQ_FIXED.size + W.REQ_TENSOR.size + 16
+    W.REQ_PULL.pack_into(buf, pull_at, 9, count, lane, 1)
+    assert W.decode_request(bytes(buf), ITEMSIZE, lane=True).pulls[0].placement is lane
+    with pytest.raises(W.WireError, match="no lane joins this server and the worker"):
+        W.decode_request(bytes(buf), ITEMSIZE, lane=False)
+    for cap, device in ((count, 0), (W.LANE_MAX + 1, 1), (0, 1)):  # a host answer, too large, empty
+        W.REQ_PULL.pack_into(buf, pull_at, 9, cap, lane, device)
+        with pytest.raises(W.WireError, match=f"only device answers of 1 to {W.LANE_MAX} bytes"):
+            W.decode_request(bytes(buf), ITEMSIZE, lane=True)
+    W.REQ_PULL.pack_into(buf, pull_at, 9, 1024, inl, 0)
+    W.REQ_TENSOR.pack_into(buf, W.REQ_FIXED.size, 5, 0, 2, lane, 1, 64 * 4 * 4)  # a 1 KiB device push
+    assert W.decode_request(bytes(buf), ITEMSIZE, lane=True).tensors[0].placement is lane
+    with pytest.raises(W.WireError, match="no lane joins this server and the worker"):
+        W.decode_request(bytes(buf), ITEMSIZE, lane=False)

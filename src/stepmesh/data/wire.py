@@ -239,7 +239,7 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
     Args:
         buf: a receive slot's bytes (the header, then the inline tensors).
         itemsizes: dtype code -> element size, for the shape/size cross-check.
-        lane: the server has a lane (small device pushes and answers may travel on it).
+        lane: a lane joins the server and this worker (small device pushes and answers may travel on it).
 
     Raises:
         WireError: any inconsistency.
@@ -269,7 +269,7 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
         if placement == Placement.LANE and not (lane and device and 0 < nbytes <= LANE_MAX):
             raise WireError(
                 f"a push of {nbytes} bytes on the lane: " + (
-                    "this server has no lane" if not lane else f"only device pushes of 1 to {LANE_MAX} bytes go there"
+                    "no lane joins this server and the worker" if not lane else f"only device pushes of 1 to {LANE_MAX} bytes go there"
                 )
             )
         if pos + REQ_DIM.size * ndim > len(buf):
@@ -296,7 +296,7 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
         if placement == Placement.LANE and not (lane and device and 0 < cap <= LANE_MAX):
             raise WireError(
                 f"pull {i} of {cap} bytes answered on the lane: " + (
-                    "this server has no lane" if not lane else f"only device answers of 1 to {LANE_MAX} bytes go there"
+                    "no lane joins this server and the worker" if not lane else f"only device answers of 1 to {LANE_MAX} bytes go there"
                 )
             )
         pulls.append(PullMeta(key, cap, Placement(placement), bool(device)))
