@@ -912,8 +912,11 @@ def _host_count_answer(ctx: NodeContext) -> bool:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_host_answer_among_packed_device_answers_is_taken_at_respond(device):
-    assert all(_mesh(_host_count_answer, device).values())
+@pytest.mark.parametrize("lane", ["0", "1"], ids=["packed", "lane"])
+def test_a_host_answer_to_a_device_pull_is_taken_at_respond(device, lane):
+    """Without a lane the host count is copied into the device answers' pack; on the lane it is sent from the
+    caller's memory, and respond waits until it has left."""
+    assert all(_mesh(_host_count_answer, device, env={"STEPMESH_DEVICE_LANE": lane}).values())
 
 
 # ------------------------------------------- many request layouts, recycled

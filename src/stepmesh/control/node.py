@@ -73,12 +73,10 @@ class _Wireup:
     def completed(self) -> bool:
         return all(recv.completed and send.completed for _, recv, send, _ in self.paths)
 
-    @property
-    def received(self) -> bool:
-        return all(recv.completed for _, recv, _, _ in self.paths)
-
     def describe_missing(self) -> str:
-        missing = [path for path, recv, _, _ in self.paths if not recv.completed]
+        """The peer and the paths whose ping has not arrived or not left (on the lane even 8 bytes go by
+        rendezvous, which completes only when the peer takes them)."""
+        missing = [path for path, recv, send, _ in self.paths if not (recv.completed and send.completed)]
         return f"{self.peer.describe()} ({' and '.join(missing)})"
 
     def check(self) -> None:
@@ -298,7 +296,7 @@ class Node:
             pings.append(self._ping(peer))
         ok = data.progress_until(lambda: all(w.completed for w in pings), deadline, self.check_alive)
         if not ok:
-            missing = [w.describe_missing() for w in pings if not w.received]
+            missing = [w.describe_missing() for w in pings if not w.completed]
             raise TimeoutError(f"{self.role}: no wire-up from {', '.join(missing)}")
         for wireup in pings:
             wireup.check()

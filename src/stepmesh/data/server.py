@@ -34,7 +34,7 @@ log = logging.getLogger("stepmesh.server")
 _SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last between liveness checks
 _EVENT_SLICE_S = 0.0002  # ... while answers wait for a stream event, which UCX does not signal
 _FOREVER_S = 3600.0
-_LEND_TIMEOUT_S = 10.0  # how long respond waits for a worker to take a large host answer sent from the caller's memory
+_LEND_TIMEOUT_S = 10.0  # how long respond waits for a worker to take a host answer sent from the caller's memory
 
 
 def _check_need_event(need_event: Any) -> None:
@@ -251,9 +251,9 @@ class AFTensorServer(Node):
         A tensor may be smaller than the worker's buffer (its first bytes are
         written, the rest stays as it was), never larger. When this returns the
         answers' memory is the caller's again: small ones were copied, large
-        device ones staged on the GPU, and large host ones have left (respond
-        waits for the worker to take them: on the CPU a copy costs more than
-        the transfer).
+        device ones staged on the GPU, and large host ones, like host ones
+        answering a device pull on the lane, have left (respond waits for the
+        worker to take them: on the CPU a copy costs more than the transfer).
         Device answers are taken after the work queued on the current stream
         before this call (``need_event=True``, the default, which never blocks);
         ``need_event=False`` takes them as they are now, synchronously.

@@ -14,10 +14,11 @@ into the worker's pull tensor.
 
 A small device tensor (a token count, pushed or answered) would be a tiny eager
 device message, which UCX copies through the host, synchronously, on both
-sides. Where both sides have a *lane*, a second UCX worker of each node whose
-rendezvous threshold is 0, it goes there instead as a message of its own, and
-UCX moves it device to device (CUDA-IPC, RDMA), straight into the worker's
-tensor. Without a lane, device answers that come with a small device answer
+sides. Where the worker and every server it addresses have a *lane*, a second
+UCX worker of each node whose rendezvous threshold is 0, it goes there instead
+as a message of its own, and UCX moves it device to device (CUDA-IPC, RDMA)
+into its destination (the server's receive buffer, the worker's pull tensor).
+Without a lane, device answers that come with a small device answer
 (a hidden state and its token count) travel packed: the server copies them on
 the device into one buffer, sends it as one message, and the worker copies
 them out on the device. Pushes are never packed: the server would have to copy
