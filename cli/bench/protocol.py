@@ -52,10 +52,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     theirs = [t.make(dev) for t in (wl.pull if client else wl.push)]
     def placements(ts: list[Any], answers: bool) -> list[W.Placement]:
         sizes, device = [t.nbytes for t in ts], [on_dev] * len(ts)
-        place = W.inline_placements(sizes, device)
-        if lane:
-            place = W.lane_placements(sizes, device, place)
-        return W.pack_placements(sizes, device, place) if answers else place
+        return (W.answer_placements if answers else W.push_placements)(sizes, device, lane)
 
     out_place, in_place = placements(mine, not client), placements(theirs, client)
     hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull))

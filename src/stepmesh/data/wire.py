@@ -42,7 +42,7 @@ __all__ = [
     "MAX_TENSOR_BYTES", "MAX_IN_FLIGHT", "RING_DEPTH", "SLOT_SIZE", "TRACE_KEEP",
     "STATUS_OK", "STATUS_REFUSED", "REFUSAL_SLOT", "REFUSAL_MAX", "FLAG_DEVICE",
     "PACK_SLOT", "PACK_SMALL", "PACK_MAX", "PACK_ALIGN", "pack_placements", "pack_offsets",
-    "LANE_MAX", "LANE_OPTIONS", "lane_placements",
+    "LANE_MAX", "LANE_OPTIONS", "lane_placements", "push_placements", "answer_placements",
     "SEQ_OFFSET", "SEQ_MASK", "SEQ_SHIFT", "TAG_MASK_KIND_NODE", "UCX_OPTIONS",
     "inline_placements", "request_header_size", "response_header_size", "cython_constants", "check_core",
     "TensorMeta", "PullMeta", "RequestHeader", "WireError", "decode_request",
@@ -179,6 +179,21 @@ def pack_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tup
     return out
 
 
+def push_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
+                    lane: bool) -> list[Placement]:
+    """How a worker's pushes travel: inline where they fit, else separately, small device ones on the lane when
+    the worker and every server it addresses have one (``lane``)."""
+    placements = inline_placements(sizes, device)
+    return lane_placements(sizes, device, placements) if lane else placements
+
+
+def answer_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
+                      lane: bool) -> list[Placement]:
+    """How one server's answers travel: as pushes would, then the device ones still separate packed where that
+    pays."""
+    return pack_placements(sizes, device, push_placements(sizes, device, lane))
+
+
 def pack_offsets(sizes: list[int]) -> list[int]:
     """Where each of the packed tensors of ``sizes`` (bytes, in order) starts, and then the packed size."""
     out, pos = [], 0
@@ -234,6 +249,15 @@ class RequestHeader:
         return self.pulls[server_index * p : (server_index + 1) * p]
 
 
+def _check_lane(what: str, kind: str, nbytes: int, device: int, lane: bool) -> None:
+    """Raises WireError unless ``what`` may travel on the lane: a lane joins server and worker, and it is a
+    device tensor of 1 to LANE_MAX bytes."""
+    if not lane:
+        raise WireError(f"{what}: no lane joins this server and the worker")
+    if not (device and 0 < nbytes <= LANE_MAX):
+        raise WireError(f"{what}: only device {kind} of 1 to {LANE_MAX} bytes go there")
+
+
 def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) -> RequestHeader:
     """Decode and check a request header (and that its inline tensors fit the slot).
 
@@ -267,12 +291,8 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
             raise WireError(f"unknown dtype code {dtype}")
         if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.LANE):
             raise WireError(f"unknown placement {placement}")
-        if placement == Placement.LANE and not (lane and device and 0 < nbytes <= LANE_MAX):
-            raise WireError(
-                f"a push of {nbytes} bytes on the lane: " + (
-                    "no lane joins this server and the worker" if not lane else f"only device pushes of 1 to {LANE_MAX} bytes go there"
-                )
-            )
+        if placement == Placement.LANE:
+            _check_lane(f"a push of {nbytes} bytes on the lane", "pushes", nbytes, device, lane)
         if pos + REQ_DIM.size * ndim > len(buf):
             raise WireError("request header truncated in a shape")
         shape = struct.unpack_from(f"<{ndim}q", buf, pos)
@@ -294,12 +314,8 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
         if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.PACKED, Placement.LANE) \
                 or cap > MAX_TENSOR_BYTES or (placement == Placement.PACKED and not device):
             raise WireError(f"pull {i}: placement {placement}, capacity {cap}")
-        if placement == Placement.LANE and not (lane and device and 0 < cap <= LANE_MAX):
-            raise WireError(
-                f"pull {i} of {cap} bytes answered on the lane: " + (
-                    "no lane joins this server and the worker" if not lane else f"only device answers of 1 to {LANE_MAX} bytes go there"
-                )
-            )
+        if placement == Placement.LANE:
+            _check_lane(f"pull {i} of {cap} bytes answered on the lane", "answers", cap, device, lane)
         pulls.append(PullMeta(key, cap, Placement(placement), bool(device)))
     pos += REQ_PULL.size * n_pulls
     inline = sum(t.nbytes for t in tensors if t.placement is Placement.INLINE)

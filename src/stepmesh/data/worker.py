@@ -162,20 +162,15 @@ class AFTensorWorker(Node):
         per = len(pulls) // n_servers
         sizes = [t.nbytes for t in push]
         on_device = [t.is_cuda for t in push]
-        placements = W.inline_placements(sizes, on_device)
         lanes = [self.lane_endpoints.get(p.node_id) for p in self.servers]
         every_lane = all(lanes)
-        if every_lane:
-            placements = W.lane_placements(sizes, on_device, placements)
+        placements = W.push_placements(sizes, on_device, every_lane)
         caps = [t.nbytes for t in pulls]
         pull_device = [t.is_cuda for t in pulls]
         answer_placements: list[W.Placement] = []
         for s in range(n_servers):
-            share_caps, share_device = caps[s * per : (s + 1) * per], pull_device[s * per : (s + 1) * per]
-            planned = W.inline_placements(share_caps, share_device)
-            if every_lane:
-                planned = W.lane_placements(share_caps, share_device, planned)
-            answer_placements += W.pack_placements(share_caps, share_device, planned)
+            part = slice(s * per, (s + 1) * per)
+            answer_placements += W.answer_placements(caps[part], pull_device[part], every_lane)
 
         header = bytearray(hsize)
         flags = W.FLAG_DEVICE if device >= 0 else 0
