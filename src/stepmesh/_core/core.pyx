@@ -1872,12 +1872,13 @@ cdef class Server:
     def respond(self, object tensors, int64_t handle, object need_event):
         """Check, stage and send the answers to request ``handle``: DONE, UNKNOWN or BAD_ANSWER (nothing sent).
 
-        Small answers are copied into the response; large device ones into
-        staging buffers (on the caller's current stream with ``need_event``,
-        which the send then waits for; otherwise on the core's stream,
-        synchronised here); large host ones are sent from the caller's memory,
-        lent until ``lent`` drops to 0 (the caller waits for that before
-        returning: on the CPU a copy costs more than the transfer).
+        Small answers are copied into the response (a host one answering a
+        device pull on the lane into a host staging buffer). Large device
+        ones are copied into staging buffers on the caller's current stream
+        when ``need_event`` and that stream still has work (the send then
+        waits for it); large host ones, and device ones otherwise, are sent
+        from the caller's memory, lent until ``lent`` drops to 0 (the caller
+        waits for that before returning: a copy costs more than the transfer).
         """
         cdef object found = self.handles.get(handle)
         if found is None:
@@ -1909,6 +1910,8 @@ cdef class Server:
         cdef int j, k, dev, first = -1
         cdef size_t pos = lay.resp_pos
         cdef void *stream = NULL
+        cdef bint queued = False  # copies queued on the caller's stream (the send waits for them)
+        cdef bint idle = False  # the caller's stream has no work left: a separate device answer is lent, not staged
         cdef uint64_t ptr, n, dst
         cdef uint64_t *sizes = out.sizes
         cdef int *devices = out.staged_device
@@ -1951,25 +1954,34 @@ cdef class Server:
                 dev_enter(dev)
                 if need_event and first < 0:
                     first = dev
+                    idle = drv.stream_query(current_stream(dev)) == DRV_SUCCESS
                 stream = current_stream(dev) if need_event and dev == first else core_stream(dev)
             if lay.placements[j] == PACKED:  # a device answer into a pack on the device (the first found)
                 out.pack_len = max(out.pack_len, lay.ans_at[j] + n)
                 _drv_check(drv.d2d(<uint64_t><uintptr_t>out.pack + lay.ans_at[j], ptr, n, stream), "packing an answer")
+                queued = queued or dev == first
                 continue
             if lay.placements[j] == INLINE:
                 if dev >= 0:
                     _drv_check(drv.d2h(hdr + pos, ptr, n, stream), "staging an answer")
+                    queued = queued or dev == first
                 else:
                     memcpy(hdr + pos, <void *><uintptr_t>ptr, n)
                 pos += n
                 continue
-            if dev < 0:  # host: sent from the caller's memory, which respond lends until it has left
+            if dev < 0 and lay.placements[j] == LANE:  # host, to a device pull: small, copied so respond need not wait
+                out.staged[j] = self._staging(lay, j, -1).get()
+                memcpy(out.staged[j], <void *><uintptr_t>ptr, n)
+                continue
+            if dev < 0 or idle or not need_event:  # sent from the caller's memory, which respond lends until it has left
                 out.staged[j] = <void *><uintptr_t>ptr
                 out.staged_device[j] = LENT
                 out.lends = True
                 continue
+            # the caller's stream is still computing: staged behind that work, so that respond returns at once
             out.staged[j] = self._staging(lay, j, dev).get()
             _drv_check(drv.d2d(<uint64_t><uintptr_t>out.staged[j], ptr, n, stream), "staging an answer")
+            queued = queued or dev == first
         out.hlen = pos
         dev = -1
         for j in range(lay.n_pull):  # copies on the core's streams: done before the caller may write again
@@ -1978,7 +1990,7 @@ cdef class Server:
                 dev = k
                 dev_enter(dev)
                 sync_core_stream(dev)
-        if first >= 0:  # copies on the caller's stream: the send waits for them
+        if first >= 0 and (queued or not idle):  # the send waits for the caller's stream (and the copies on it)
             dev_enter(first)
             out.event = event_take(first)
             out.device = first
@@ -1997,7 +2009,7 @@ cdef class Server:
         cdef dict pools = <dict>lay.staging[j]
         cdef object p = pools.get(device)
         if p is None:
-            p = pools[device] = self._pool(MEM_DEVICE, device, lay.caps[j])
+            p = pools[device] = self._pool(MEM_DEVICE if device >= 0 else MEM_HOST, device, lay.caps[j])
         return <Pool>p
 
     cdef Pool _pool(self, int kind, int device, size_t size):

@@ -250,13 +250,15 @@ class AFTensorServer(Node):
 
         A tensor may be smaller than the worker's buffer (its first bytes are
         written, the rest stays as it was), never larger. When this returns the
-        answers' memory is the caller's again: small ones were copied, large
-        device ones staged on the GPU, and large host ones, like host ones
-        answering a device pull on the lane, have left (respond waits for the
-        worker to take them: on the CPU a copy costs more than the transfer).
-        Device answers are taken after the work queued on the current stream
-        before this call (``need_event=True``, the default, which never blocks);
-        ``need_event=False`` takes them as they are now, synchronously.
+        answers' memory is the caller's again. Small ones were copied. Large
+        device ones are staged on the GPU behind the work still queued on the
+        current stream, so that this returns at once; when that stream is
+        idle (or ``need_event=False``), they are sent from the caller's memory
+        instead, and this waits until the worker has taken them, as it does
+        for large host ones (a copy costs more than the transfer). Device
+        answers are taken after the work queued on the current stream before
+        this call (``need_event=True``, the default); ``need_event=False``
+        takes them as they are now.
 
         A bad answer is refused: the worker's ``wait`` fails at once with the
         reason, and this raises it.
@@ -266,7 +268,7 @@ class AFTensorServer(Node):
                 is not a contiguous tensor of a known dtype or does not fit the
                 worker's buffer (the worker is told why; nothing else is sent).
             PeerError: the worker died.
-            TimeoutError: the worker did not take a large host answer within 10 s.
+            TimeoutError: the worker did not take an answer sent from the caller's memory within 10 s.
         """
         if self.healthy and type(handle) is int and need_event.__class__ is bool:
             core = self._core
@@ -278,8 +280,8 @@ class AFTensorServer(Node):
         self._take_back()
 
     def _take_back(self) -> None:
-        """Progress until UCX no longer reads answers from the caller's memory (large host answers are sent
-        without a copy: on the CPU, copying costs more than the transfer).
+        """Progress until UCX no longer reads answers from the caller's memory (large host answers, and device
+        ones whose stream was idle, are sent without a copy: it would cost more than the transfer).
 
         Raises:
             PeerError: a worker died.
