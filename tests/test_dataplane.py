@@ -913,10 +913,59 @@ def _host_count_answer(ctx: NodeContext) -> bool:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lane", ["0", "1"], ids=["packed", "lane"])
-def test_a_host_answer_to_a_device_pull_is_taken_at_respond(device, lane):
-    """Without a lane the host count is copied into the device answers' pack; on the lane it is sent from the
-    caller's memory, and respond waits until it has left."""
+def test_a_host_answer_to_a_device_pull_is_copied_at_respond(device, lane):
+    """Without a lane the host count is copied into the device answers' pack; on the lane into a host staging
+    buffer: either way it is the caller's again when respond returns."""
     assert all(_mesh(_host_count_answer, device, env={"STEPMESH_DEVICE_LANE": lane}).values())
+
+
+def _lent_answers(ctx: NodeContext) -> int:
+    """Answers whose stream has finished are sent from the caller's memory: overwritten the moment respond
+    returns, they must still arrive as they were."""
+    dev = _dev(ctx)
+    need_event = ctx.args["need_event"]
+    f.init()
+    checked = 0
+    if ctx.role == "worker":
+        push = [torch.full((LARGE,), float(i), device=dev) for i in range(3)]
+        outs = [torch.zeros(LARGE, device=dev) for _ in range(3)]
+        counts = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(3)]
+        for rnd in range(10):
+            for i in range(3):
+                push[i].fill_(float(rnd * 3 + i))
+            handles = [f.push_pull([push[i]], [i], [outs[i], counts[i]], [10 + i, 20 + i]) for i in range(3)]
+            for i, h in enumerate(handles):
+                f.wait(h)
+                assert torch.equal(outs[i], torch.full_like(outs[i], float(rnd * 3 + i) * 2)), (rnd, i)
+                assert int(counts[i]) == rnd * 3 + i, (rnd, i, int(counts[i]))
+                checked += 1
+    else:
+        answer = torch.empty(LARGE, device=dev)
+        count = torch.empty(1, dtype=torch.int32, device=dev)
+        served = 0
+        while served < 30:
+            for h, (t,), _ in f.get_batch():
+                torch.mul(t, 2, out=answer)
+                count.fill_(served)
+                if dev == "cuda":
+                    while not torch.cuda.current_stream().query():  # the work is done: nothing left to wait for
+                        pass
+                f.respond([answer, count], h, need_event=need_event)
+                answer.fill_(-1.0)  # the caller's again at once
+                count.fill_(-1)
+                served += 1
+    f.stop()
+    return checked
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need_event", [True, False], ids=["need_event", "no_event"])
+def test_answers_sent_from_the_callers_memory_have_left_when_respond_returns(device, need_event):
+    """A device answer whose stream is idle (or with need_event=False), like a large host one, is lent to UCX
+    instead of staged: respond must not return before the worker has it."""
+    results = _mesh(_lent_answers, device, args={"need_event": need_event})
+    assert results == {"worker-0-0": 30, "server-0-0": 0}
 
 
 # ------------------------------------------- many request layouts, recycled

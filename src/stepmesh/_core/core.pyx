@@ -639,6 +639,10 @@ cdef class Ops:
     cdef inline void clear(self) noexcept:
         self.n = 0
 
+    cdef inline void recv(self, Ucp ucp, void *buf, size_t n, uint64_t tag, bint on_lane) noexcept:
+        """Post a receive of exactly ``tag`` (on the lane when ``on_lane``) and record it."""
+        self.add(ucp.recv_raw(buf, n, tag, FULL_MASK, False, on_lane), on_lane)
+
     cdef inline void add(self, void *h, bint on_lane=False) noexcept:
         """Record what a post returned: a request, NULL (done within the call) or an error status (``on_lane``:
         a receive posted on the lane, cancelled there)."""
@@ -1167,8 +1171,8 @@ cdef class Worker:
             for j in range(p.per):
                 a = &p.answers[s * p.per + j]
                 if a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE:
-                    c.recvs.add(ucp.recv_raw(<void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
-                                             FULL_MASK, False, a.how == ANSWER_LANE), a.how == ANSWER_LANE)
+                    c.recvs.recv(ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
+                                 a.how == ANSWER_LANE)
             if p.ans_pack_size[s]:
                 c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
                                          FULL_MASK, False))
@@ -1784,8 +1788,7 @@ cdef class Server:
             d = &lay.push[i]
             if d.placement == SEPARATE or d.placement == LANE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
-                r.ops.add(self.ucp.recv_raw(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK, False,
-                                            d.placement == LANE), d.placement == LANE)
+                r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, d.placement == LANE)
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:
