@@ -349,6 +349,9 @@ class AFTensorServer(Node):
                 handles, or answers that do not fit (all checked before anything
                 is sent; the workers of the known handles are told why at once and
                 none gets a partial answer).
+            PeerError: a worker died.
+            TimeoutError: a worker did not take an answer sent from ``ret_buffer``'s memory within 10 s
+                (large host rows, or device rows whose stream had finished).
         """
         core = self._core
         if core is None or self._stopped:
