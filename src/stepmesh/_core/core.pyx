@@ -14,8 +14,10 @@ with any UCX 1.10+ and with or without a GPU.
 
 Device ordering lives here too: a device send is posted only once the work
 queued on the caller's current stream before the call has completed (an event,
-or nothing when the stream is idle), and answers are staged (copied on that
-stream) so that the caller may write into them as soon as ``respond`` returns.
+or nothing when the stream is idle). An answer that is a message of its own is
+lent (sent from the caller's memory, ``respond`` waiting until the worker took
+it) when that stream is idle or without ``need_event``, and staged (copied on
+that stream, ``respond`` returning at once) while the stream still has work.
 """
 
 include "wire.pxi"
@@ -1457,7 +1459,7 @@ cdef class Layout:
     cdef uint64_t ans_pack_size  # 0: no packed answers
     cdef size_t resp_pos, resp_size
     cdef Pool resp_pool
-    cdef list staging  # per answer: {device index: Pool} (host answers are lent, not staged)
+    cdef list staging  # per answer: {device index (-1: host): Pool}, made when an answer is first staged
     cdef list free_reqs, free_sendings  # recycled (cleared when the layout is dropped: no cycle outlives it)
 
     def __dealloc__(self):
@@ -1875,13 +1877,15 @@ cdef class Server:
     def respond(self, object tensors, int64_t handle, object need_event):
         """Check, stage and send the answers to request ``handle``: DONE, UNKNOWN or BAD_ANSWER (nothing sent).
 
-        Small answers are copied into the response (a host one answering a
-        device pull on the lane into a host staging buffer). Large device
-        ones are copied into staging buffers on the caller's current stream
-        when ``need_event`` and that stream still has work (the send then
-        waits for it); large host ones, and device ones otherwise, are sent
-        from the caller's memory, lent until ``lent`` drops to 0 (the caller
-        waits for that before returning: a copy costs more than the transfer).
+        Inline and packed answers are copied (into the response, or into the
+        packed buffer), and a host answer to a device pull on the lane into a
+        host staging buffer. Device answers that are messages of their own
+        (the lane's small ones included) are copied into staging buffers on
+        the caller's current stream when ``need_event`` and that stream (the
+        first GPU's) still has work, the send then waiting for it; host ones,
+        and device ones otherwise, are sent from the caller's memory, lent
+        until ``lent`` drops to 0 (the caller waits for that before returning:
+        a copy costs more than the transfer).
         """
         cdef object found = self.handles.get(handle)
         if found is None:
@@ -2149,7 +2153,7 @@ cdef class Server:
 
     @property
     def lent(self):
-        """Answers in flight that UCX reads from the caller's memory (host answers sent without a copy)."""
+        """Answers in flight that UCX reads from the caller's memory (lent: sent without a copy)."""
         return self.lent_out
 
     @property

@@ -34,7 +34,7 @@ log = logging.getLogger("stepmesh.server")
 _SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last between liveness checks
 _EVENT_SLICE_S = 0.0002  # ... while answers wait for a stream event, which UCX does not signal
 _FOREVER_S = 3600.0
-_LEND_TIMEOUT_S = 10.0  # how long respond waits for a worker to take a host answer sent from the caller's memory
+_LEND_TIMEOUT_S = 10.0  # how long respond waits for a worker to take an answer sent from the caller's memory
 
 
 def _check_need_event(need_event: Any) -> None:
@@ -250,12 +250,13 @@ class AFTensorServer(Node):
 
         A tensor may be smaller than the worker's buffer (its first bytes are
         written, the rest stays as it was), never larger. When this returns the
-        answers' memory is the caller's again. Small ones were copied. Large
-        device ones are staged on the GPU behind the work still queued on the
-        current stream, so that this returns at once; when that stream is
-        idle (or ``need_event=False``), they are sent from the caller's memory
-        instead, and this waits until the worker has taken them, as it does
-        for large host ones (a copy costs more than the transfer). Device
+        answers' memory is the caller's again. Small host ones, and device ones
+        packed or inline, were copied. Device ones sent as messages of their
+        own (the lane's small ones too) are staged on the GPU behind the work
+        still queued on the current stream, so that this returns at once; when
+        that stream is idle (or ``need_event=False``), they are sent from the
+        caller's memory instead, and this waits until the worker has taken
+        them, as it does for large host ones (a copy costs more than the transfer). Device
         answers are taken after the work queued on the current stream before
         this call (``need_event=True``, the default); ``need_event=False``
         takes them as they are now.
@@ -281,7 +282,8 @@ class AFTensorServer(Node):
 
     def _take_back(self) -> None:
         """Progress until UCX no longer reads answers from the caller's memory (large host answers, and device
-        ones whose stream was idle, are sent without a copy: it would cost more than the transfer).
+        ones whose stream was idle or sent with ``need_event=False``, go without a copy: it would cost more
+        than the transfer).
 
         Raises:
             PeerError: a worker died.

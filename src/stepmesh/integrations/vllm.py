@@ -14,9 +14,11 @@ stage's receive buffer, into which the FFN output landed (valid until that
 stage's next ``send_attn_output``). The FFN side receives each rank's hidden
 states into buffers of its own (``torch.cat`` joins them when it serves more
 than one Attention rank), and ``send_ffn_output`` answers every Attention rank
-from the FFN output's rows, which stepmesh stages (one device copy) so that
-the output may be reused as soon as the call returns. Any number of stages
-may be in flight (one push_pull each).
+from the FFN output's rows: sent from the output itself when the current
+stream has finished (the call returns once the ranks have taken them), or
+staged by one device copy while it is still computing, so that the output
+may be reused as soon as the call returns. Any number of stages may be in
+flight (one push_pull each).
 
 Use it by importing this module (it registers itself with the plugin's
 connector factory) and setting, in vLLM's ``additional_config``::
