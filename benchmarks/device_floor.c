@@ -8,6 +8,8 @@
  *   hdr              a 64-byte host header + the payload (two tag messages)
  *   hdr-lane         a header + the count on a second context whose rendezvous threshold is 0 (the
  *                    device lane) + the payload: stepmesh's messages today
+ *   hdr-lane-late    the same messages, the receiver posting the count's and payload's receives only
+ *                    once the header is in (as stepmesh's server does: the header says where they go)
  *   put              the payload written into the peer's buffer (ucp_put_nbx), the endpoint flushed,
  *                    then the header: one-sided, the receiver only takes the header
  *   put-count        the payload and the count put, one flush, then the header
@@ -23,7 +25,8 @@
  *      -o /tmp/device_floor    (UCX = the libucx wheel's folder)
  *   /tmp/device_floor --mem cuda --size 917504 --iters 2000 --rounds 5 [--modes tag,hdr-lane,put-count]
  *
- * --mem host maps its buffers with UCP_MEM_MAP_ALLOCATE (shared memory the peer can write into).
+ * --hint gives every operation its buffer's memory type (UCP_OP_ATTR_FIELD_MEMORY_TYPE) instead of letting UCX
+ * detect it. --mem host maps its buffers with UCP_MEM_MAP_ALLOCATE (shared memory the peer can write into).
  */
 #define _GNU_SOURCE
 #include <ucp/api/ucp.h>
@@ -44,8 +47,9 @@
 #define TAG_HDR 2
 #define TAG_COUNT 3
 
-enum { M_TAG, M_HDR, M_HDR_LANE, M_PUT, M_PUT_COUNT, M_PUT_FENCE, M_PUT_COUNT_FENCE, N_MODES };
-static const char *mode_name[N_MODES] = {"tag", "hdr", "hdr-lane", "put", "put-count", "put-fence", "put-count-fence"};
+enum { M_TAG, M_HDR, M_HDR_LANE, M_HDR_LANE_LATE, M_PUT, M_PUT_COUNT, M_PUT_FENCE, M_PUT_COUNT_FENCE, N_MODES };
+static const char *mode_name[N_MODES] = {"tag", "hdr", "hdr-lane", "hdr-lane-late", "put", "put-count", "put-fence",
+                                         "put-count-fence"};
 
 typedef unsigned long long CUdeviceptr;
 static struct {
@@ -187,6 +191,8 @@ static void wait_req(void *r, const char *what) {
 }
 
 static ucp_request_param_t no_param = {.op_attr_mask = 0};
+static ucp_request_param_t *p_host = &no_param, *p_dev = &no_param;  /* --hint: each op says its memory type */
+static ucp_request_param_t hint_host, hint_dev;
 
 #define MAX_OPS 4
 typedef struct {
@@ -202,11 +208,18 @@ static void ops_wait(Ops *o, const char *what) {
 static void post_recvs(int mode, Ops *o) {
     ucp_worker_h w = main_.worker;
     o->n = 0;
-    if (mode != M_TAG) o->r[o->n++] = ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, &no_param);
+    if (mode == M_HDR_LANE_LATE) {  /* the header alone; the rest once it is in */
+        wait_req(ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host), "header");
+        mode = M_HDR_LANE;
+        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, p_dev);
+        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
+        return;
+    }
+    if (mode != M_TAG) o->r[o->n++] = ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host);
     if (mode == M_TAG || mode == M_HDR || mode == M_HDR_LANE)
-        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, &no_param);
+        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, p_dev);
     if (mode == M_HDR_LANE)
-        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, &no_param);
+        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
 }
 
 static void send_msgs(int mode, Ops *o) {
@@ -214,28 +227,29 @@ static void send_msgs(int mode, Ops *o) {
     o->n = 0;
     switch (mode) {
     case M_TAG:
-        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, &no_param);
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, p_dev);
         return;
     case M_HDR:
     case M_HDR_LANE:
-        o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, &no_param);
-        if (mode == M_HDR_LANE)
-            o->r[o->n++] = ucp_tag_send_nbx(lane.ep, send_count.addr, COUNT, TAG_COUNT, &no_param);
-        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, &no_param);
+    case M_HDR_LANE_LATE:
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, p_host);
+        if (mode != M_HDR)
+            o->r[o->n++] = ucp_tag_send_nbx(lane.ep, send_count.addr, COUNT, TAG_COUNT, p_dev);
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, p_dev);
         return;
     default:
         o->r[o->n++] = ucp_put_nbx(ep, send_payload.addr, size, recv_payload.peer_addr, recv_payload.peer_rkey,
-                                   &no_param);
+                                   p_dev);
         if (mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE)
             o->r[o->n++] = ucp_put_nbx(ep, send_count.addr, COUNT, recv_count.peer_addr, recv_count.peer_rkey,
-                                       &no_param);
+                                       p_dev);
         if (mode == M_PUT_FENCE || mode == M_PUT_COUNT_FENCE) {
             UCS("ucp_worker_fence", ucp_worker_fence(main_.worker));
         } else {
             ops_wait(o, "put");
             wait_req(ucp_ep_flush_nbx(ep, &no_param), "flush");
         }
-        o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, &no_param);
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, p_host);
     }
 }
 
@@ -257,7 +271,7 @@ static unsigned word(Buf *b, size_t at) {
     return v;
 }
 
-static int has_count(int mode) { return mode == M_HDR_LANE || mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE; }
+static int has_count(int mode) { return mode == M_HDR_LANE || mode == M_HDR_LANE_LATE || mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE; }
 
 static void verify(int mode, unsigned want, unsigned seq) {
     unsigned a = word(&recv_payload, 0), b = word(&recv_payload, size - 4);
@@ -274,8 +288,13 @@ static void round_trip(int mode, int check, unsigned seq) {
     Ops rx, tx;
     if (rank == 0) {
         if (check) { fill(&send_payload, size, seq * 2 + 1); fill(&send_count, COUNT, seq * 2 + 1); }
-        post_recvs(mode, &rx);
-        send_msgs(mode, &tx);
+        if (mode == M_HDR_LANE_LATE) {  /* the answer's receives wait for its header: send first */
+            send_msgs(mode, &tx);
+            post_recvs(mode, &rx);
+        } else {
+            post_recvs(mode, &rx);
+            send_msgs(mode, &tx);
+        }
         ops_wait(&rx, "receive");
         if (check) verify(mode, seq * 2 + 2, seq);
         ops_wait(&tx, "send");
@@ -322,11 +341,24 @@ int main(int argc, char **argv) {
     int modes[N_MODES], n_modes = 0, cpus[2] = {-1, -1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("device_floor [--mem host|cuda] [--size BYTES] [--iters N] [--rounds N] [--warmup N] [--cpus A,B]\n"
+                   "             [--hint] [--modes tag,hdr,hdr-lane,hdr-lane-late,put,put-count,put-fence,put-count-fence]\n"
+                   "(the comment at the top of benchmarks/device_floor.c says what each mode moves)\n");
+            return 0;
+        }
         if (!strcmp(a, "--mem")) { device_mem = !strcmp(v, "cuda"); i++; }
         else if (!strcmp(a, "--size")) { size = strtoull(v, NULL, 0); i++; }
         else if (!strcmp(a, "--iters")) { iters = atoi(v); i++; }
         else if (!strcmp(a, "--rounds")) { rounds = atoi(v); i++; }
         else if (!strcmp(a, "--warmup")) { warmup = atoi(v); i++; }
+        else if (!strcmp(a, "--hint")) {
+            hint_host.op_attr_mask = hint_dev.op_attr_mask = UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            hint_host.memory_type = UCS_MEMORY_TYPE_HOST;
+            hint_dev.memory_type = UCS_MEMORY_TYPE_CUDA;  /* set to host below for --mem host */
+            p_host = &hint_host;
+            p_dev = &hint_dev;
+        }
         else if (!strcmp(a, "--cpus")) { sscanf(v, "%d,%d", &cpus[0], &cpus[1]); i++; }
         else if (!strcmp(a, "--modes")) {
             char *s = strdup(v), *tok;
@@ -339,6 +371,7 @@ int main(int argc, char **argv) {
             i++;
         } else { fprintf(stderr, "unknown argument %s (see the comment at the top of device_floor.c)\n", a); return 2; }
     }
+    if (!device_mem) hint_dev.memory_type = UCS_MEMORY_TYPE_HOST;
     if (!n_modes) for (int m = 0; m < N_MODES; m++) modes[n_modes++] = m;
     if (size < 8 || size % 4) { fprintf(stderr, "--size: a multiple of 4, at least 8\n"); return 2; }
 
