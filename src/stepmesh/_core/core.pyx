@@ -756,9 +756,9 @@ cdef enum CallState:
 
 
 cdef struct Push:
-    int index
-    int device  # 1: device memory (staged through pinned memory)
-    int lane  # a separate push sent on the lane
+    int index  # inline pushes only
+    int device  # inline pushes only: 1: device memory (staged through pinned memory)
+    int lane  # separate pushes only: sent on the lane
     uint64_t ptr, nbytes, offset, slot
 
 
