@@ -210,7 +210,6 @@ static void post_recvs(int mode, Ops *o) {
     o->n = 0;
     if (mode == M_HDR_LANE_LATE) {  /* the header alone; the rest once it is in */
         wait_req(ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host), "header");
-        mode = M_HDR_LANE;
         o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, p_dev);
         o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
         return;
