@@ -5,29 +5,16 @@ one place the data plane's format is written down) into ``_core/wire.pxi``
 before Cython compiles it.
 """
 
-import importlib.util
 import pathlib
+import subprocess
 import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 HERE = pathlib.Path(__file__).parent
-CORE = HERE / "src" / "stepmesh" / "_core"
-
-
-def _generate_wire_constants() -> None:
-    spec = importlib.util.spec_from_file_location("_stepmesh_wire", HERE / "src" / "stepmesh" / "data" / "wire.py")
-    wire = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = wire  # dataclasses look their module up there
-    spec.loader.exec_module(wire)
-    text = wire.cython_constants()
-    pxi = CORE / "wire.pxi"
-    if not pxi.exists() or pxi.read_text() != text:
-        pxi.write_text(text)
-
-
-_generate_wire_constants()
+WIRE = HERE / "src" / "stepmesh" / "data" / "wire.py"
+subprocess.run([sys.executable, str(WIRE), str(HERE / "src" / "stepmesh" / "_core" / "wire.pxi")], check=True)
 setup(
     ext_modules=cythonize(
         [

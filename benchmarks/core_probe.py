@@ -9,7 +9,6 @@ benchmarks/device_run.sh does). Every process using the core writes the medians 
 samples of each step to /tmp/stepmesh-probe/<pid>.txt each time 4,096 more push_pulls (a worker) or
 responds (a server) went through, so run at least that many. docs/performance.md shows one reading.
 """
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -167,13 +166,7 @@ rep("    cdef void _post_answer(self, Sending out) noexcept:\n", """    cdef voi
 """)
 with open(p, "w") as fh:
     fh.write(s)
-spec = importlib.util.spec_from_file_location("_wire", f"{dst}/src/stepmesh/data/wire.py")
-assert spec is not None and spec.loader is not None
-wire = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = wire
-spec.loader.exec_module(wire)
-with open(f"{dst}/src/stepmesh/_core/wire.pxi", "w") as fh:
-    fh.write(wire.cython_constants())
+subprocess.run([sys.executable, f"{dst}/src/stepmesh/data/wire.py", f"{dst}/src/stepmesh/_core/wire.pxi"], check=True)
 subprocess.run([sys.executable, "-m", "cython", "-3", p, "-o", p[:-4] + ".c"], check=True)
 link = f"{dst}/src/stepmesh/cli"
 if not os.path.lexists(link):

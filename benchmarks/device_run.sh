@@ -29,12 +29,7 @@ export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}"
 [ -e src/stepmesh/cli ] || ln -s ../../cli src/stepmesh/cli   # what package-dir maps when installed
 suffix=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 if [ ! -e "src/stepmesh/_core/core$suffix" ]; then  # a carried build for this Python is used as it is
-  python3 - <<'EOF' || exit 1
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_wire", "src/stepmesh/data/wire.py")
-wire = importlib.util.module_from_spec(spec); sys.modules[spec.name] = wire; spec.loader.exec_module(wire)
-open("src/stepmesh/_core/wire.pxi", "w").write(wire.cython_constants())
-EOF
+  python3 src/stepmesh/data/wire.py src/stepmesh/_core/wire.pxi || exit 1
   { { [ src/stepmesh/_core/core.c -nt src/stepmesh/_core/core.pyx ] && [ src/stepmesh/_core/core.c -nt src/stepmesh/data/wire.py ]; } \
       || python3 -m cython -3 src/stepmesh/_core/core.pyx -o src/stepmesh/_core/core.c >"$out/build.log" 2>&1; } \
     && cc -O2 -shared -fPIC $(python3 -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \

@@ -8,6 +8,9 @@ both agree on its size.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -72,6 +75,15 @@ def test_the_core_was_built_from_this_wire_format():
     W.check_core(core.constants())
     with pytest.raises(ImportError, match="DATA_VERSION"):
         W.check_core({**core.constants(), "DATA_VERSION": W.DATA_VERSION + 1})
+
+
+def test_wire_py_run_as_a_script_writes_the_pxi_once(tmp_path):
+    pxi = tmp_path / "wire.pxi"
+    subprocess.run([sys.executable, W.__file__, str(pxi)], check=True, timeout=60)
+    assert pxi.read_text() == W.cython_constants()
+    assert not W.write_pxi(str(pxi))  # unchanged text is not rewritten (the build's timestamps stay)
+    pxi.write_text("stale")
+    assert W.write_pxi(str(pxi)) and pxi.read_text() == W.cython_constants()
 
 
 @FUZZ

@@ -44,7 +44,7 @@ __all__ = [
     "PACK_SLOT", "PACK_SMALL", "PACK_MAX", "PACK_ALIGN", "pack_placements", "pack_offsets",
     "LANE_MAX", "LANE_OPTIONS", "lane_placements", "push_placements", "answer_placements",
     "SEQ_OFFSET", "SEQ_MASK", "SEQ_SHIFT", "TAG_MASK_KIND_NODE", "UCX_OPTIONS",
-    "inline_placements", "request_header_size", "response_header_size", "cython_constants", "check_core",
+    "inline_placements", "request_header_size", "response_header_size", "cython_constants", "write_pxi", "check_core",
     "TensorMeta", "PullMeta", "RequestHeader", "WireError", "decode_request",
 ]
 
@@ -427,6 +427,24 @@ def cython_constants() -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_pxi(path: str) -> bool:
+    """Write :func:`cython_constants` to ``path`` unless it already holds that text; True when it wrote.
+
+    The build, ``benchmarks/device_run.sh`` and ``benchmarks/core_probe.py`` all generate ``wire.pxi`` through
+    this, by running this file: ``python wire.py PATH``.
+    """
+    text = cython_constants()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if fh.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return True
+
+
 def check_core(built: dict[str, int]) -> None:
     """Raise when the compiled core was built from another version of this file.
 
@@ -441,3 +459,11 @@ def check_core(built: dict[str, int]) -> None:
             f"stepmesh's compiled core was built for another wire format ({details}); "
             "rebuild it: pip install --force-reinstall --no-deps stepmesh (or pip install -e . in a checkout)"
         )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python wire.py PATH  (writes the core's wire.pxi there)")
+    write_pxi(sys.argv[1])
