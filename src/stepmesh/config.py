@@ -14,11 +14,12 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Config", "ROLES", "PROGRESS_MODES", "TOPOLOGIES"]
+__all__ = ["Config", "ROLES", "PROGRESS_MODES", "TOPOLOGIES", "MEMORY_HINTS"]
 
 ROLES = ("scheduler", "server", "worker")
 PROGRESS_MODES = ("blocking", "polling", "thread")
 TOPOLOGIES = ("group", "full")
+MEMORY_HINTS = ("off", "host", "all")
 _TRUE = ("1", "true", "yes", "on", "y")
 _FALSE = ("0", "false", "no", "off", "n", "")
 _BACKEND_ALIASES = {"CPU": "cpu", "GPU": "cuda"}
@@ -67,6 +68,7 @@ class Config:
     progress: str | None = field(default=None, metadata=_env("STEPMESH_PROGRESS"))
     device_lane: bool | None = field(default=None, metadata=_env("STEPMESH_DEVICE_LANE"))
     topology: str = field(default="group", metadata=_env("STEPMESH_TOPOLOGY"))
+    memory_hints: str = field(default="host", metadata=_env("STEPMESH_MEMORY_HINTS"))
     auth_token: str | None = field(
         default=None, repr=False, metadata=_env("STEPMESH_AUTH_TOKEN")
     )
@@ -140,6 +142,8 @@ class Config:
             _fail("progress", self.progress, f"one of {', '.join(PROGRESS_MODES)}")
         if self.topology not in TOPOLOGIES:
             _fail("topology", self.topology, f"one of {', '.join(TOPOLOGIES)}")
+        if self.memory_hints not in MEMORY_HINTS:
+            _fail("memory_hints", self.memory_hints, f"one of {', '.join(MEMORY_HINTS)}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             _fail(
                 "heartbeat_timeout_ms",

@@ -72,6 +72,7 @@ cdef enum:
     UCS_ERR_CANCELED = -16
     PARAM_WORDS = 16  # ucp_request_param_t is 72 bytes on LP64 (UCX 1.21); zeros past it
     FIELD_DATATYPE = 1 << 3  # UCP_OP_ATTR_FIELD_DATATYPE
+    FIELD_MEMORY_TYPE = 1 << 6  # UCP_OP_ATTR_FIELD_MEMORY_TYPE
     DATATYPE_IOV = 2  # UCP_DATATYPE_IOV
     TABLE = 512  # remembered plans per worker (direct-mapped by hash)
     LAYOUTS = 256  # remembered request layouts per worker, on a server
@@ -79,12 +80,23 @@ cdef enum:
 
 cdef uintptr_t ERR_MIN = <uintptr_t>-256  # pointers at or above this are UCS_PTR_STATUS(errors)
 cdef uint64_t FULL_MASK = 0xFFFFFFFFFFFFFFFFULL
-cdef uint64_t PARAM[PARAM_WORDS]
-cdef uint64_t IOV_PARAM[PARAM_WORDS]
-memset(PARAM, 0, sizeof(PARAM))
-memset(IOV_PARAM, 0, sizeof(IOV_PARAM))
-IOV_PARAM[0] = FIELD_DATATYPE  # op_attr_mask (uint32 at offset 0)
-IOV_PARAM[3] = DATATYPE_IOV  # datatype, at offset 24
+
+cdef enum MemHint:
+    # What a buffer is known to be, for UCP_OP_ATTR_FIELD_MEMORY_TYPE (a Ucp hints up to its level).
+    HINT_DETECT = 0  # not said: UCX looks the address up
+    HINT_HOST = 1
+    HINT_CUDA = 2
+
+# ucp_request_param_t for each (iov, MemHint): op_attr_mask (uint32 at offset 0), datatype (offset 24),
+# memory_type (ucs_memory_type_t at offset 48: UCS_MEMORY_TYPE_HOST 0, UCS_MEMORY_TYPE_CUDA 1)
+cdef uint64_t PARAMS[6][PARAM_WORDS]
+memset(PARAMS, 0, sizeof(PARAMS))
+cdef int _iov, _mem
+for _iov in range(2):
+    for _mem in range(3):
+        PARAMS[3 * _iov + _mem][0] = (FIELD_DATATYPE if _iov else 0) | (FIELD_MEMORY_TYPE if _mem else 0)
+        PARAMS[3 * _iov + _mem][3] = DATATYPE_IOV if _iov else 0
+        PARAMS[3 * _iov + _mem][6] = 1 if _mem == HINT_CUDA else 0
 
 cdef inline uint64_t now_ns() noexcept nogil:
     cdef timespec ts
@@ -422,13 +434,17 @@ cdef class Ucp:
     cdef void *lane
     cdef object worker_obj, lane_obj
     cdef bint release_gil
+    cdef int hints  # the highest MemHint told to UCX; above it, UCX detects
     cdef set live  # Request objects handed out and still in flight
     cdef bint closed
 
     def __cinit__(self, object worker_obj, uintptr_t handle, bint release_gil=False, object lane_obj=None,
-                  uintptr_t lane_handle=0):
+                  uintptr_t lane_handle=0, int hints=HINT_DETECT):
         if ucp_send == NULL:
             raise TransportError("stepmesh._core: bind_ucp() was not called")
+        if not HINT_DETECT <= hints <= HINT_CUDA:
+            raise ValueError(f"Ucp: hints must be a MemHint, got {hints}")
+        self.hints = hints
         self.worker_obj = worker_obj
         self.worker = <void *>handle
         self.lane_obj = lane_obj
@@ -436,9 +452,15 @@ cdef class Ucp:
         self.release_gil = release_gil
         self.live = set()
 
-    cdef inline void *send_raw(self, uint64_t ep, const void *buf, size_t n, uint64_t tag, bint iov) noexcept:
+    cdef inline const void *param(self, bint iov, int mem) noexcept:
+        if mem > self.hints or (mem == HINT_CUDA and drv.kind != 1):
+            mem = HINT_DETECT
+        return <const void *>&PARAMS[3 * iov + mem][0]
+
+    cdef inline void *send_raw(self, uint64_t ep, const void *buf, size_t n, uint64_t tag, bint iov,
+                               int mem) noexcept:
         cdef void *h
-        cdef const void *param = <const void *>&IOV_PARAM[0] if iov else <const void *>&PARAM[0]
+        cdef const void *param = self.param(iov, mem)
         if self.release_gil:
             with nogil:
                 h = ucp_send(<void *><uintptr_t>ep, buf, n, tag, param)
@@ -446,11 +468,11 @@ cdef class Ucp:
             h = ucp_send(<void *><uintptr_t>ep, buf, n, tag, param)
         return h
 
-    cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov,
+    cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov, int mem,
                                bint on_lane=False) noexcept:
         cdef void *h
         cdef void *worker = self.lane if on_lane else self.worker
-        cdef const void *param = <const void *>&IOV_PARAM[0] if iov else <const void *>&PARAM[0]
+        cdef const void *param = self.param(iov, mem)
         if self.release_gil:
             with nogil:
                 h = ucp_recv(worker, buf, n, tag, mask, param)
@@ -510,7 +532,7 @@ cdef class Ucp:
         Raises:
             TransportError: UCX refused the send.
         """
-        return self._wrap(self.send_raw(ep, <void *>ptr, nbytes, tag, False))
+        return self._wrap(self.send_raw(ep, <void *>ptr, nbytes, tag, False, HINT_DETECT))
 
     def recv(self, uintptr_t ptr, size_t nbytes, uint64_t tag, uint64_t mask=0xFFFFFFFFFFFFFFFF, bint lane=False):
         """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr`` (on the lane: ``lane``).
@@ -520,7 +542,7 @@ cdef class Ucp:
         """
         if lane and self.lane == NULL:
             raise TransportError("Ucp.recv(lane=True): this Ucp has no lane")
-        cdef Request r = self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False, lane))
+        cdef Request r = self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False, HINT_DETECT, lane))
         r.on_lane = lane
         return r
 
@@ -641,9 +663,9 @@ cdef class Ops:
     cdef inline void clear(self) noexcept:
         self.n = 0
 
-    cdef inline void recv(self, Ucp ucp, void *buf, size_t n, uint64_t tag, bint on_lane) noexcept:
+    cdef inline void recv(self, Ucp ucp, void *buf, size_t n, uint64_t tag, int mem, bint on_lane) noexcept:
         """Post a receive of exactly ``tag`` (on the lane when ``on_lane``) and record it."""
-        self.add(ucp.recv_raw(buf, n, tag, FULL_MASK, False, on_lane), on_lane)
+        self.add(ucp.recv_raw(buf, n, tag, FULL_MASK, False, mem, on_lane), on_lane)
 
     cdef inline void add(self, void *h, bint on_lane=False) noexcept:
         """Record what a post returned: a request, NULL (done within the call) or an error status (``on_lane``:
@@ -1167,17 +1189,18 @@ cdef class Worker:
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         for s in range(p.n_servers):
             if p.scatter[s] >= 0:
-                c.recvs.add(ucp.recv_raw(&c.iov[4 * s], 2, p.resp_tag[s] | bits, FULL_MASK, True))
+                c.recvs.add(ucp.recv_raw(&c.iov[4 * s], 2, p.resp_tag[s] | bits, FULL_MASK, True,
+                                         HINT_CUDA if p.answers[s * p.per + p.scatter[s]].device else HINT_HOST))
             else:
-                c.recvs.add(ucp.recv_raw(c.resp[s], p.resp_size, p.resp_tag[s] | bits, FULL_MASK, False))
+                c.recvs.add(ucp.recv_raw(c.resp[s], p.resp_size, p.resp_tag[s] | bits, FULL_MASK, False, HINT_HOST))
             for j in range(p.per):
                 a = &p.answers[s * p.per + j]
                 if a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE:
                     c.recvs.recv(ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
-                                 a.how == ANSWER_LANE)
+                                 HINT_CUDA if a.device else HINT_HOST, a.how == ANSWER_LANE)
             if p.ans_pack_size[s]:
                 c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
-                                         FULL_MASK, False))
+                                         FULL_MASK, False, HINT_CUDA))
         return c.handle
 
     cdef void _send(self, Call c) noexcept:
@@ -1187,11 +1210,12 @@ cdef class Worker:
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         c.sends.clear()
         for s in range(p.n_servers):
-            c.sends.add(ucp.send_raw(p.eps[s], c.header, p.hlen, p.req_tag | bits, False))
+            c.sends.add(ucp.send_raw(p.eps[s], c.header, p.hlen, p.req_tag | bits, False, HINT_HOST))
             for k in range(p.n_sep):
                 c.sends.add(ucp.send_raw(p.lane_eps[s] if p.sep_push[k].lane else p.eps[s],
                                          <void *><uintptr_t>p.sep_push[k].ptr, p.sep_push[k].nbytes,
-                                         p.push_tag | bits | p.sep_push[k].slot, False))
+                                         p.push_tag | bits | p.sep_push[k].slot, False,
+                                         HINT_CUDA if p.sep_push[k].device else HINT_HOST))
         c.t_sent = now_ns()
         c.state = C_POSTED
 
@@ -1288,7 +1312,7 @@ cdef class Worker:
                 memset(c.refusal, 0, REFUSAL_MAX + 1)
                 c.refusal_ops.clear()
                 c.refusal_ops.add(self.ucp.recv_raw(c.refusal, REFUSAL_MAX, p.resp_tag[s] | (<uint64_t>c.seq << SEQ_SHIFT)
-                                                    | REFUSAL_SLOT, FULL_MASK, False))
+                                                    | REFUSAL_SLOT, FULL_MASK, False, HINT_HOST))
                 return R_PENDING
         for s in range(p.n_servers):
             r = c.resp[s]
@@ -1482,7 +1506,8 @@ cdef class Req:
 
 
 cdef enum:
-    LENT = -2  # Sending.staged_device: the answer is read from the caller's memory
+    LENT_HOST = -2  # Sending.staged_device: the answer is read from the caller's memory (host)
+    LENT_DEVICE = -3  # (device)
 
 
 @cython.no_gc_clear
@@ -1494,8 +1519,8 @@ cdef class Sending:
     cdef Ops ops
     cdef uint8_t *header
     cdef size_t hlen
-    cdef void **staged  # per answer: its staging buffer, the caller's memory (LENT), or NULL
-    cdef int *staged_device  # per answer: the staging buffer's device, or LENT
+    cdef void **staged  # per answer: its staging buffer, the caller's memory (lent), or NULL
+    cdef int *staged_device  # per answer: the staging buffer's device, or LENT_HOST / LENT_DEVICE
     cdef void *pack  # the packed answers' buffer (device pack_dev), or NULL
     cdef int pack_dev
     cdef uint64_t pack_len  # bytes sent from it
@@ -1609,7 +1634,8 @@ cdef class Server:
 
     cdef inline void _post(self, int w, int k) noexcept:
         cdef int i = w * RING_DEPTH + k
-        cdef void *h = self.ucp.recv_raw(self.slots[i], SLOT_SIZE, self.ring_tag[w], TAG_MASK_KIND_NODE, False)
+        cdef void *h = self.ucp.recv_raw(self.slots[i], SLOT_SIZE, self.ring_tag[w], TAG_MASK_KIND_NODE, False,
+                                         HINT_HOST)
         self.rings.t_done[i] = 0
         if h == NULL:
             self.rings.h[i] = NULL
@@ -1790,7 +1816,8 @@ cdef class Server:
             d = &lay.push[i]
             if d.placement == SEPARATE or d.placement == LANE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
-                r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, d.placement == LANE)
+                r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
+                           HINT_CUDA if d.dest_device >= 0 else HINT_HOST, d.placement == LANE)
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:
@@ -1982,7 +2009,7 @@ cdef class Server:
                 continue
             if dev < 0 or idle or not need_event:  # sent from the caller's memory, which respond lends until it has left
                 out.staged[j] = <void *><uintptr_t>ptr
-                out.staged_device[j] = LENT
+                out.staged_device[j] = LENT_HOST if dev < 0 else LENT_DEVICE
                 out.lends = True
                 continue
             # the caller's stream is still computing: staged behind that work, so that respond returns at once
@@ -2039,18 +2066,21 @@ cdef class Server:
         cdef int j
         memcpy(out.header + RESP_STAMPS_AT + 24, &t, 8)
         out.ops.clear()
-        out.ops.add(self.ucp.send_raw(out.ep, out.header, out.hlen, self.resp_tag | bits, False))
+        out.ops.add(self.ucp.send_raw(out.ep, out.header, out.hlen, self.resp_tag | bits, False, HINT_HOST))
         if out.note is not None:
             out.ops.add(self.ucp.send_raw(out.ep, <const char *>out.note, len(out.note),
-                                          self.resp_tag | bits | REFUSAL_SLOT, False))
+                                          self.resp_tag | bits | REFUSAL_SLOT, False, HINT_HOST))
         for j in range(lay.n_pull):
             if lay.placements[j] == SEPARATE or lay.placements[j] == LANE:  # an empty one still completes the receive
                 out.ops.add(self.ucp.send_raw(self.lane_eps[r.worker] if lay.placements[j] == LANE else out.ep,
                                               out.staged[j] if out.staged[j] != NULL else out.header,
-                                              out.sizes[j], self.pull_tag | bits | <uint64_t>j, False))
+                                              out.sizes[j], self.pull_tag | bits | <uint64_t>j, False,
+                                              HINT_HOST if out.staged[j] == NULL or out.staged_device[j] == -1
+                                              or out.staged_device[j] == LENT_HOST else HINT_CUDA))
         if lay.ans_pack_size:
             out.ops.add(self.ucp.send_raw(out.ep, out.pack if out.pack != NULL else out.header, out.pack_len,
-                                          self.pull_tag | bits | PACK_SLOT, False))
+                                          self.pull_tag | bits | PACK_SLOT, False,
+                                          HINT_CUDA if out.pack != NULL and out.pack_dev >= 0 else HINT_HOST))
         self.sending.append(out)
 
     cdef int _kick(self) except -1:
@@ -2083,7 +2113,7 @@ cdef class Server:
             lay = out.layout
             lay.resp_pool.put(out.header)
             for j in range(lay.n_pull):
-                if out.staged[j] != NULL and out.staged_device[j] != LENT:
+                if out.staged[j] != NULL and out.staged_device[j] >= -1:
                     (<Pool>(<dict>lay.staging[j])[out.staged_device[j]]).put(out.staged[j])
                 out.staged[j] = NULL
             if out.pack != NULL:

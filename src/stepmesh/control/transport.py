@@ -110,11 +110,13 @@ class Transport:
         lane_options: options of a second context and worker, the *lane*, for
             small device messages (see :data:`stepmesh.data.wire.LANE_OPTIONS`);
             None: no lane. The lane is progressed with the worker, in the same mode.
+        memory_hints: which buffers the compiled core tells UCX the memory type of
+            (``off``, ``host``, ``all``: see ``STEPMESH_MEMORY_HINTS``); the rest UCX looks up.
     """
 
     def __init__(
         self, options: dict[str, str], progress: str, active_messages: bool = False,
-        lane_options: dict[str, str] | None = None,
+        lane_options: dict[str, str] | None = None, memory_hints: str = "host",
     ):
         api, _ = _ucx()
         self.api = api
@@ -132,6 +134,7 @@ class Transport:
             self.lane_worker = api.UCXWorker(self.lane_context)
             workers.append(self.lane_worker)
         self.mode = progress
+        self.memory_hints = memory_hints
         for worker in workers:
             if progress == "thread":
                 worker.start_progress_thread(polling_mode=False, epoll_timeout=_BLOCKING_SLICE_MS)
@@ -154,7 +157,8 @@ class Transport:
             core = bound_core()
             lane = self.lane_worker
             self._ucp = core.Ucp(self.worker, self.worker.handle, self.mode == "thread",
-                                 lane, lane.handle if lane is not None else 0)
+                                 lane, lane.handle if lane is not None else 0,
+                                 ("off", "host", "all").index(self.memory_hints))
         return self._ucp
 
     @property
