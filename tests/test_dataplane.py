@@ -913,10 +913,13 @@ def _host_count_answer(ctx: NodeContext) -> bool:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lane", ["0", "1"], ids=["packed", "lane"])
-def test_a_host_answer_to_a_device_pull_is_copied_at_respond(device, lane):
+@pytest.mark.parametrize("hints", ["off", "all"])
+def test_a_host_answer_to_a_device_pull_is_copied_at_respond(device, lane, hints):
     """Without a lane the host count is copied into the device answers' pack; on the lane into a host staging
-    buffer: either way it is the caller's again when respond returns."""
-    assert all(_mesh(_host_count_answer, device, env={"STEPMESH_DEVICE_LANE": lane}).values())
+    buffer: either way it is the caller's again when respond returns. Host and device buffers side by side,
+    with every memory type left to UCX and with every one told (STEPMESH_MEMORY_HINTS; the default is host)."""
+    env = {"STEPMESH_DEVICE_LANE": lane, "STEPMESH_MEMORY_HINTS": hints}
+    assert all(_mesh(_host_count_answer, device, env=env).values())
 
 
 def _lent_answers(ctx: NodeContext) -> int:
