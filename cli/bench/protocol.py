@@ -39,8 +39,10 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     wl = opts.workload
     dev = opts.device
     on_dev = dev.startswith("cuda")
-    lane = Config.from_env().lane_on()  # as stepmesh's nodes decide
-    tp = T.Transport(data_options(), opts.progress, lane_options={**data_options(), **W.LANE_OPTIONS} if lane else None)
+    cfg = Config.from_env()
+    lane = cfg.lane_on()  # as stepmesh's nodes decide
+    tp = T.Transport(data_options(), opts.progress, lane_options={**data_options(), **W.LANE_OPTIONS} if lane else None,
+                     memory_hints=cfg.memory_hints)
     conn.send((tp.address, tp.lane_address))
     peer, peer_lane = conn.recv()
     endpoints = [tp.connect(peer)] + ([tp.connect_lane(peer_lane)] if lane else [])  # kept: handles die with them
@@ -88,6 +90,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     out_tag, out_bulk_tag = W.make_tag(out_kind, me), W.make_tag(out_bulk, me)
     in_tag, in_bulk_tag = W.make_tag(in_kind, peer), W.make_tag(in_bulk, peer)
     send, recv, wait = ucp.send, ucp.recv, ucp.wait
+    H, D = 1, (2 if on_dev else 1)  # the memory type told to UCX, as the core tells it (STEPMESH_MEMORY_HINTS)
     lane_ep = endpoints[1].handle if lane else 0
     state: dict[str, Any] = {"seq": 0, "slot": None}
 
@@ -108,33 +111,33 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
             torch.cuda.current_stream().synchronize()
 
     def post_out(bits: int) -> list[Any]:
-        sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits)]
+        sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits, H)]
         if out_pack is not None:
-            sent.append(send(ep, out_pack.data_ptr(), out_pack.numel(), out_bulk_tag | bits | W.PACK_SLOT))
-        sent += [send(lane_ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in lane_sends]
-        return sent + [send(ep, ptr, n, out_bulk_tag | bits | i) for ptr, n, i in sends]
+            sent.append(send(ep, out_pack.data_ptr(), out_pack.numel(), out_bulk_tag | bits | W.PACK_SLOT, D))
+        sent += [send(lane_ep, ptr, n, out_bulk_tag | bits | i, D) for ptr, n, i in lane_sends]
+        return sent + [send(ep, ptr, n, out_bulk_tag | bits | i, D) for ptr, n, i in sends]
 
     def one_client(bits: int) -> None:
         pack()
-        got = [recv(in_buf.data_ptr(), in_buf.numel(), in_tag | bits)]
-        got += [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
-        got += [recv(ptr, n, in_bulk_tag | bits | i, lane=True) for ptr, n, i in lane_recvs]
+        got = [recv(in_buf.data_ptr(), in_buf.numel(), in_tag | bits, mem=H)]
+        got += [recv(ptr, n, in_bulk_tag | bits | i, mem=D) for ptr, n, i in recvs]
+        got += [recv(ptr, n, in_bulk_tag | bits | i, lane=True, mem=D) for ptr, n, i in lane_recvs]
         if in_pack is not None:
-            got.append(recv(in_pack.data_ptr(), in_pack.numel(), in_bulk_tag | bits | W.PACK_SLOT))
+            got.append(recv(in_pack.data_ptr(), in_pack.numel(), in_bulk_tag | bits | W.PACK_SLOT, mem=D))
         sent = post_out(bits)
         wait(got + sent, _SPIN)
         unpack()
 
     def one_server(bits: int) -> None:
-        slot = state["slot"] or recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE)
+        slot = state["slot"] or recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE, mem=H)
         wait([slot], _SPIN)
-        got = [recv(ptr, n, in_bulk_tag | bits | i) for ptr, n, i in recvs]
-        got += [recv(ptr, n, in_bulk_tag | bits | i, lane=True) for ptr, n, i in lane_recvs]
+        got = [recv(ptr, n, in_bulk_tag | bits | i, mem=D) for ptr, n, i in recvs]
+        got += [recv(ptr, n, in_bulk_tag | bits | i, lane=True, mem=D) for ptr, n, i in lane_recvs]
         unpack()
         wait(got, _SPIN)
         pack()
         sent = post_out(bits)
-        state["slot"] = recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE)
+        state["slot"] = recv(in_buf.data_ptr(), in_buf.numel(), in_tag, W.TAG_MASK_KIND_NODE, mem=H)
         # Some rendezvous (CUDA IPC) move only while the sender progresses: the answer is seen through here.
         wait(sent, _SPIN)
 

@@ -453,7 +453,7 @@ cdef class Ucp:
         self.live = set()
 
     cdef inline const void *param(self, bint iov, int mem) noexcept:
-        if mem > self.hints or (mem == HINT_CUDA and drv.kind != 1):
+        if mem > self.hints or mem < HINT_DETECT or (mem == HINT_CUDA and drv.kind != 1):
             mem = HINT_DETECT
         return <const void *>&PARAMS[3 * iov + mem][0]
 
@@ -526,23 +526,26 @@ cdef class Ucp:
         self.live.add(r)
         return r
 
-    def send(self, uintptr_t ep, uintptr_t ptr, size_t nbytes, uint64_t tag):
-        """Send ``nbytes`` at ``ptr`` on the endpoint whose ``ucp_ep_h`` is ``ep``.
+    def send(self, uintptr_t ep, uintptr_t ptr, size_t nbytes, uint64_t tag, int mem=HINT_DETECT):
+        """Send ``nbytes`` at ``ptr`` on the endpoint whose ``ucp_ep_h`` is ``ep``; ``mem``: what the memory is
+        known to be (0: not said, 1: host, 2: CUDA), told to UCX up to this Ucp's ``hints``.
 
         Raises:
             TransportError: UCX refused the send.
         """
-        return self._wrap(self.send_raw(ep, <void *>ptr, nbytes, tag, False, HINT_DETECT))
+        return self._wrap(self.send_raw(ep, <void *>ptr, nbytes, tag, False, mem))
 
-    def recv(self, uintptr_t ptr, size_t nbytes, uint64_t tag, uint64_t mask=0xFFFFFFFFFFFFFFFF, bint lane=False):
-        """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr`` (on the lane: ``lane``).
+    def recv(self, uintptr_t ptr, size_t nbytes, uint64_t tag, uint64_t mask=0xFFFFFFFFFFFFFFFF, bint lane=False,
+             int mem=HINT_DETECT):
+        """Receive the next message whose tag matches ``tag`` under ``mask`` into ``ptr`` (on the lane: ``lane``;
+        ``mem`` as for :meth:`send`).
 
         Raises:
             TransportError: UCX refused the receive, or ``lane`` without a lane.
         """
         if lane and self.lane == NULL:
             raise TransportError("Ucp.recv(lane=True): this Ucp has no lane")
-        cdef Request r = self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False, HINT_DETECT, lane))
+        cdef Request r = self._wrap(self.recv_raw(<void *>ptr, nbytes, tag, mask, False, mem, lane))
         r.on_lane = lane
         return r
 
