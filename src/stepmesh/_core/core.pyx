@@ -782,7 +782,7 @@ cdef enum CallState:
 
 cdef struct Push:
     int index  # inline pushes only
-    int device  # inline pushes only: 1: device memory (staged through pinned memory)
+    int device  # 1: device memory (inline pushes: staged through pinned memory; separate: the memory type told to UCX)
     int lane  # separate pushes only: sent on the lane
     uint64_t ptr, nbytes, offset, slot
 
@@ -1022,7 +1022,7 @@ cdef class Worker:
             p.inline_push[k].nbytes = item[3]
             p.inline_push[k].offset = item[4]
             p.n_inline_device += p.inline_push[k].device
-        sep = spec["sep_push"]  # (ptr, nbytes, slot, on the lane)
+        sep = spec["sep_push"]  # (ptr, nbytes, slot, on the lane, device memory)
         p.n_sep = len(sep)
         p.sep_push = <Push *>calloc(max(p.n_sep, 1), sizeof(Push))
         for k in range(p.n_sep):
@@ -1031,6 +1031,7 @@ cdef class Worker:
             p.sep_push[k].nbytes = item[1]
             p.sep_push[k].slot = item[2]
             p.sep_push[k].lane = 1 if item[3] else 0
+            p.sep_push[k].device = 1 if item[4] else 0
             if p.sep_push[k].lane and not every_lane:
                 raise ValueError("a push on the lane of a server without one")
         p.resp_size = spec["resp_size"]
@@ -1061,6 +1062,8 @@ cdef class Worker:
                 p.answers[s * p.per + j].offset = a[4]
                 if a[3] == ANSWER_LANE and not every_lane:
                     raise ValueError("an answer on the lane of a server without one")
+                if a[3] == ANSWER_SCATTER and a[0]:
+                    raise ValueError("a device answer scattered behind the response header (one iov takes one memory type)")
                 if a[3] == ANSWER_SEPARATE or a[3] == ANSWER_LANE:
                     p.n_sep_answers[s] += 1
         p.free_calls = []
@@ -1192,8 +1195,7 @@ cdef class Worker:
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         for s in range(p.n_servers):
             if p.scatter[s] >= 0:
-                c.recvs.add(ucp.recv_raw(&c.iov[4 * s], 2, p.resp_tag[s] | bits, FULL_MASK, True,
-                                         HINT_CUDA if p.answers[s * p.per + p.scatter[s]].device else HINT_HOST))
+                c.recvs.add(ucp.recv_raw(&c.iov[4 * s], 2, p.resp_tag[s] | bits, FULL_MASK, True, HINT_HOST))
             else:
                 c.recvs.add(ucp.recv_raw(c.resp[s], p.resp_size, p.resp_tag[s] | bits, FULL_MASK, False, HINT_HOST))
             for j in range(p.per):

@@ -192,7 +192,7 @@ class AFTensorWorker(Node):
                 inline.append((i, int(t.is_cuda), t.data_ptr(), t.nbytes, offset))
                 offset += t.nbytes
             else:
-                sep.append((t.data_ptr(), t.nbytes, i, placement is W.Placement.LANE))
+                sep.append((t.data_ptr(), t.nbytes, i, placement is W.Placement.LANE, int(t.is_cuda)))
 
         resp_pos = W.response_header_size(per)
         servers = []
