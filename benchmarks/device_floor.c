@@ -15,6 +15,8 @@
  *   put-count        the payload and the count put, one flush, then the header
  *   put-fence        the payload put, ucp_worker_fence, the header at once (no wait for the flush)
  *   put-count-fence  the payload and the count put, a fence, the header
+ *   hdr-iov          a header + one tag message of an iov [payload, count] (both device memory when --mem cuda):
+ *                    the count carried with the payload, no lane
  *
  * Before timing, every mode is checked: the sender writes a fresh value into the first and last words of
  * its payload and into the count, and the receiver reads them back once its messages are complete.
@@ -26,7 +28,9 @@
  *   /tmp/device_floor --mem cuda --size 917504 --iters 2000 --rounds 5 [--modes tag,hdr-lane,put-count]
  *
  * --hint gives every operation its buffer's memory type (UCP_OP_ATTR_FIELD_MEMORY_TYPE) instead of letting UCX
- * detect it. --mem host maps its buffers with UCP_MEM_MAP_ALLOCATE (shared memory the peer can write into).
+ * detect it. --memh gives every operation on the main context its buffer's memory handle (UCP_OP_ATTR_FIELD_MEMH,
+ * from the ucp_mem_map the buffers get anyway), which also carries the type (not the iov's entries, not the lane's
+ * count: mapped on the main context). --mem host maps its buffers with UCP_MEM_MAP_ALLOCATE (shared memory the peer can write into).
  */
 #define _GNU_SOURCE
 #include <ucp/api/ucp.h>
@@ -47,9 +51,10 @@
 #define TAG_HDR 2
 #define TAG_COUNT 3
 
-enum { M_TAG, M_HDR, M_HDR_LANE, M_HDR_LANE_LATE, M_PUT, M_PUT_COUNT, M_PUT_FENCE, M_PUT_COUNT_FENCE, N_MODES };
+enum { M_TAG, M_HDR, M_HDR_LANE, M_HDR_LANE_LATE, M_PUT, M_PUT_COUNT, M_PUT_FENCE, M_PUT_COUNT_FENCE, M_HDR_IOV,
+       N_MODES };
 static const char *mode_name[N_MODES] = {"tag", "hdr", "hdr-lane", "hdr-lane-late", "put", "put-count", "put-fence",
-                                         "put-count-fence"};
+                                         "put-count-fence", "hdr-iov"};
 
 typedef unsigned long long CUdeviceptr;
 static struct {
@@ -88,8 +93,12 @@ typedef struct {
     ucp_mem_h memh;
     ucp_rkey_h peer_rkey;
     uint64_t peer_addr;
+    ucp_request_param_t param;  /* --memh: this buffer's handle (and --hint's type) */
 } Buf;
 static Buf send_payload, recv_payload, send_count, recv_count;
+static ucp_request_param_t no_param = {.op_attr_mask = 0};
+static ucp_request_param_t *p_host = &no_param, *p_dev = &no_param;  /* --hint: each op says its memory type */
+static ucp_request_param_t hint_host, hint_dev;
 static char send_hdr[HDR], recv_hdr[HDR];
 
 static double now_us(void) {
@@ -172,6 +181,9 @@ static void buf_init(Buf *b, size_t n, int exposed) {
     xfer(&b->peer_addr, 8, &mine);
     xfer_blob(&peer, &peer_len, rkey, rkey_len);
     if (peer_len) UCS("ucp_ep_rkey_unpack", ucp_ep_rkey_unpack(main_.ep, peer, &b->peer_rkey));
+    b->param = *p_dev;
+    b->param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+    b->param.memh = b->memh;
     if (rkey) ucp_rkey_buffer_release(rkey);
     free(peer);
 }
@@ -190,9 +202,11 @@ static void wait_req(void *r, const char *what) {
     ucp_request_free(r);
 }
 
-static ucp_request_param_t no_param = {.op_attr_mask = 0};
-static ucp_request_param_t *p_host = &no_param, *p_dev = &no_param;  /* --hint: each op says its memory type */
-static ucp_request_param_t hint_host, hint_dev;
+static int use_memh;
+static ucp_dt_iov_t send_iov[2], recv_iov[2];
+static ucp_request_param_t iov_param;
+
+static const ucp_request_param_t *dev_param(Buf *b) { return use_memh ? &b->param : p_dev; }
 
 #define MAX_OPS 4
 typedef struct {
@@ -210,13 +224,14 @@ static void post_recvs(int mode, Ops *o) {
     o->n = 0;
     if (mode == M_HDR_LANE_LATE) {  /* the header alone; the rest once it is in */
         wait_req(ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host), "header");
-        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, p_dev);
+        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, dev_param(&recv_payload));
         o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
         return;
     }
     if (mode != M_TAG) o->r[o->n++] = ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host);
     if (mode == M_TAG || mode == M_HDR || mode == M_HDR_LANE)
-        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, p_dev);
+        o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, dev_param(&recv_payload));
+    if (mode == M_HDR_IOV) o->r[o->n++] = ucp_tag_recv_nbx(w, recv_iov, 2, TAG_PAYLOAD, ~0ULL, &iov_param);
     if (mode == M_HDR_LANE)
         o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
 }
@@ -226,7 +241,11 @@ static void send_msgs(int mode, Ops *o) {
     o->n = 0;
     switch (mode) {
     case M_TAG:
-        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, p_dev);
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, dev_param(&send_payload));
+        return;
+    case M_HDR_IOV:
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, p_host);
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_iov, 2, TAG_PAYLOAD, &iov_param);
         return;
     case M_HDR:
     case M_HDR_LANE:
@@ -234,14 +253,14 @@ static void send_msgs(int mode, Ops *o) {
         o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, p_host);
         if (mode != M_HDR)
             o->r[o->n++] = ucp_tag_send_nbx(lane.ep, send_count.addr, COUNT, TAG_COUNT, p_dev);
-        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, p_dev);
+        o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, dev_param(&send_payload));
         return;
     default:
         o->r[o->n++] = ucp_put_nbx(ep, send_payload.addr, size, recv_payload.peer_addr, recv_payload.peer_rkey,
-                                   p_dev);
+                                   dev_param(&send_payload));
         if (mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE)
             o->r[o->n++] = ucp_put_nbx(ep, send_count.addr, COUNT, recv_count.peer_addr, recv_count.peer_rkey,
-                                       p_dev);
+                                       dev_param(&send_count));
         if (mode == M_PUT_FENCE || mode == M_PUT_COUNT_FENCE) {
             UCS("ucp_worker_fence", ucp_worker_fence(main_.worker));
         } else {
@@ -270,7 +289,10 @@ static unsigned word(Buf *b, size_t at) {
     return v;
 }
 
-static int has_count(int mode) { return mode == M_HDR_LANE || mode == M_HDR_LANE_LATE || mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE; }
+static int has_count(int mode) {
+    return mode == M_HDR_LANE || mode == M_HDR_LANE_LATE || mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE ||
+           mode == M_HDR_IOV;
+}
 
 static void verify(int mode, unsigned want, unsigned seq) {
     unsigned a = word(&recv_payload, 0), b = word(&recv_payload, size - 4);
@@ -342,7 +364,8 @@ int main(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("device_floor [--mem host|cuda] [--size BYTES] [--iters N] [--rounds N] [--warmup N] [--cpus A,B]\n"
-                   "             [--hint] [--modes tag,hdr,hdr-lane,hdr-lane-late,put,put-count,put-fence,put-count-fence]\n"
+                   "             [--hint] [--memh]\n"
+                   "             [--modes tag,hdr,hdr-lane,hdr-lane-late,put,put-count,put-fence,put-count-fence,hdr-iov]\n"
                    "(the comment at the top of benchmarks/device_floor.c says what each mode moves)\n");
             return 0;
         }
@@ -358,6 +381,7 @@ int main(int argc, char **argv) {
             p_host = &hint_host;
             p_dev = &hint_dev;
         }
+        else if (!strcmp(a, "--memh")) use_memh = 1;
         else if (!strcmp(a, "--cpus")) { sscanf(v, "%d,%d", &cpus[0], &cpus[1]); i++; }
         else if (!strcmp(a, "--modes")) {
             char *s = strdup(v), *tok;
@@ -394,6 +418,13 @@ int main(int argc, char **argv) {
     buf_init(&send_count, 256, 0);
     buf_init(&recv_count, 256, 1);
     memset(send_hdr, 7, HDR);
+    send_iov[0] = (ucp_dt_iov_t){send_payload.addr, size};
+    send_iov[1] = (ucp_dt_iov_t){send_count.addr, COUNT};
+    recv_iov[0] = (ucp_dt_iov_t){recv_payload.addr, size};
+    recv_iov[1] = (ucp_dt_iov_t){recv_count.addr, COUNT};
+    iov_param = *p_dev;
+    iov_param.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    iov_param.datatype = ucp_dt_make_iov();
 
     unsigned seq = 0;
     for (int k = 0; k < n_modes; k++)

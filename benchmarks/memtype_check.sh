@@ -5,11 +5,12 @@
 #
 # `import ucxx` sets UCX_MEMTYPE_CACHE=n when it is unset, so stepmesh's processes (and raw ucxx's) look up
 # the memory type of every buffer UCX is not told about through the CUDA driver. This runs, in one call:
-#   1. the GPU suite with the hints on (host) and off;
-#   2. device_floor (C, no Python) with the cache off (plain and --hint) and on (UCX_MEMTYPE_CACHE=n / try);
-#   3. PAIRS (default 2) rounds of `stepmesh bench --preset stepmesh-1x1 --contenders stepmesh,ucxx`, alternating
+#   1. device_floor (C, no Python) with the cache off (plain, --hint, --memh) and on (UCX_MEMTYPE_CACHE=n / try),
+#      with hdr-iov (the count carried with the payload in one iov message) beside stepmesh's messages;
+#   2. PAIRS (default 2) rounds of `stepmesh bench --preset stepmesh-1x1 --contenders stepmesh,ucxx`, alternating
 #      STEPMESH_MEMORY_HINTS=off (every type looked up, as before the hints), host (the default), and off with
-#      UCX's cache on (UCX_MEMTYPE_CACHE=try: what sparing every lookup could give).
+#      UCX's cache on (UCX_MEMTYPE_CACHE=try: what sparing every lookup could give);
+#   3. the GPU suite with the hints on (host) and off.
 # If the cache-on runs close the gap to raw ucxx, the lookups are the cost, and a registered memory handle per
 # buffer (which carries its type) is the way to spare them without the cache.
 set -u
@@ -17,17 +18,14 @@ pairs=${1:-2}
 out=${OUT:-/tmp/stepmesh-out}
 mkdir -p "$out"
 export UCX_WARN_UNUSED_ENV_VARS=n
-for h in host off; do
-  echo "== GPU suite, STEPMESH_MEMORY_HINTS=$h"
-  STEPMESH_MEMORY_HINTS=$h timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3
-done
 ucx=$(python3 -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')
 if cc -O2 benchmarks/device_floor.c -I"$ucx/include" -L"$ucx/lib" -Wl,-rpath,"$ucx/lib" -lucp -lucs -ldl \
      -o /tmp/device_floor 2>"$out/floor-build.log"; then
-  for v in "n" "n --hint" "try"; do
+  for v in "n" "n --hint" "n --memh" "try"; do
     echo "== device_floor, UCX_MEMTYPE_CACHE=$v"
+    # shellcheck disable=SC2086  # the flags after the cache setting are words of their own
     UCX_MEMTYPE_CACHE=${v%% *} timeout 60 /tmp/device_floor --mem cuda --size 917504 --iters 2000 --rounds 3 \
-      --modes tag,hdr-lane,put-count $([ "$v" != "${v%--hint}" ] && echo --hint) 2>&1 | tail -4
+      --modes tag,hdr,hdr-lane,put-count,hdr-iov $([ "$v" != "${v#* }" ] && echo "${v#* }") 2>&1 | tail -6
   done
 else
   echo "device_floor did not build:"; tail -5 "$out/floor-build.log"
@@ -43,4 +41,8 @@ for i in $(seq 1 "$pairs"); do
     env "${env[@]}" timeout 120 python3 -m stepmesh.cli bench "${args[@]}" --json "$out/$v-$i.json" 2>&1 \
       | grep -v "^measuring"
   done
+done
+for h in host off; do
+  echo "== GPU suite, STEPMESH_MEMORY_HINTS=$h"
+  STEPMESH_MEMORY_HINTS=$h timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3
 done
