@@ -10,7 +10,7 @@
 #   2. PAIRS (default 2) rounds of `stepmesh bench --preset stepmesh-1x1 --contenders stepmesh,ucxx`, alternating
 #      STEPMESH_MEMORY_HINTS=off (every type looked up, as before the hints), host (the default), and off with
 #      UCX's cache on (UCX_MEMTYPE_CACHE=try: what sparing every lookup could give);
-#   3. the GPU suite with the hints on (host) and off.
+#   3. the GPU suite under each STEPMESH_MEMORY_HINTS level in $SUITES (default: host, the default level).
 # If the cache-on runs close the gap to raw ucxx, the lookups are the cost, and a registered memory handle per
 # buffer (which carries its type) is the way to spare them without the cache.
 set -u
@@ -42,7 +42,7 @@ for i in $(seq 1 "$pairs"); do
       | grep -v "^measuring"
   done
 done
-for h in host off; do
+for h in ${SUITES:-host}; do
   echo "== GPU suite, STEPMESH_MEMORY_HINTS=$h"
   STEPMESH_MEMORY_HINTS=$h timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3
 done
