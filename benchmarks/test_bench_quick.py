@@ -31,6 +31,7 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
     assert data["schema"] == "stepmesh-bench/2"
     env = data["environment"]
     assert env["stepmesh"] and env["torch"] and env["ucx"] and env["host"] and env["date"] and env["core"]
+    assert env["memtype_cache"] in ("off", "on (try)", "on")  # as UCX read it: ucxx sets n unless it was set
     assert data["workload"]["name"] == "small"
     for name in ("stepmesh", "protocol", "ucxx", "gloo"):
         entry = data["contenders"][name]

@@ -326,7 +326,7 @@ class Launcher:
         env = dict(os.environ)
         env.update(spec.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # children's lines show up as printed
-        env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer knows
+        env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # UCX 1.21 reads UCX_MEMTYPE_CACHE (set by ucxx) yet calls it unused
         try:
             cfg = Config.from_env(
                 environ=env, num_workers=spec.num_workers, num_servers=spec.num_servers, group_size=spec.group_size,

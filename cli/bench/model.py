@@ -136,6 +136,7 @@ class Environment:
     devices: int = 0  # GPUs visible
     mps: bool = False  # the CUDA MPS daemon was serving this run's processes
     lane: bool = False  # stepmesh's nodes opened the device lane (STEPMESH_DEVICE_LANE, by default on a GPU host)
+    memtype_cache: str = ""  # UCX_MEMTYPE_CACHE as UCX reads it in this run's processes (import ucxx sets "n")
     core: str = ""  # the compiled core's module
 
     @classmethod
@@ -164,12 +165,14 @@ class Environment:
             devices=count,
             mps=mps_running() if device.startswith("cuda") else False,
             lane=Config.from_env().lane_on(),
+            memtype_cache=ucx_memtype_cache(),
             core=core.__file__ or "",
         )
 
     def describe(self) -> str:
         gpu = (
             f"{self.device} x{self.devices}, MPS {'on' if self.mps else 'off'}, lane {'on' if self.lane else 'off'}"
+            + (f", UCX memory-type cache {self.memtype_cache}" if self.memtype_cache else "")
             if self.devices else "no GPU"
         )
         return (
@@ -182,6 +185,20 @@ def _cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+
+
+def ucx_memtype_cache() -> str:
+    """UCX_MEMTYPE_CACHE as UCX reads it here: ``import ucxx`` sets it to ``n`` unless it is set already.
+
+    Its child processes inherit it, so stepmesh's nodes and the floors run with it too.
+    """
+    import os
+
+    from stepmesh.control.transport import ucx_version
+
+    ucx_version()  # imports ucxx, which fills in its defaults first
+    value = os.environ.get("UCX_MEMTYPE_CACHE", "try")  # UCX's own default where nothing set it
+    return {"n": "off", "no": "off", "y": "on", "yes": "on", "try": "on (try)"}.get(value.lower(), value)
 
 
 def mps_running() -> bool:

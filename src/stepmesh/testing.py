@@ -232,7 +232,7 @@ def _base_env(num_workers: int, num_servers: int, group_size: int, env: Mapping[
 
     shape = Config(num_workers=num_workers, num_servers=num_servers, group_size=group_size, root_uri="127.0.0.1")
     out = {k: v for k, v in shape.to_env().items() if k.startswith("DMLC_")}
-    out.update(PYTHONUNBUFFERED="1", UCX_WARN_UNUSED_ENV_VARS="n")  # ucxx sets UCX_MEMTYPE_CACHE, unknown to UCX 1.21
+    out.update(PYTHONUNBUFFERED="1", UCX_WARN_UNUSED_ENV_VARS="n")  # UCX 1.21 reads UCX_MEMTYPE_CACHE (set by ucxx) yet calls it unused
     out.update(env or {})
     return out
 
