@@ -749,15 +749,21 @@ def _registered(ctx: NodeContext) -> list[bool]:
                     inside.append(t.data_ptr() == lo + chunk and t.data_ptr() + t.numel() * 4 <= hi)
                 assert torch.all(tensors[0] == w + 1)
                 f.respond([tensors[0] + tensors[1]], h)
+    mapped = f._server("respond")._core.mapped if ctx.role == "server" else 0
     f.stop()
-    return inside
+    return inside, mapped
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
-def test_registered_buffers_receive_pushes_in_place(device):
-    results = _mesh(_registered, device, num_workers=2, num_servers=1)
-    assert results["server-0-0"] == [True] * 8
+@pytest.mark.parametrize("hints", ["host", "all"])
+def test_registered_buffers_receive_pushes_in_place(device, hints):
+    """With STEPMESH_MEMORY_HINTS=all the large pushes arrive through chunks mapped with ucp_mem_map (one per
+    chunk a layout receives into separately: 2 workers x 2 keys), and still in place."""
+    results = _mesh(_registered, device, num_workers=2, num_servers=1, env={"STEPMESH_MEMORY_HINTS": hints})
+    inside, mapped = results["server-0-0"]
+    assert inside == [True] * 8
+    assert mapped == (4 if hints == "all" else 0)
 
 
 def _misaligned(ctx: NodeContext) -> bool:

@@ -58,7 +58,11 @@ ctypedef void (*cancel_fn)(void *worker, void *req) noexcept nogil
 ctypedef unsigned (*progress_fn)(void *worker) noexcept nogil
 ctypedef const char *(*status_string_fn)(int status) noexcept nogil
 
+ctypedef int (*mem_map_fn)(void *context, const void *params, void **memh) noexcept nogil
+ctypedef int (*mem_unmap_fn)(void *context, void *memh) noexcept nogil
 cdef send_fn ucp_send = NULL
+cdef mem_map_fn ucp_mem_map = NULL
+cdef mem_unmap_fn ucp_mem_unmap = NULL
 cdef recv_fn ucp_recv = NULL
 cdef check_fn ucp_check = NULL
 cdef free_fn ucp_free = NULL
@@ -73,6 +77,8 @@ cdef enum:
     PARAM_WORDS = 16  # ucp_request_param_t is 72 bytes on LP64 (UCX 1.21); zeros past it
     FIELD_DATATYPE = 1 << 3  # UCP_OP_ATTR_FIELD_DATATYPE
     FIELD_MEMORY_TYPE = 1 << 6  # UCP_OP_ATTR_FIELD_MEMORY_TYPE
+    FIELD_MEMH = 1 << 8  # UCP_OP_ATTR_FIELD_MEMH (the handle is the param's word 8, offset 64)
+    MAP_FIELDS = 3  # UCP_MEM_MAP_PARAM_FIELD_ADDRESS | LENGTH (ucp_mem_map_params_t: mask, address, length, ...)
     DATATYPE_IOV = 2  # UCP_DATATYPE_IOV
     TABLE = 512  # remembered plans per worker (direct-mapped by hash)
     LAYOUTS = 256  # remembered request layouts per worker, on a server
@@ -119,6 +125,7 @@ def bind_ucp(str path):
         ImportError: the library is not loaded, or lacks a function (UCX older than 1.10).
     """
     global ucp_send, ucp_recv, ucp_check, ucp_free, ucp_cancel, ucp_progress, ucs_status_string
+    global ucp_mem_map, ucp_mem_unmap
     cdef bytes p = path.encode()
     cdef void *lib = dlopen(p, RTLD_NOW | RTLD_NOLOAD)
     if lib == NULL:
@@ -132,6 +139,8 @@ def bind_ucp(str path):
         if fns[i] == NULL:
             raise ImportError(f"the libucp at {path} has no {names[i].decode()}: stepmesh needs UCX 1.10 or newer")
     ucp_send = <send_fn>fns[0]
+    ucp_mem_map = <mem_map_fn>dlsym(lib, b"ucp_mem_map")
+    ucp_mem_unmap = <mem_unmap_fn>dlsym(lib, b"ucp_mem_unmap")
     ucp_recv = <recv_fn>fns[1]
     ucp_check = <check_fn>fns[2]
     ucp_free = <free_fn>fns[3]
@@ -421,6 +430,23 @@ cdef class Pool:
 
 
 # ------------------------------------------------------------ tag operations
+@cython.no_gc_clear
+@cython.final
+cdef class MemMap:
+    """A buffer mapped with ``ucp_mem_map`` on one context (``Ucp.map``): operations on it pass the handle, from
+    which UCX takes the memory type instead of looking the address up. Unmapped when it goes; it keeps the
+    context and the buffer's owner alive until then."""
+
+    cdef void *ctx
+    cdef void *memh
+    cdef object keep
+    cdef uint64_t param[PARAM_WORDS]  # ucp_request_param_t: op_attr_mask FIELD_MEMH, memh (word 8)
+
+    def __dealloc__(self):
+        if self.memh != NULL:
+            ucp_mem_unmap(self.ctx, self.memh)
+
+
 cdef class Ucp:
     """libucp's tag calls on one ucxx worker and its lane: ``Ucp(worker, handle, release_gil, lane, lane_handle)``.
 
@@ -432,14 +458,17 @@ cdef class Ucp:
 
     cdef void *worker
     cdef void *lane
-    cdef object worker_obj, lane_obj
+    cdef void *ctx  # the worker's and the lane's ucp_context_h (NULL: not given, nothing is mapped)
+    cdef void *lane_ctx
+    cdef object worker_obj, lane_obj, ctx_obj, lane_ctx_obj
     cdef bint release_gil
     cdef int hints  # the highest MemHint told to UCX; above it, UCX detects
     cdef set live  # Request objects handed out and still in flight
     cdef bint closed
 
     def __cinit__(self, object worker_obj, uintptr_t handle, bint release_gil=False, object lane_obj=None,
-                  uintptr_t lane_handle=0, int hints=HINT_DETECT):
+                  uintptr_t lane_handle=0, int hints=HINT_DETECT, object context_obj=None,
+                  object lane_context_obj=None):
         if ucp_send == NULL:
             raise TransportError("stepmesh._core: bind_ucp() was not called")
         if not HINT_DETECT <= hints <= HINT_CUDA:
@@ -449,6 +478,10 @@ cdef class Ucp:
         self.worker = <void *>handle
         self.lane_obj = lane_obj
         self.lane = <void *>lane_handle
+        self.ctx_obj = context_obj
+        self.lane_ctx_obj = lane_context_obj
+        self.ctx = <void *><uintptr_t>context_obj.handle if context_obj is not None else NULL
+        self.lane_ctx = <void *><uintptr_t>lane_context_obj.handle if lane_context_obj is not None else NULL
         self.release_gil = release_gil
         self.live = set()
 
@@ -470,9 +503,12 @@ cdef class Ucp:
 
     cdef inline void *recv_raw(self, void *buf, size_t n, uint64_t tag, uint64_t mask, bint iov, int mem,
                                bint on_lane=False) noexcept:
+        return self.recv_param(buf, n, tag, mask, self.param(iov, mem), on_lane)
+
+    cdef inline void *recv_param(self, void *buf, size_t n, uint64_t tag, uint64_t mask, const void *param,
+                                 bint on_lane) noexcept:
         cdef void *h
         cdef void *worker = self.lane if on_lane else self.worker
-        cdef const void *param = self.param(iov, mem)
         if self.release_gil:
             with nogil:
                 h = ucp_recv(worker, buf, n, tag, mask, param)
@@ -493,6 +529,30 @@ cdef class Ucp:
             if s != UCS_INPROGRESS:
                 ucp_free(h)
         return s
+
+    cdef MemMap map(self, uint64_t ptr, uint64_t nbytes, bint on_lane, object owner):
+        """``ptr``..``ptr + nbytes`` mapped on the worker's context (the lane's: ``on_lane``) when this Ucp names
+        device memory (``hints`` all) and was given its contexts; None otherwise, or where UCX cannot map it (the
+        buffer is then looked up per operation, as before). ``owner`` is kept alive with the mapping."""
+        cdef void *ctx = self.lane_ctx if on_lane else self.ctx
+        cdef uint64_t mp[8]
+        if self.hints < HINT_CUDA or ctx == NULL or ucp_mem_map == NULL or ucp_mem_unmap == NULL or nbytes == 0:
+            return None
+        memset(mp, 0, sizeof(mp))
+        mp[0] = MAP_FIELDS
+        mp[1] = ptr
+        mp[2] = nbytes
+        cdef MemMap m = MemMap.__new__(MemMap)
+        cdef void *memh = NULL
+        if ucp_mem_map(ctx, mp, &memh) != UCS_OK or memh == NULL:
+            return None
+        m.ctx = ctx
+        m.memh = memh
+        m.keep = (self.lane_ctx_obj if on_lane else self.ctx_obj, owner)
+        memset(m.param, 0, sizeof(m.param))
+        m.param[0] = FIELD_MEMH
+        m.param[8] = <uintptr_t>memh
+        return m
 
     cdef inline unsigned progress_raw(self) noexcept:
         cdef unsigned n
@@ -1469,6 +1529,7 @@ cdef struct PushDest:
     int fresh  # 1: a new tensor per request
     uint64_t ptr  # a registered chunk's address (fresh: read from the new tensor)
     uint64_t nbytes, offset  # offset: an inline push's place in the slot
+    const void *param  # a registered chunk mapped on the context it arrives on (MemMap.param), or NULL
 
 
 cdef class Layout:
@@ -1479,6 +1540,7 @@ cdef class Layout:
     cdef int size, n_push, n_pull, n_sep_push, n_sep_pull, evicted
     cdef PushDest *push
     cdef list views  # per push: the registered chunk's view, or None
+    cdef list maps  # the MemMaps the pushes' params point into (alive as long as the layout)
     cdef list shapes, dtypes, devices  # per push: what a fresh tensor is made of
     cdef object alloc_ctx  # a torch stream context: fresh device tensors come from a stream of their own
     cdef list keys, pull_keys
@@ -1583,6 +1645,7 @@ cdef class Server:
     cdef bint closed
     cdef object endpoints
     cdef int lent_out  # Sendings in flight that read the caller's memory
+    cdef int n_mapped  # registered chunks mapped for the layouts made so far (STEPMESH_MEMORY_HINTS=all)
 
     def __cinit__(self, Ucp ucp, list eps, list lane_eps, list endpoints, list ring_tags, list push_tags,
                   uint64_t resp_tag, uint64_t pull_tag, bint pinned, int device):
@@ -1664,6 +1727,7 @@ cdef class Server:
         lay.n_push = len(pushes)
         lay.push = <PushDest *>calloc(max(lay.n_push, 1), sizeof(PushDest))
         lay.views = []
+        lay.maps = []
         lay.shapes = []
         lay.dtypes = []
         lay.devices = []
@@ -1676,6 +1740,13 @@ cdef class Server:
             lay.push[i].fresh = view is None
             lay.push[i].ptr = 0 if view is None else view.data_ptr()
             lay.push[i].dest_device = dev
+            lay.push[i].param = NULL
+            if view is not None and (placement == SEPARATE or placement == LANE):
+                m = self.ucp.map(lay.push[i].ptr, view.nbytes, placement == LANE, view)
+                if m is not None:
+                    self.n_mapped += 1
+                    lay.maps.append(m)
+                    lay.push[i].param = <const void *>&(<MemMap>m).param[0]
             lay.n_sep_push += placement == SEPARATE or placement == LANE
             if placement == LANE and self.ucp.lane == NULL:
                 raise ValueError("a push on the lane of a server without one")
@@ -1821,8 +1892,12 @@ cdef class Server:
             d = &lay.push[i]
             if d.placement == SEPARATE or d.placement == LANE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
-                r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
-                           HINT_CUDA if d.dest_device >= 0 else HINT_HOST, d.placement == LANE)
+                if d.param != NULL:
+                    r.ops.add(self.ucp.recv_param(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK,
+                                                  d.param, d.placement == LANE), d.placement == LANE)
+                else:
+                    r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
+                               HINT_CUDA if d.dest_device >= 0 else HINT_HOST, d.placement == LANE)
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:
@@ -2185,6 +2260,11 @@ cdef class Server:
         cdef Layout lay = (<Req>found).layout
         cdef int j
         return lay.keys, [(lay.pull_keys[j], lay.caps[j]) for j in range(lay.n_pull)]
+
+    @property
+    def mapped(self):
+        """Registered chunks mapped with ``ucp_mem_map`` for the layouts made so far (each layout maps its own)."""
+        return self.n_mapped
 
     @property
     def lent(self):

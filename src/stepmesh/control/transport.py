@@ -158,7 +158,7 @@ class Transport:
             lane = self.lane_worker
             self._ucp = core.Ucp(self.worker, self.worker.handle, self.mode == "thread",
                                  lane, lane.handle if lane is not None else 0,
-                                 ("off", "host", "all").index(self.memory_hints))
+                                 ("off", "host", "all").index(self.memory_hints), self.context, self.lane_context)
         return self._ucp
 
     @property
