@@ -58,8 +58,8 @@ ctypedef void (*cancel_fn)(void *worker, void *req) noexcept nogil
 ctypedef unsigned (*progress_fn)(void *worker) noexcept nogil
 ctypedef const char *(*status_string_fn)(int status) noexcept nogil
 
-ctypedef int (*mem_map_fn)(void *context, const void *params, void **memh) noexcept nogil
-ctypedef int (*mem_unmap_fn)(void *context, void *memh) noexcept nogil
+ctypedef signed char (*mem_map_fn)(void *context, const void *params, void **memh) noexcept nogil  # ucs_status_t:
+ctypedef signed char (*mem_unmap_fn)(void *context, void *memh) noexcept nogil  # a packed (1-byte) enum
 cdef send_fn ucp_send = NULL
 cdef mem_map_fn ucp_mem_map = NULL
 cdef mem_unmap_fn ucp_mem_unmap = NULL
@@ -446,6 +446,15 @@ cdef class MemMap:
         if self.memh != NULL:
             ucp_mem_unmap(self.ctx, self.memh)
 
+    cdef void leave_to_ucx(self):
+        """Never unmap: a receive abandoned in flight may still use the handle, the buffer and the context."""
+        if self.memh != NULL:
+            _LEFT_TO_UCX.append(self.keep)
+            self.memh = NULL
+
+
+cdef list _LEFT_TO_UCX = []  # contexts and buffers of mappings left to abandoned receives (kept to the end)
+
 
 cdef class Ucp:
     """libucp's tag calls on one ucxx worker and its lane: ``Ucp(worker, handle, release_gil, lane, lane_handle)``.
@@ -533,10 +542,13 @@ cdef class Ucp:
     cdef MemMap map(self, uint64_t ptr, uint64_t nbytes, bint on_lane, object owner):
         """``ptr``..``ptr + nbytes`` mapped on the worker's context (the lane's: ``on_lane``) when this Ucp names
         device memory (``hints`` all) and was given its contexts; None otherwise, or where UCX cannot map it (the
-        buffer is then looked up per operation, as before). ``owner`` is kept alive with the mapping."""
+        buffer is then looked up per operation, as before; always in ``thread`` progress mode, where ucp_mem_map
+        would race the progress thread on the context). ``owner`` is kept alive with the mapping."""
         cdef void *ctx = self.lane_ctx if on_lane else self.ctx
         cdef uint64_t mp[8]
         if self.hints < HINT_CUDA or ctx == NULL or ucp_mem_map == NULL or ucp_mem_unmap == NULL or nbytes == 0:
+            return None
+        if self.release_gil:  # a progress thread uses the context unlocked (ucxx makes it without a lock)
             return None
         memset(mp, 0, sizeof(mp))
         mp[0] = MAP_FIELDS
@@ -769,15 +781,20 @@ cdef class Ops:
                 return self.status[i]
         return 0
 
-    cdef void abandon(self, Ucp ucp) noexcept:
-        """Cancel and free whatever is still in flight (the memory they use is left to UCX)."""
+    cdef bint abandon(self, Ucp ucp) noexcept:
+        """Cancel and free whatever is still in flight (the memory they use is left to UCX); whether anything was.
+
+        A receive UCX has already matched runs on after the cancel, so what it uses must stay as it is."""
         cdef int i
+        cdef bint any_ = False
         for i in range(self.n):
             if self.h[i] != NULL:
+                any_ = True
                 ucp.cancel_raw(self.h[i], self.on_lane[i])
                 ucp_free(self.h[i])
                 self.h[i] = NULL
                 self.status[i] = UCS_ERR_CANCELED
+        return any_
 
 
 # ------------------------------------------------------------- tensor facts
@@ -1744,7 +1761,6 @@ cdef class Server:
             if view is not None and (placement == SEPARATE or placement == LANE):
                 m = self.ucp.map(lay.push[i].ptr, view.nbytes, placement == LANE, view)
                 if m is not None:
-                    self.n_mapped += 1
                     lay.maps.append(m)
                     lay.push[i].param = <const void *>&(<MemMap>m).param[0]
             lay.n_sep_push += placement == SEPARATE or placement == LANE
@@ -1775,6 +1791,7 @@ cdef class Server:
         lay.staging = [{} for _ in range(lay.n_pull)]
         lay.free_reqs = []
         lay.free_sendings = []
+        self.n_mapped += len(lay.maps)
         cdef list table = <list>self.tables[worker]
         old = table[lay.hash % LAYOUTS]
         if old is not None:
@@ -2281,7 +2298,9 @@ cdef class Server:
         self.closed = True
         self.rings.abandon(self.ucp)
         for item in self.arriving:
-            (<Req>item).ops.abandon(self.ucp)
+            if (<Req>item).ops.abandon(self.ucp):
+                for m in (<Req>item).layout.maps:
+                    (<MemMap>m).leave_to_ucx()
         for item in self.sending:
             (<Sending>item).ops.abandon(self.ucp)
         self.arriving = []
