@@ -225,3 +225,17 @@ def test_a_late_instance_group_is_waited_for_by_the_stop_barrier():
     assert sorted(results) == ["server-0-0", "server-1-0", "worker-0-0", "worker-1-0"]
     early = [float(results[n].split()[2]) for n in ("server-0-0", "worker-0-0")]
     assert all(t > 1.0 for t in early), results  # they waited in stop() for the late group
+
+
+def test_free_port_comes_from_below_the_ephemeral_range():
+    """No outgoing connection can take the port between the probe and the listener's bind (a CI run saw one)."""
+    import socket
+
+    from stepmesh.testing import free_port
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+        low = int(fh.read().split()[0])
+    ports = {free_port() for _ in range(8)}
+    assert all(1024 <= p < low for p in ports), (ports, low)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # still free

@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-from stepmesh.testing import run_commands
+from stepmesh.testing import free_port, run_commands
 
 from .conftest import DEVICES
 
 HERE = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("device", DEVICES)
 def test_vllm_afd_plugin_connector_two_attention_ranks_one_ffn_rank(device):
     """3 stages x 20 layers, dynamic token counts, every answer checked; FFN rank 0 starts the scheduler."""
-    port = str(_free_port())
+    port = str(free_port())
     env = {
         "PYTHONPATH": os.pathsep.join([str(HERE / "standin"), os.environ.get("PYTHONPATH", "")]),
         "UCX_WARN_UNUSED_ENV_VARS": "n",

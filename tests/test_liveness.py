@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import stepmesh as f
-from stepmesh.testing import Mesh, NodeContext, run_command, run_mesh, spawn_mesh
+from stepmesh.testing import Mesh, NodeContext, free_port, run_command, run_mesh, spawn_mesh
 
 from .conftest import FAST
 
@@ -130,11 +130,7 @@ def test_a_barrier_that_never_fills_times_out():
 
 
 def test_unreachable_scheduler_is_a_bounded_timeout():
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     cfg = f.Config(
         role="worker", root_uri="127.0.0.1", root_port=port, num_workers=1, num_servers=1, init_timeout_ms=1500
     )
@@ -146,12 +142,9 @@ def test_unreachable_scheduler_is_a_bounded_timeout():
 
 def test_waiting_for_a_scheduler_not_up_yet_is_quiet():
     """Retries probe the port first: no UCX ERROR line per refused attempt, one clear error at the end."""
-    import socket
     import sys
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     env = {
         "DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "1", "DMLC_NUM_SERVER": "1", "DMLC_PS_ROOT_URI": "127.0.0.1",
         "DMLC_PS_ROOT_PORT": str(port), "STEPMESH_INIT_TIMEOUT_MS": "1500",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stepmesh.testing import kill_session, start_command
+from stepmesh.testing import free_port, kill_session, start_command
 
 HERE = Path(__file__).parent
 SUBNET = "10.231.{}.{}"
@@ -71,16 +70,11 @@ def hosts() -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class _Cluster:
     def __init__(self, hosts: dict[str, str], workers: int, servers: int, mode: str, tmp: Path) -> None:
         self.hosts, self.tmp, self.procs = hosts, tmp, []
-        port = _free_port()  # inside namespace A nothing else listens anyway
+        port = free_port()  # inside namespace A nothing else listens anyway
         self.env = {
             "DMLC_NUM_WORKER": str(workers), "DMLC_NUM_SERVER": str(servers), "DMLC_PS_ROOT_URI": hosts["addr_a"],
             "DMLC_PS_ROOT_PORT": str(port), "STEPMESH_INIT_TIMEOUT_MS": "30000", "UCX_WARN_UNUSED_ENV_VARS": "n",

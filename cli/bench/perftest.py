@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
+
+from stepmesh.testing import free_port
 
 from .common import data_options
 from .model import BenchOptions
@@ -40,11 +41,6 @@ def find_perftest() -> tuple[str, str] | None:
     return (exe, "") if exe else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass
 class Perftest:
@@ -64,7 +60,7 @@ class Perftest:
 
     def _one_way(self, nbytes: int, n: int) -> tuple[float, float]:
         """(median one-way latency in us, seconds) of ``n`` ping-pongs of ``nbytes``."""
-        port = _free_port()
+        port = free_port()
         common = ["-t", "tag_lat", "-s", str(max(nbytes, 1)), "-n", str(n), "-w", str(max(n // 10, 10)), "-p", str(port)]
         if self.opts.device.startswith("cuda"):
             common += ["-m", "cuda"]

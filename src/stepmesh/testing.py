@@ -13,7 +13,9 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,10 +27,35 @@ from typing import Any
 
 __all__ = [
     "NodeContext", "MeshError", "Mesh", "run_mesh", "spawn_mesh", "cli_command", "start_command", "run_command",
-    "run_commands", "kill_session", "session_pids", "pid_alive", "wait_gone",
+    "run_commands", "kill_session", "session_pids", "pid_alive", "wait_gone", "free_port",
 ]
 
 _OUTPUT_TAIL = 6000
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a listener another process opens later (a scheduler, a C floor).
+
+    Taken from below the kernel's ephemeral range (``/proc/sys/net/ipv4/ip_local_port_range``) where it can
+    be: outgoing connections draw their source ports from that range, so a port probed there can be taken by
+    any connection before the listener binds it (a CI run saw the scheduler fail with "Device is busy");
+    below it only an explicit bind can take it.
+    """
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = random.SystemRandom().sample(range(max(1024, low - 16384), low), 64) if low > 2048 else []
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free TCP port on {host}")
 
 
 @dataclass(frozen=True)
