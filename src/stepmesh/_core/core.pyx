@@ -738,9 +738,11 @@ cdef class Ops:
     cdef inline void clear(self) noexcept:
         self.n = 0
 
-    cdef inline void recv(self, Ucp ucp, void *buf, size_t n, uint64_t tag, int mem, bint on_lane) noexcept:
-        """Post a receive of exactly ``tag`` (on the lane when ``on_lane``) and record it."""
-        self.add(ucp.recv_raw(buf, n, tag, FULL_MASK, False, mem, on_lane), on_lane)
+    cdef inline void recv(self, Ucp ucp, void *buf, size_t n, uint64_t tag, const void *param,
+                          bint on_lane) noexcept:
+        """Post a receive of exactly ``tag`` with ``param`` (``Ucp.param`` or a ``MemMap``'s; on the lane when
+        ``on_lane``) and record it."""
+        self.add(ucp.recv_param(buf, n, tag, FULL_MASK, param, on_lane), on_lane)
 
     cdef inline void add(self, void *h, bint on_lane=False) noexcept:
         """Record what a post returned: a request, NULL (done within the call) or an error status (``on_lane``:
@@ -1279,7 +1281,7 @@ cdef class Worker:
                 a = &p.answers[s * p.per + j]
                 if a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE:
                     c.recvs.recv(ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
-                                 HINT_CUDA if a.device else HINT_HOST, a.how == ANSWER_LANE)
+                                 ucp.param(False, HINT_CUDA if a.device else HINT_HOST), a.how == ANSWER_LANE)
             if p.ans_pack_size[s]:
                 c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
                                          FULL_MASK, False, HINT_CUDA))
@@ -1909,12 +1911,9 @@ cdef class Server:
             d = &lay.push[i]
             if d.placement == SEPARATE or d.placement == LANE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
-                if d.param != NULL:
-                    r.ops.add(self.ucp.recv_param(<void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i, FULL_MASK,
-                                                  d.param, d.placement == LANE), d.placement == LANE)
-                else:
-                    r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
-                               HINT_CUDA if d.dest_device >= 0 else HINT_HOST, d.placement == LANE)
+                r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
+                           d.param if d.param != NULL else self.ucp.param(False, HINT_CUDA if d.dest_device >= 0
+                                                                          else HINT_HOST), d.placement == LANE)
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import MEMORY_HINTS
 from ..errors import PeerError, StepMeshError
 
 __all__ = ["Transport", "ControlChannel", "EventLoop", "Waker", "bound_core", "ucp_library_path", "ucx_version", "wrap"]
@@ -158,7 +159,7 @@ class Transport:
             lane = self.lane_worker
             self._ucp = core.Ucp(self.worker, self.worker.handle, self.mode == "thread",
                                  lane, lane.handle if lane is not None else 0,
-                                 ("off", "host", "all").index(self.memory_hints), self.context, self.lane_context)
+                                 MEMORY_HINTS.index(self.memory_hints), self.context, self.lane_context)
         return self._ucp
 
     @property
