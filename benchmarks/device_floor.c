@@ -17,6 +17,8 @@
  *   put-count-fence  the payload and the count put, a fence, the header
  *   hdr-iov          a header + one tag message of an iov [payload, count] (both device memory when --mem cuda):
  *                    the count carried with the payload, no lane
+ *   put-req          the request one-sided (put-count-fence), the answer as hdr-lane: what writing pushes into
+ *                    a server's registered buffers would give with the answers left as they are
  *
  * Before timing, every mode is checked: the sender writes a fresh value into the first and last words of
  * its payload and into the count, and the receiver reads them back once its messages are complete.
@@ -52,9 +54,9 @@
 #define TAG_COUNT 3
 
 enum { M_TAG, M_HDR, M_HDR_LANE, M_HDR_LANE_LATE, M_PUT, M_PUT_COUNT, M_PUT_FENCE, M_PUT_COUNT_FENCE, M_HDR_IOV,
-       N_MODES };
+       M_PUT_REQ, N_MODES };
 static const char *mode_name[N_MODES] = {"tag", "hdr", "hdr-lane", "hdr-lane-late", "put", "put-count", "put-fence",
-                                         "put-count-fence", "hdr-iov"};
+                                         "put-count-fence", "hdr-iov", "put-req"};
 
 typedef unsigned long long CUdeviceptr;
 static struct {
@@ -222,6 +224,7 @@ static void ops_wait(Ops *o, const char *what) {
 static void post_recvs(int mode, Ops *o) {
     ucp_worker_h w = main_.worker;
     o->n = 0;
+    if (mode == M_PUT_REQ) mode = rank == 0 ? M_HDR_LANE : M_PUT_COUNT_FENCE;  /* rank 0 sends the requests */
     if (mode == M_HDR_LANE_LATE) {  /* the header alone; the rest once it is in */
         wait_req(ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host), "header");
         o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, dev_param(&recv_payload));
@@ -239,6 +242,7 @@ static void post_recvs(int mode, Ops *o) {
 static void send_msgs(int mode, Ops *o) {
     ucp_ep_h ep = main_.ep;
     o->n = 0;
+    if (mode == M_PUT_REQ) mode = rank == 0 ? M_PUT_COUNT_FENCE : M_HDR_LANE;
     switch (mode) {
     case M_TAG:
         o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, dev_param(&send_payload));
@@ -291,7 +295,7 @@ static unsigned word(Buf *b, size_t at) {
 
 static int has_count(int mode) {
     return mode == M_HDR_LANE || mode == M_HDR_LANE_LATE || mode == M_PUT_COUNT || mode == M_PUT_COUNT_FENCE ||
-           mode == M_HDR_IOV;
+           mode == M_HDR_IOV || mode == M_PUT_REQ;
 }
 
 static void verify(int mode, unsigned want, unsigned seq) {
@@ -365,7 +369,7 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("device_floor [--mem host|cuda] [--size BYTES] [--iters N] [--rounds N] [--warmup N] [--cpus A,B]\n"
                    "             [--hint] [--memh]\n"
-                   "             [--modes tag,hdr,hdr-lane,hdr-lane-late,put,put-count,put-fence,put-count-fence,hdr-iov]\n"
+                   "             [--modes tag,hdr,hdr-lane,hdr-lane-late,put,put-count,put-fence,put-count-fence,hdr-iov,put-req]\n"
                    "(the comment at the top of benchmarks/device_floor.c says what each mode moves)\n");
             return 0;
         }

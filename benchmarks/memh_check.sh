@@ -7,12 +7,25 @@
 #   1. stepmesh-1x1 against raw ucxx, STEPMESH_MEMORY_HINTS=host then all (the server maps each registered chunk
 #      a layout receives into, so UCX takes its type from the handle instead of looking it up);
 #   2. the GPU suite at the default (host) and with all;
-#   3. step3 (128x7168 fp8 push, bf16 pull), and stepmesh-1x1 with 3 stages in flight (against 1: step 1's host).
+#   3. step3 (128x7168 fp8 push, bf16 pull), and stepmesh-1x1 with 3 stages in flight (against 1: step 1's host);
+#   4. device_floor with the cache off and --hint (as stepmesh runs), then --memh: stepmesh's messages against
+#      one-sided requests with the answers as today (put-req) and both ways one-sided (put-count-fence).
 # About 300 s on one H100. JSON of every bench lands in $OUT (at most 8 files come back).
 set -u
 out=${OUT:-/tmp/stepmesh-out}
 mkdir -p "$out"
 export UCX_WARN_UNUSED_ENV_VARS=n
+ucx=$(python3 -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')
+if cc -O2 benchmarks/device_floor.c -I"$ucx/include" -L"$ucx/lib" -Wl,-rpath,"$ucx/lib" -lucp -lucs -ldl \
+     -o /tmp/device_floor 2>"$out/floor-build.log"; then
+  for flag in --hint --memh; do
+    echo "== device_floor, UCX_MEMTYPE_CACHE=n $flag"
+    UCX_MEMTYPE_CACHE=n timeout 60 /tmp/device_floor --mem cuda --size 917504 --iters 2000 --rounds 3 \
+      --modes tag,hdr-lane,put-req,put-count-fence $flag 2>&1 | tail -5
+  done
+else
+  echo "device_floor did not build:"; tail -5 "$out/floor-build.log"
+fi
 bench() {  # NAME ENV... -- BENCH ARGS...
   local name=$1; shift
   local env=()
