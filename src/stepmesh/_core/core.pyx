@@ -52,14 +52,14 @@ cdef extern from "<time.h>" nogil:
 ctypedef void *(*send_fn)(void *ep, const void *buf, size_t count, uint64_t tag, const void *param) noexcept nogil
 ctypedef void *(*recv_fn)(void *worker, void *buf, size_t count, uint64_t tag, uint64_t mask,
                           const void *param) noexcept nogil
-ctypedef int (*check_fn)(void *req) noexcept nogil
+ctypedef signed char (*check_fn)(void *req) noexcept nogil  # ucs_status_t: a packed (1-byte) enum
 ctypedef void (*free_fn)(void *req) noexcept nogil
 ctypedef void (*cancel_fn)(void *worker, void *req) noexcept nogil
 ctypedef unsigned (*progress_fn)(void *worker) noexcept nogil
 ctypedef const char *(*status_string_fn)(int status) noexcept nogil
 
-ctypedef signed char (*mem_map_fn)(void *context, const void *params, void **memh) noexcept nogil  # ucs_status_t:
-ctypedef signed char (*mem_unmap_fn)(void *context, void *memh) noexcept nogil  # a packed (1-byte) enum
+ctypedef signed char (*mem_map_fn)(void *context, const void *params, void **memh) noexcept nogil  # likewise
+ctypedef signed char (*mem_unmap_fn)(void *context, void *memh) noexcept nogil
 cdef send_fn ucp_send = NULL
 cdef mem_map_fn ucp_mem_map = NULL
 cdef mem_unmap_fn ucp_mem_unmap = NULL
