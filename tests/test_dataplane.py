@@ -767,6 +767,66 @@ def test_registered_buffers_receive_pushes_in_place(device, hints, progress, map
     assert mapped == maps
 
 
+def _worker_maps(ctx: NodeContext) -> tuple[int, int, int, bool] | int:
+    """A hidden state and its count each way, the pull tensors freed and allocated again between calls (torch's
+    cache off: each goes back to the driver, and the next one tends to get the same address in a new allocation).
+    The server answers from fresh tensors: the last three lent (synchronised, need_event=False), so mapped."""
+    dev = _dev(ctx)
+    f.init()
+    f.barrier()
+    result = None
+    if ctx.role == "worker":
+        hidden = torch.randn(LARGE, device=dev)
+        count = torch.tensor([7], dtype=torch.int32, device=dev)
+        reused = False
+        for rnd in range(6):
+            out = torch.zeros(LARGE, device=dev)
+            out_count = torch.zeros(1, dtype=torch.int32, device=dev)
+            if rnd:
+                reused = reused or out.data_ptr() == last
+            last = out.data_ptr()
+            count.fill_(rnd)
+            f.wait(f.push_pull([hidden, count], [1, 2], [out, out_count], [3, 4]))
+            assert torch.equal(out, hidden * 2), rnd
+            assert int(out_count) == rnd + 1, (rnd, int(out_count))
+            del out, out_count
+        core = f._worker("push_pull")._core
+        result = (core.mapped, core.remade, core.in_flight, reused)
+    else:
+        for rnd in range(6):
+            (h, (t, c), _), = f.get_batch()
+            answers = [t * 2, c + 1]
+            if rnd >= 3 and dev == "cuda":
+                torch.cuda.current_stream().synchronize()
+            f.respond(answers, h, need_event=rnd < 3)
+            del answers
+        result = f._server("respond")._core.lent_mapped
+    f.stop()
+    return result
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hints, progress", [("host", "polling"), ("all", "polling"), ("all", "thread")])
+def test_worker_maps_device_buffers_only_while_their_allocation_holds(device, hints, progress):
+    """At STEPMESH_MEMORY_HINTS=all (polling) a worker maps its device pushes and answers with ucp_mem_map and
+    checks at every call that the allocation behind each address is the one it mapped: memory freed and allocated
+    again at the same address makes the plan anew, and every answer still lands right. A server maps the device
+    memory it lends answers from, a bounded number of times per answer. Host tensors, lower hint levels and
+    thread progress mode map nothing."""
+    env = {"STEPMESH_MEMORY_HINTS": hints, "STEPMESH_PROGRESS": progress, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    results = _mesh(_worker_maps, device, env=env)
+    mapped, remade, in_flight, reused = results["worker-0-0"]
+    lent_mapped = results["server-0-0"]
+    assert in_flight == 0
+    if device == "cuda" and hints == "all" and progress == "polling":
+        assert reused, "the driver never gave a freed address back: the stale-allocation check went untried"
+        assert mapped > 0 and remade > 0, (mapped, remade)
+        assert 0 < lent_mapped <= 2 * 4, lent_mapped  # at most ANSWER_MAPS per answer, however many allocations
+    else:
+        assert (mapped, remade, lent_mapped) == (0, 0, 0)
+
+
 def _misaligned(ctx: NodeContext) -> bool:
     """Chunks whose offsets do not suit the dtype: the push still arrives, in fresh memory."""
     f.init()

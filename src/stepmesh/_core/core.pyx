@@ -82,6 +82,7 @@ cdef enum:
     DATATYPE_IOV = 2  # UCP_DATATYPE_IOV
     TABLE = 512  # remembered plans per worker (direct-mapped by hash)
     LAYOUTS = 256  # remembered request layouts per worker, on a server
+    ANSWER_MAPS = 4  # mappings made per answer of a layout for the device memory answers are lent from
     MAX_DEVICES = 64
 
 cdef uintptr_t ERR_MIN = <uintptr_t>-256  # pointers at or above this are UCS_PTR_STATUS(errors)
@@ -169,6 +170,7 @@ ctypedef int (*d_error_name_fn)(int, const char **) noexcept nogil
 ctypedef const char *(*d_hip_error_fn)(int) noexcept nogil
 ctypedef int (*d_set_device_fn)(int) noexcept nogil
 ctypedef int (*d_get_device_fn)(int *) noexcept nogil
+ctypedef int (*d_ptr_attr_fn)(void *, int, uint64_t) noexcept nogil
 
 cdef struct Driver:
     int kind  # 0: not bound, 1: CUDA driver, 2: HIP
@@ -193,6 +195,7 @@ cdef struct Driver:
     d_hip_error_fn hip_error
     d_set_device_fn set_device
     d_get_device_fn get_device
+    d_ptr_attr_fn ptr_attr  # CUDA: cuPointerGetAttribute (an allocation's buffer id); HIP: not bound
 
 cdef Driver drv
 memset(&drv, 0, sizeof(Driver))
@@ -209,6 +212,7 @@ cdef enum:
     STREAM_NON_BLOCKING = 1
     EVENT_DISABLE_TIMING = 2
     HOST_ALLOC_PORTABLE = 1
+    PTR_BUFFER_ID = 7  # CU_POINTER_ATTRIBUTE_BUFFER_ID: unique to an allocation for the process's lifetime
 
 
 cdef void *_sym(void *lib, str name, list missing):
@@ -253,6 +257,7 @@ def bind_device(str kind, object current_raw_stream):
         drv.primary_retain = <d_retain_fn>_sym(lib, "cuDevicePrimaryCtxRetain", missing)
         drv.device_get = <d_device_get_fn>_sym(lib, "cuDeviceGet", missing)
         drv.error_name = <d_error_name_fn>_sym(lib, "cuGetErrorName", missing)
+        drv.ptr_attr = <d_ptr_attr_fn>_sym(lib, "cuPointerGetAttribute", missing)
         init = <d_init_fn>_sym(lib, "cuInit", missing)
         if missing:
             raise TransportError(f"the CUDA driver lacks {', '.join(missing)}")
@@ -355,6 +360,15 @@ cdef inline void event_give(int index, void *ev):
 cdef int sync_core_stream(int index) except -1:
     _drv_check(drv.stream_sync(core_stream(index)), "synchronising the core's stream")
     return 0
+
+
+cdef inline uint64_t buffer_id(uint64_t ptr) noexcept:
+    """The id of the CUDA allocation behind ``ptr`` (0: none known). A mapping made for an address holds while
+    the id is the same: memory freed and allocated again at that address gets a new one."""
+    cdef uint64_t bid = 0
+    if drv.kind != 1 or drv.ptr_attr == NULL or drv.ptr_attr(&bid, PTR_BUFFER_ID, ptr) != DRV_SUCCESS:
+        return 0
+    return bid
 
 
 # ---------------------------------------------------------------- memory
@@ -501,8 +515,11 @@ cdef class Ucp:
 
     cdef inline void *send_raw(self, uint64_t ep, const void *buf, size_t n, uint64_t tag, bint iov,
                                int mem) noexcept:
+        return self.send_param(ep, buf, n, tag, self.param(iov, mem))
+
+    cdef inline void *send_param(self, uint64_t ep, const void *buf, size_t n, uint64_t tag,
+                                 const void *param) noexcept:
         cdef void *h
-        cdef const void *param = self.param(iov, mem)
         if self.release_gil:
             with nogil:
                 h = ucp_send(<void *><uintptr_t>ep, buf, n, tag, param)
@@ -539,6 +556,12 @@ cdef class Ucp:
                 ucp_free(h)
         return s
 
+    cdef inline bint maps(self) noexcept:
+        """Whether ``map`` maps: hints all, the contexts given, and no progress thread (ucxx makes the contexts
+        without a lock, and ucp_mem_map would race the thread on them)."""
+        return self.hints >= HINT_CUDA and self.ctx != NULL and ucp_mem_map != NULL and ucp_mem_unmap != NULL \
+            and not self.release_gil
+
     cdef MemMap map(self, uint64_t ptr, uint64_t nbytes, bint on_lane, object owner):
         """``ptr``..``ptr + nbytes`` mapped on the worker's context (the lane's: ``on_lane``) when this Ucp names
         device memory (``hints`` all) and was given its contexts; None otherwise, or where UCX cannot map it (the
@@ -546,9 +569,7 @@ cdef class Ucp:
         would race the progress thread on the context). ``owner`` is kept alive with the mapping."""
         cdef void *ctx = self.lane_ctx if on_lane else self.ctx
         cdef uint64_t mp[8]
-        if self.hints < HINT_CUDA or ctx == NULL or ucp_mem_map == NULL or ucp_mem_unmap == NULL or nbytes == 0:
-            return None
-        if self.release_gil:  # a progress thread uses the context unlocked (ucxx makes it without a lock)
+        if not self.maps() or ctx == NULL or nbytes == 0:
             return None
         memset(mp, 0, sizeof(mp))
         mp[0] = MAP_FIELDS
@@ -864,6 +885,7 @@ cdef struct Push:
     int device  # 1: device memory (inline pushes: staged through pinned memory; separate: the memory type told to UCX)
     int lane  # separate pushes only: sent on the lane
     uint64_t ptr, nbytes, offset, slot
+    const void *param  # separate device pushes: a MemMap's param (STEPMESH_MEMORY_HINTS=all), or NULL
 
 
 cdef struct Answer:
@@ -872,6 +894,7 @@ cdef struct Answer:
              # ANSWER_PACKED (in the server's packed message, at offset: copied out on the device), ANSWER_LANE
              # (a message of its own on the lane)
     uint64_t ptr, cap, offset
+    const void *param  # answers received into device pull tensors: a MemMap's param (all), or NULL
 
 
 cdef enum:
@@ -908,8 +931,12 @@ cdef class Plan:
     cdef int *n_sep_answers  # per server
     cdef int *scatter  # per server: the scattered answer's index or -1
     cdef list free_calls  # idle Calls of this plan (cleared when the plan is dropped: no cycle outlives it)
+    cdef list maps  # the MemMaps its device pushes and answers pass (alive as long as the plan)
+    cdef int n_mapped
+    cdef uint64_t *mapped_at  # per mapped buffer: its address, then the id of the allocation it was mapped in
 
     def __dealloc__(self):
+        free(self.mapped_at)
         free(self.facts)
         free(self.keys)
         free(self.eps)
@@ -1018,6 +1045,8 @@ cdef class Worker:
     cdef int trace_next
     cdef dict trace_at  # every handle of a kept call -> its ring slot
     cdef bint closed
+    cdef int n_mapped  # device buffers mapped for the plans made so far (STEPMESH_MEMORY_HINTS=all)
+    cdef int n_remade  # calls refused as NO_PLAN because a mapped address is in another allocation now
 
     def __cinit__(self, Ucp ucp, int n_servers):
         self.ucp = ucp
@@ -1146,11 +1175,57 @@ cdef class Worker:
                 if a[3] == ANSWER_SEPARATE or a[3] == ANSWER_LANE:
                     p.n_sep_answers[s] += 1
         p.free_calls = []
+        self._map_plan(p)
         old = self.table[p.hash % TABLE]
         if old is not None:
             (<Plan>old).evicted = 1
             (<Plan>old).free_calls = []
         self.table[p.hash % TABLE] = p
+
+    cdef int _map_plan(self, Plan p) except -1:
+        """Map the plan's separately sent device pushes and separately received device answers with
+        ``ucp_mem_map`` (``Ucp.map``: at STEPMESH_MEMORY_HINTS=all, not in thread mode), so that UCX takes their
+        memory type from the handle instead of looking each address up. The plan does not hold the tensors: each
+        call checks that the allocations are the ones mapped (``buffer_id``), and a changed one is a new plan."""
+        cdef int k, j, n = 0
+        cdef Answer *a
+        p.maps = []
+        if p.device < 0 or drv.kind != 1 or not self.ucp.maps():
+            return 0
+        p.mapped_at = <uint64_t *>calloc(2 * (p.n_sep + p.n_servers * p.per) + 2, sizeof(uint64_t))
+        if p.mapped_at == NULL:
+            raise MemoryError()
+        dev_enter(p.device)
+        for k in range(p.n_sep):
+            if p.sep_push[k].device:
+                p.sep_push[k].param = self._map_one(p, p.sep_push[k].ptr, p.sep_push[k].nbytes, p.sep_push[k].lane)
+        for j in range(p.n_servers * p.per):
+            a = &p.answers[j]
+            if a.device and (a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE):
+                a.param = self._map_one(p, a.ptr, a.cap, a.how == ANSWER_LANE)
+        return 0
+
+    cdef const void *_map_one(self, Plan p, uint64_t ptr, uint64_t nbytes, bint lane) except? NULL:
+        cdef uint64_t bid = buffer_id(ptr)
+        if bid == 0:
+            return NULL
+        cdef object m = self.ucp.map(ptr, nbytes, lane, None)
+        if m is None:
+            return NULL
+        p.maps.append(m)
+        p.mapped_at[2 * p.n_mapped] = ptr
+        p.mapped_at[2 * p.n_mapped + 1] = bid
+        p.n_mapped += 1
+        self.n_mapped += 1
+        return <const void *>&(<MemMap>m).param[0]
+
+    cdef bint _maps_hold(self, Plan p) noexcept:
+        """Whether every buffer the plan mapped is still in the allocation it was mapped in."""
+        cdef int i
+        for i in range(p.n_mapped):
+            if buffer_id(p.mapped_at[2 * i]) != p.mapped_at[2 * i + 1]:
+                return False
+        return True
 
     cdef uint64_t _hash(self, Fact *facts, int64_t *keys, int n_push, int n_pull, int need_event) noexcept:
         cdef uint64_t h = mix(<uint64_t>n_push, <uint64_t>n_pull * 131 + <uint64_t>need_event)
@@ -1220,6 +1295,9 @@ cdef class Worker:
                 or memcmp(p.facts, f, (n_push + n_pull) * sizeof(Fact)) != 0 \
                 or memcmp(p.keys, keys, (n_push + n_pull) * sizeof(int64_t)) != 0:
             return -R_NO_PLAN
+        if p.n_mapped and not self._maps_hold(p):  # memory freed and allocated again at a mapped address
+            self.n_remade += 1
+            return -R_NO_PLAN
         if len(self.calls) >= MAX_IN_FLIGHT:
             return -R_LIMIT
         return self._post(p, lpush, lpull)
@@ -1281,7 +1359,8 @@ cdef class Worker:
                 a = &p.answers[s * p.per + j]
                 if a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE:
                     c.recvs.recv(ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
-                                 ucp.param(False, HINT_CUDA if a.device else HINT_HOST), a.how == ANSWER_LANE)
+                                 a.param if a.param != NULL else ucp.param(False, HINT_CUDA if a.device else HINT_HOST),
+                                 a.how == ANSWER_LANE)
             if p.ans_pack_size[s]:
                 c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
                                          FULL_MASK, False, HINT_CUDA))
@@ -1290,16 +1369,17 @@ cdef class Worker:
     cdef void _send(self, Call c) noexcept:
         cdef Plan p = c.plan
         cdef int s, k
+        cdef Push *q
         cdef Ucp ucp = self.ucp
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         c.sends.clear()
         for s in range(p.n_servers):
             c.sends.add(ucp.send_raw(p.eps[s], c.header, p.hlen, p.req_tag | bits, False, HINT_HOST))
             for k in range(p.n_sep):
-                c.sends.add(ucp.send_raw(p.lane_eps[s] if p.sep_push[k].lane else p.eps[s],
-                                         <void *><uintptr_t>p.sep_push[k].ptr, p.sep_push[k].nbytes,
-                                         p.push_tag | bits | p.sep_push[k].slot, False,
-                                         HINT_CUDA if p.sep_push[k].device else HINT_HOST))
+                q = &p.sep_push[k]
+                c.sends.add(ucp.send_param(p.lane_eps[s] if q.lane else p.eps[s], <void *><uintptr_t>q.ptr, q.nbytes,
+                                           p.push_tag | bits | q.slot,
+                                           q.param if q.param != NULL else ucp.param(False, HINT_CUDA if q.device else HINT_HOST)))
         c.t_sent = now_ns()
         c.state = C_POSTED
 
@@ -1526,16 +1606,30 @@ cdef class Worker:
         return self.next_handle_
 
     @property
+    def mapped(self):
+        """Device buffers mapped with ``ucp_mem_map`` for the plans made so far (each plan maps its own)."""
+        return self.n_mapped
+
+    @property
+    def remade(self):
+        """Plans made again because memory was freed and allocated anew at an address a plan had mapped."""
+        return self.n_remade
+
+    @property
     def in_flight(self):
         return len(self.calls)
 
     def close(self):
         """Cancel every call in flight; their memory is left to UCX (never freed under it)."""
         self.closed = True
+        cdef bint abandoned
         for c in list(self.calls.values()):
-            (<Call>c).recvs.abandon(self.ucp)
-            (<Call>c).sends.abandon(self.ucp)
+            abandoned = (<Call>c).recvs.abandon(self.ucp)
+            abandoned = (<Call>c).sends.abandon(self.ucp) or abandoned
             (<Call>c).refusal_ops.abandon(self.ucp)
+            if abandoned:
+                for m in (<Call>c).plan.maps:
+                    (<MemMap>m).leave_to_ucx()
         self.calls.clear()
         self.deferred.clear()
         self.forget_plans()
@@ -1571,8 +1665,13 @@ cdef class Layout:
     cdef Pool resp_pool
     cdef list staging  # per answer: {device index (-1: host): Pool}, made when an answer is first staged
     cdef list free_reqs, free_sendings  # recycled (cleared when the layout is dropped: no cycle outlives it)
+    cdef list ans_maps  # per answer: the MemMaps made for the device memory it was lent from (ANSWER_MAPS at most)
+    cdef uint64_t *ans_map  # per answer: the newest one's [start, end) and the id of the allocation it is in
+    cdef const void **ans_param  # per answer: the newest one's param, or NULL
 
     def __dealloc__(self):
+        free(self.ans_map)
+        free(self.ans_param)
         free(self.push)
         free(self.caps)
         free(self.placements)
@@ -1617,10 +1716,12 @@ cdef class Sending:
     cdef uint64_t ep
     cdef bytes note  # a refusal's reason
     cdef bint in_flight
+    cdef const void **params  # per answer lent from device memory: a MemMap's param (Layout.ans_param), or NULL
 
     def __dealloc__(self):
         if self.in_flight:
             return  # its core went with it in flight: UCX may still read the memory
+        free(self.params)
         free(self.staged)
         free(self.staged_device)
         free(self.sizes)
@@ -1633,7 +1734,8 @@ cdef Sending new_sending(Layout lay):
     out.staged = <void **>calloc(max(lay.n_pull, 1), sizeof(void *))
     out.staged_device = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
     out.sizes = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
-    if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL:
+    out.params = <const void **>calloc(max(lay.n_pull, 1), sizeof(void *))
+    if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL or out.params == NULL:
         raise MemoryError()
     return out
 
@@ -1665,6 +1767,7 @@ cdef class Server:
     cdef object endpoints
     cdef int lent_out  # Sendings in flight that read the caller's memory
     cdef int n_mapped  # registered chunks mapped for the layouts made so far (STEPMESH_MEMORY_HINTS=all)
+    cdef int n_lent_mapped  # device memory mapped where answers were lent from (all)
 
     def __cinit__(self, Ucp ucp, list eps, list lane_eps, list endpoints, list ring_tags, list push_tags,
                   uint64_t resp_tag, uint64_t pull_tag, bint pinned, int device):
@@ -1791,6 +1894,11 @@ cdef class Server:
         lay.resp_size = spec["resp_size"]
         lay.resp_pool = self._pool(MEM_PINNED if self.pinned else MEM_HOST, self.device, lay.resp_size)
         lay.staging = [{} for _ in range(lay.n_pull)]
+        lay.ans_maps = [[] for _ in range(lay.n_pull)]
+        lay.ans_map = <uint64_t *>calloc(3 * max(lay.n_pull, 1), sizeof(uint64_t))
+        lay.ans_param = <const void **>calloc(max(lay.n_pull, 1), sizeof(void *))
+        if lay.ans_map == NULL or lay.ans_param == NULL:
+            raise MemoryError()
         lay.free_reqs = []
         lay.free_sendings = []
         self.n_mapped += len(lay.maps)
@@ -2058,6 +2166,7 @@ cdef class Server:
         for j in range(lay.n_pull):
             memcpy(hdr + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &sizes[j], 8)
             out.staged[j] = NULL
+            out.params[j] = NULL
         if lay.ans_pack_size:  # on the device of the first packed answer there is (a host one is copied up)
             out.pack_dev = -1
             for j in range(lay.n_pull):
@@ -2107,6 +2216,8 @@ cdef class Server:
                 out.staged[j] = <void *><uintptr_t>ptr
                 out.staged_device[j] = LENT_HOST if dev < 0 else LENT_DEVICE
                 out.lends = True
+                if dev >= 0:
+                    out.params[j] = self._lent_param(lay, j, ts[j], ptr, n)
                 continue
             # the caller's stream is still computing: staged behind that work, so that respond returns at once
             out.staged[j] = self._staging(lay, j, dev).get()
@@ -2134,6 +2245,37 @@ cdef class Server:
         else:
             self._post_answer(out)
         return 0
+
+    cdef const void *_lent_param(self, Layout lay, int j, object t, uint64_t ptr, uint64_t n) except? NULL:
+        """The param of a mapping of the device memory answer ``j`` is lent from (STEPMESH_MEMORY_HINTS=all, not in
+        thread mode), or NULL. The newest mapping serves while the answer lies in it and its allocation is the
+        same (``buffer_id``: the layout holds no tensor); otherwise the answer's whole storage is mapped, up to
+        ANSWER_MAPS times per answer (each kept as long as the layout: a send may still read through it)."""
+        cdef uint64_t *at = &lay.ans_map[3 * j]
+        cdef uint64_t bid
+        if lay.ans_param[j] != NULL and at[0] <= ptr and ptr + n <= at[1]:
+            bid = buffer_id(ptr)
+            if bid != 0 and bid == at[2]:
+                return lay.ans_param[j]
+        if drv.kind != 1 or not self.ucp.maps() or len(<list>lay.ans_maps[j]) >= ANSWER_MAPS:
+            return NULL
+        bid = buffer_id(ptr)
+        if bid == 0:
+            return NULL
+        storage = t.untyped_storage()
+        cdef uint64_t lo = storage.data_ptr(), hi = lo + storage.nbytes()
+        if not (lo <= ptr and ptr + n <= hi):
+            return NULL
+        cdef object m = self.ucp.map(lo, hi - lo, lay.placements[j] == LANE, None)
+        if m is None:
+            return NULL
+        (<list>lay.ans_maps[j]).append(m)
+        at[0] = lo
+        at[1] = hi
+        at[2] = bid
+        lay.ans_param[j] = <const void *>&(<MemMap>m).param[0]
+        self.n_lent_mapped += 1
+        return lay.ans_param[j]
 
     cdef Pool _staging(self, Layout lay, int j, int device):
         cdef dict pools = <dict>lay.staging[j]
@@ -2168,11 +2310,13 @@ cdef class Server:
                                           self.resp_tag | bits | REFUSAL_SLOT, False, HINT_HOST))
         for j in range(lay.n_pull):
             if lay.placements[j] == SEPARATE or lay.placements[j] == LANE:  # an empty one still completes the receive
-                out.ops.add(self.ucp.send_raw(self.lane_eps[r.worker] if lay.placements[j] == LANE else out.ep,
-                                              out.staged[j] if out.staged[j] != NULL else out.header,
-                                              out.sizes[j], self.pull_tag | bits | <uint64_t>j, False,
-                                              HINT_HOST if out.staged[j] == NULL or out.staged_device[j] == -1
-                                              or out.staged_device[j] == LENT_HOST else HINT_CUDA))
+                out.ops.add(self.ucp.send_param(
+                    self.lane_eps[r.worker] if lay.placements[j] == LANE else out.ep,
+                    out.staged[j] if out.staged[j] != NULL else out.header, out.sizes[j],
+                    self.pull_tag | bits | <uint64_t>j,
+                    out.params[j] if out.params[j] != NULL else self.ucp.param(
+                        False, HINT_HOST if out.staged[j] == NULL or out.staged_device[j] == -1
+                        or out.staged_device[j] == LENT_HOST else HINT_CUDA)))
         if lay.ans_pack_size:
             out.ops.add(self.ucp.send_raw(out.ep, out.pack if out.pack != NULL else out.header, out.pack_len,
                                           self.pull_tag | bits | PACK_SLOT, False,
@@ -2283,6 +2427,12 @@ cdef class Server:
         return self.n_mapped
 
     @property
+    def lent_mapped(self):
+        """Mappings made so far of the device memory answers were lent from (at most ANSWER_MAPS per answer of a
+        layout)."""
+        return self.n_lent_mapped
+
+    @property
     def lent(self):
         """Answers in flight that UCX reads from the caller's memory (lent: sent without a copy)."""
         return self.lent_out
@@ -2301,7 +2451,10 @@ cdef class Server:
                 for m in (<Req>item).layout.maps:
                     (<MemMap>m).leave_to_ucx()
         for item in self.sending:
-            (<Sending>item).ops.abandon(self.ucp)
+            if (<Sending>item).ops.abandon(self.ucp):
+                for maps in (<Sending>item).layout.ans_maps:
+                    for m in maps:
+                        (<MemMap>m).leave_to_ucx()
         self.arriving = []
         self.sending = []
         self.deferred = []
