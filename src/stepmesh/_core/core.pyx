@@ -1219,9 +1219,10 @@ cdef class Worker:
         self.n_mapped += 1
         return <const void *>&(<MemMap>m).param[0]
 
-    cdef bint _maps_hold(self, Plan p) noexcept:
+    cdef int _maps_hold(self, Plan p) except -1:
         """Whether every buffer the plan mapped is still in the allocation it was mapped in."""
         cdef int i
+        dev_enter(p.device)
         for i in range(p.n_mapped):
             if buffer_id(p.mapped_at[2 * i]) != p.mapped_at[2 * i + 1]:
                 return False
