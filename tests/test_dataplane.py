@@ -778,12 +778,11 @@ def _worker_maps(ctx: NodeContext) -> tuple[int, int, int, bool] | int:
     if ctx.role == "worker":
         hidden = torch.randn(LARGE, device=dev)
         count = torch.tensor([7], dtype=torch.int32, device=dev)
-        reused = False
+        reused, last = False, 0
         for rnd in range(6):
             out = torch.zeros(LARGE, device=dev)
             out_count = torch.zeros(1, dtype=torch.int32, device=dev)
-            if rnd:
-                reused = reused or out.data_ptr() == last
+            reused = reused or out.data_ptr() == last
             last = out.data_ptr()
             count.fill_(rnd)
             f.wait(f.push_pull([hidden, count], [1, 2], [out, out_count], [3, 4]))
