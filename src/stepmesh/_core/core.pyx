@@ -2394,6 +2394,7 @@ cdef class Server:
         for j in range(lay.n_pull):
             out.sizes[j] = 0
             out.staged[j] = NULL
+            out.params[j] = NULL
             memcpy(out.header + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &out.sizes[j], 8)
         out.in_flight = True
         if self.deferred:
