@@ -7,11 +7,11 @@
 #   1. stepmesh-1x1 against raw ucxx, STEPMESH_MEMORY_HINTS=host, all, host, all (at all the server maps each
 #      registered chunk a layout receives into, and the worker its device pushes and pull tensors, so UCX takes
 #      their type from the handle instead of looking it up);
-#   2. the GPU suite with all and at the default (host);
+#   2. the GPU suite with all (SUITES="all host": at the default too);
 #   3. step3 (128x7168 fp8 push, bf16 pull), and stepmesh-1x1 with 3 stages in flight (against 1: step 1's host);
 #   4. device_floor with the cache off and --hint (as stepmesh runs), then --memh: stepmesh's messages against
 #      one-sided requests with the answers as today (put-req) and both ways one-sided (put-count-fence).
-# About 400 s on one H100. JSON of every bench lands in $OUT (at most 8 files come back).
+# About 300 s on one H100. JSON of every bench lands in $OUT (at most 8 files come back).
 set -u
 out=${OUT:-/tmp/stepmesh-out}
 mkdir -p "$out"
@@ -41,7 +41,7 @@ for i in 1 2; do
   bench host-$i STEPMESH_MEMORY_HINTS=host -- "${one[@]}"
   bench all-$i STEPMESH_MEMORY_HINTS=all -- "${one[@]}"
 done
-for h in all host; do
+for h in ${SUITES:-all}; do  # SUITES="all host" runs it at the default too
   echo "== GPU suite, STEPMESH_MEMORY_HINTS=$h"
   STEPMESH_MEMORY_HINTS=$h timeout 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3
 done
