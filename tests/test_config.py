@@ -71,7 +71,7 @@ DEFAULTS = {
     "net_devices": None,
     "device_lane": None,
     "topology": "group",
-    "memory_hints": "host",
+    "memory_hints": "all",
     "auth_token": None,
     "init_timeout_ms": 60_000,
     "barrier_timeout_ms": 60_000,

@@ -68,7 +68,7 @@ class Config:
     progress: str | None = field(default=None, metadata=_env("STEPMESH_PROGRESS"))
     device_lane: bool | None = field(default=None, metadata=_env("STEPMESH_DEVICE_LANE"))
     topology: str = field(default="group", metadata=_env("STEPMESH_TOPOLOGY"))
-    memory_hints: str = field(default="host", metadata=_env("STEPMESH_MEMORY_HINTS"))
+    memory_hints: str = field(default="all", metadata=_env("STEPMESH_MEMORY_HINTS"))
     auth_token: str | None = field(
         default=None, repr=False, metadata=_env("STEPMESH_AUTH_TOKEN")
     )

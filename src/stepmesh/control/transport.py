@@ -117,7 +117,7 @@ class Transport:
 
     def __init__(
         self, options: dict[str, str], progress: str, active_messages: bool = False,
-        lane_options: dict[str, str] | None = None, memory_hints: str = "host",
+        lane_options: dict[str, str] | None = None, memory_hints: str = "all",
     ):
         api, _ = _ucx()
         self.api = api
