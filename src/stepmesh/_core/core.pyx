@@ -467,7 +467,7 @@ cdef class MemMap:
             self.memh = NULL
 
 
-cdef list _LEFT_TO_UCX = []  # contexts and buffers of mappings left to abandoned receives (kept to the end)
+cdef list _LEFT_TO_UCX = []  # what abandoned operations may still use: mappings' contexts, tensors (kept to the end)
 
 
 cdef class Ucp:
@@ -1628,7 +1628,8 @@ cdef class Worker:
             abandoned = (<Call>c).recvs.abandon(self.ucp)
             abandoned = (<Call>c).sends.abandon(self.ucp) or abandoned
             (<Call>c).refusal_ops.abandon(self.ucp)
-            if abandoned:
+            if abandoned:  # a receive UCX matched writes on into the pull tensors: they stay, as the mappings do
+                _LEFT_TO_UCX.append(((<Call>c).push, (<Call>c).pull))
                 for m in (<Call>c).plan.maps:
                     (<MemMap>m).leave_to_ucx()
         self.calls.clear()
@@ -2450,6 +2451,7 @@ cdef class Server:
         self.rings.abandon(self.ucp)
         for item in self.arriving:
             if (<Req>item).ops.abandon(self.ucp):
+                _LEFT_TO_UCX.append((<Req>item).tensors)  # pushes UCX matched write on into them
                 for m in (<Req>item).layout.maps:
                     (<MemMap>m).leave_to_ucx()
         for item in self.sending:
