@@ -31,8 +31,8 @@
  *
  * --hint gives every operation its buffer's memory type (UCP_OP_ATTR_FIELD_MEMORY_TYPE) instead of letting UCX
  * detect it. --memh gives every operation on the main context its buffer's memory handle (UCP_OP_ATTR_FIELD_MEMH,
- * from the ucp_mem_map the buffers get anyway), which also carries the type (not the iov's entries, not the lane's
- * count: mapped on the main context). --mem host maps its buffers with UCP_MEM_MAP_ALLOCATE (shared memory the peer can write into).
+ * from the ucp_mem_map the buffers get anyway), which also carries the type (not the iov's entries; the count's
+ * buffers are mapped on the lane's context as well, for the lane's operations, as stepmesh maps them). --mem host maps its buffers with UCP_MEM_MAP_ALLOCATE (shared memory the peer can write into).
  */
 #define _GNU_SOURCE
 #include <ucp/api/ucp.h>
@@ -97,6 +97,8 @@ typedef struct {
     ucp_rkey_h peer_rkey;
     uint64_t peer_addr;
     ucp_request_param_t param;  /* --memh: this buffer's handle (and --hint's type) */
+    ucp_mem_h lane_memh;  /* the count's buffers: mapped on the lane's context too */
+    ucp_request_param_t lane_param;
 } Buf;
 static Buf send_payload, recv_payload, send_count, recv_count;
 static ucp_request_param_t no_param = {.op_attr_mask = 0};
@@ -191,6 +193,15 @@ static void buf_init(Buf *b, size_t n, int exposed) {
     free(peer);
 }
 
+static void lane_map(Buf *b) {  /* as stepmesh maps a count it sends or receives on its lane */
+    ucp_mem_map_params_t mp = {.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH,
+                               .address = b->addr, .length = 256};
+    UCS("ucp_mem_map (lane)", ucp_mem_map(lane.ctx, &mp, &b->lane_memh));
+    b->lane_param = *p_dev;
+    b->lane_param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+    b->lane_param.memh = b->lane_memh;
+}
+
 static void progress(void) {
     ucp_worker_progress(main_.worker);
     ucp_worker_progress(lane.worker);
@@ -210,6 +221,7 @@ static ucp_dt_iov_t send_iov[2], recv_iov[2];
 static ucp_request_param_t iov_param;
 
 static const ucp_request_param_t *dev_param(Buf *b) { return use_memh ? &b->param : p_dev; }
+static const ucp_request_param_t *lane_param(Buf *b) { return use_memh && b->lane_memh ? &b->lane_param : p_dev; }
 
 #define MAX_OPS 4
 typedef struct {
@@ -229,7 +241,7 @@ static void post_recvs(int mode, Ops *o) {
     if (mode == M_HDR_LANE_LATE) {  /* the header alone; the rest once it is in */
         wait_req(ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host), "header");
         o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, dev_param(&recv_payload));
-        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
+        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, lane_param(&recv_count));
         return;
     }
     if (mode != M_TAG) o->r[o->n++] = ucp_tag_recv_nbx(w, recv_hdr, HDR, TAG_HDR, ~0ULL, p_host);
@@ -237,7 +249,7 @@ static void post_recvs(int mode, Ops *o) {
         o->r[o->n++] = ucp_tag_recv_nbx(w, recv_payload.addr, size, TAG_PAYLOAD, ~0ULL, dev_param(&recv_payload));
     if (mode == M_HDR_IOV) o->r[o->n++] = ucp_tag_recv_nbx(w, recv_iov, 2, TAG_PAYLOAD, ~0ULL, &iov_param);
     if (mode == M_HDR_LANE)
-        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, p_dev);
+        o->r[o->n++] = ucp_tag_recv_nbx(lane.worker, recv_count.addr, COUNT, TAG_COUNT, ~0ULL, lane_param(&recv_count));
 }
 
 static void send_msgs(int mode, Ops *o) {
@@ -257,7 +269,7 @@ static void send_msgs(int mode, Ops *o) {
     case M_HDR_LANE_LATE:
         o->r[o->n++] = ucp_tag_send_nbx(ep, send_hdr, HDR, TAG_HDR, p_host);
         if (mode != M_HDR)
-            o->r[o->n++] = ucp_tag_send_nbx(lane.ep, send_count.addr, COUNT, TAG_COUNT, p_dev);
+            o->r[o->n++] = ucp_tag_send_nbx(lane.ep, send_count.addr, COUNT, TAG_COUNT, lane_param(&send_count));
         o->r[o->n++] = ucp_tag_send_nbx(ep, send_payload.addr, size, TAG_PAYLOAD, dev_param(&send_payload));
         return;
     default:
@@ -423,6 +435,8 @@ int main(int argc, char **argv) {
     buf_init(&recv_payload, size, 1);
     buf_init(&send_count, 256, 0);
     buf_init(&recv_count, 256, 1);
+    lane_map(&send_count);
+    lane_map(&recv_count);
     memset(send_hdr, 7, HDR);
     send_iov[0] = (ucp_dt_iov_t){send_payload.addr, size};
     send_iov[1] = (ucp_dt_iov_t){send_count.addr, COUNT};
