@@ -82,7 +82,8 @@ cdef enum:
     DATATYPE_IOV = 2  # UCP_DATATYPE_IOV
     TABLE = 512  # remembered plans per worker (direct-mapped by hash)
     LAYOUTS = 256  # remembered request layouts per worker, on a server
-    ANSWER_MAPS = 4  # mappings made per answer of a layout for the device memory answers are lent from
+    ANSWER_MAPS = 4  # mappings tried per answer of a layout for the device memory answers are lent from
+    REMAKE_LIMIT = 64  # plans a worker makes anew for changed allocations before it stops mapping new ones
     MAX_DEVICES = 64
 
 cdef uintptr_t ERR_MIN = <uintptr_t>-256  # pointers at or above this are UCS_PTR_STATUS(errors)
@@ -1186,12 +1187,13 @@ cdef class Worker:
         """Map the plan's separately sent device pushes and separately received device answers with
         ``ucp_mem_map`` (``Ucp.map``: at STEPMESH_MEMORY_HINTS=all, not in thread mode), so that UCX takes their
         memory type from the handle instead of looking each address up. The plan does not hold the tensors: each
-        call checks that the allocations are the ones mapped (``buffer_id``), and a changed one is a new plan."""
-        cdef int k, j, n = 0
+        call checks that the allocations are the ones mapped (``buffer_id``), and a changed one is a new plan;
+        after REMAKE_LIMIT such plans the worker maps no more (allocations that churn would cost a mapping a call)."""
+        cdef int k, j
         cdef Answer *a
         p.maps = []
-        if p.device < 0 or drv.kind != 1 or not self.ucp.maps():
-            return 0
+        if p.device < 0 or drv.kind != 1 or not self.ucp.maps() or self.n_remade >= REMAKE_LIMIT:
+            return 0  # past REMAKE_LIMIT the caller's allocations change too often for mappings to pay
         p.mapped_at = <uint64_t *>calloc(2 * (p.n_sep + p.n_servers * p.per) + 2, sizeof(uint64_t))
         if p.mapped_at == NULL:
             raise MemoryError()
@@ -1668,7 +1670,7 @@ cdef class Layout:
     cdef list staging  # per answer: {device index (-1: host): Pool}, made when an answer is first staged
     cdef list free_reqs, free_sendings  # recycled (cleared when the layout is dropped: no cycle outlives it)
     cdef list ans_maps  # per answer: the MemMaps made for the device memory it was lent from (ANSWER_MAPS at most)
-    cdef uint64_t *ans_map  # per answer: the newest one's [start, end) and the id of the allocation it is in
+    cdef uint64_t *ans_map  # per answer: the newest one's [start, end), its allocation's id, mappings tried
     cdef const void **ans_param  # per answer: the newest one's param, or NULL
 
     def __dealloc__(self):
@@ -1897,7 +1899,7 @@ cdef class Server:
         lay.resp_pool = self._pool(MEM_PINNED if self.pinned else MEM_HOST, self.device, lay.resp_size)
         lay.staging = [{} for _ in range(lay.n_pull)]
         lay.ans_maps = [[] for _ in range(lay.n_pull)]
-        lay.ans_map = <uint64_t *>calloc(3 * max(lay.n_pull, 1), sizeof(uint64_t))
+        lay.ans_map = <uint64_t *>calloc(4 * max(lay.n_pull, 1), sizeof(uint64_t))
         lay.ans_param = <const void **>calloc(max(lay.n_pull, 1), sizeof(void *))
         if lay.ans_map == NULL or lay.ans_param == NULL:
             raise MemoryError()
@@ -2251,16 +2253,18 @@ cdef class Server:
     cdef const void *_lent_param(self, Layout lay, int j, object t, uint64_t ptr, uint64_t n) except? NULL:
         """The param of a mapping of the device memory answer ``j`` is lent from (STEPMESH_MEMORY_HINTS=all, not in
         thread mode), or NULL. The newest mapping serves while the answer lies in it and its allocation is the
-        same (``buffer_id``: the layout holds no tensor); otherwise the answer's whole storage is mapped, up to
-        ANSWER_MAPS times per answer (each kept as long as the layout: a send may still read through it)."""
-        cdef uint64_t *at = &lay.ans_map[3 * j]
+        same (``buffer_id``: the layout holds no tensor); otherwise the answer's whole storage is mapped, tried at
+        most ANSWER_MAPS times per answer, failures included (each mapping kept as long as the layout: a send may
+        still read through it)."""
+        cdef uint64_t *at = &lay.ans_map[4 * j]
         cdef uint64_t bid
         if lay.ans_param[j] != NULL and at[0] <= ptr and ptr + n <= at[1]:
             bid = buffer_id(ptr)
             if bid != 0 and bid == at[2]:
                 return lay.ans_param[j]
-        if drv.kind != 1 or not self.ucp.maps() or len(<list>lay.ans_maps[j]) >= ANSWER_MAPS:
+        if drv.kind != 1 or not self.ucp.maps() or at[3] >= ANSWER_MAPS:
             return NULL
+        at[3] += 1
         bid = buffer_id(ptr)
         if bid == 0:
             return NULL
