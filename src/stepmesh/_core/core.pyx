@@ -514,6 +514,10 @@ cdef class Ucp:
             mem = HINT_DETECT
         return <const void *>&PARAMS[3 * iov + mem][0]
 
+    cdef inline const void *mapped_or(self, const void *mapped, bint device) noexcept:
+        """A buffer's parameter block: its mapping's (``MemMap.param``) when it has one, else its memory type's."""
+        return mapped if mapped != NULL else self.param(False, HINT_CUDA if device else HINT_HOST)
+
     cdef inline void *send_raw(self, uint64_t ep, const void *buf, size_t n, uint64_t tag, bint iov,
                                int mem) noexcept:
         return self.send_param(ep, buf, n, tag, self.param(iov, mem))
@@ -1362,8 +1366,7 @@ cdef class Worker:
                 a = &p.answers[s * p.per + j]
                 if a.how == ANSWER_SEPARATE or a.how == ANSWER_LANE:
                     c.recvs.recv(ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
-                                 a.param if a.param != NULL else ucp.param(False, HINT_CUDA if a.device else HINT_HOST),
-                                 a.how == ANSWER_LANE)
+                                 ucp.mapped_or(a.param, a.device), a.how == ANSWER_LANE)
             if p.ans_pack_size[s]:
                 c.recvs.add(ucp.recv_raw(c.pack_in[s], p.ans_pack_size[s], p.pull_tag[s] | bits | PACK_SLOT,
                                          FULL_MASK, False, HINT_CUDA))
@@ -1381,8 +1384,7 @@ cdef class Worker:
             for k in range(p.n_sep):
                 q = &p.sep_push[k]
                 c.sends.add(ucp.send_param(p.lane_eps[s] if q.lane else p.eps[s], <void *><uintptr_t>q.ptr, q.nbytes,
-                                           p.push_tag | bits | q.slot,
-                                           q.param if q.param != NULL else ucp.param(False, HINT_CUDA if q.device else HINT_HOST)))
+                                           p.push_tag | bits | q.slot, ucp.mapped_or(q.param, q.device)))
         c.t_sent = now_ns()
         c.state = C_POSTED
 
@@ -2024,8 +2026,7 @@ cdef class Server:
             if d.placement == SEPARATE or d.placement == LANE:
                 ptr = tensors[i].data_ptr() if d.fresh else d.ptr
                 r.ops.recv(self.ucp, <void *><uintptr_t>ptr, d.nbytes, bits | <uint64_t>i,
-                           d.param if d.param != NULL else self.ucp.param(False, HINT_CUDA if d.dest_device >= 0
-                                                                          else HINT_HOST), d.placement == LANE)
+                           self.ucp.mapped_or(d.param, d.dest_device >= 0), d.placement == LANE)
         for i in range(lay.n_push):
             d = &lay.push[i]
             if d.placement != INLINE or not d.nbytes:
@@ -2320,9 +2321,8 @@ cdef class Server:
                     self.lane_eps[r.worker] if lay.placements[j] == LANE else out.ep,
                     out.staged[j] if out.staged[j] != NULL else out.header, out.sizes[j],
                     self.pull_tag | bits | <uint64_t>j,
-                    out.params[j] if out.params[j] != NULL else self.ucp.param(
-                        False, HINT_HOST if out.staged[j] == NULL or out.staged_device[j] == -1
-                        or out.staged_device[j] == LENT_HOST else HINT_CUDA)))
+                    self.ucp.mapped_or(out.params[j], out.staged[j] != NULL and out.staged_device[j] != -1
+                                       and out.staged_device[j] != LENT_HOST)))
         if lay.ans_pack_size:
             out.ops.add(self.ucp.send_raw(out.ep, out.pack if out.pack != NULL else out.header, out.pack_len,
                                           self.pull_tag | bits | PACK_SLOT, False,
