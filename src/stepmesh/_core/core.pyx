@@ -2258,7 +2258,7 @@ cdef class Server:
         most ANSWER_MAPS times per answer, failures included (each mapping kept as long as the layout: a send may
         still read through it)."""
         cdef uint64_t *at = &lay.ans_map[4 * j]
-        cdef uint64_t bid
+        cdef uint64_t bid = 0
         if lay.ans_param[j] != NULL and at[0] <= ptr and ptr + n <= at[1]:
             bid = buffer_id(ptr)
             if bid != 0 and bid == at[2]:
@@ -2266,7 +2266,8 @@ cdef class Server:
         if drv.kind != 1 or not self.ucp.maps() or at[3] >= ANSWER_MAPS:
             return NULL
         at[3] += 1
-        bid = buffer_id(ptr)
+        if bid == 0:  # not asked above (the answer lies outside the newest mapping)
+            bid = buffer_id(ptr)
         if bid == 0:
             return NULL
         storage = t.untyped_storage()
