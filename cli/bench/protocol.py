@@ -90,7 +90,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     out_tag, out_bulk_tag = W.make_tag(out_kind, me), W.make_tag(out_bulk, me)
     in_tag, in_bulk_tag = W.make_tag(in_kind, peer), W.make_tag(in_bulk, peer)
     send, recv, wait = ucp.send, ucp.recv, ucp.wait
-    H, D = 1, (2 if on_dev else 1)  # the memory type told to UCX, as the core tells it (STEPMESH_MEMORY_HINTS)
+    H, D = W.MemHint.HOST, (W.MemHint.CUDA if on_dev else W.MemHint.HOST)  # as the core tells UCX (up to its level)
     lane_ep = endpoints[1].handle if lane else 0
     state: dict[str, Any] = {"seq": 0, "slot": None}
 

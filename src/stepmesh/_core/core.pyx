@@ -89,14 +89,9 @@ cdef enum:
 cdef uintptr_t ERR_MIN = <uintptr_t>-256  # pointers at or above this are UCS_PTR_STATUS(errors)
 cdef uint64_t FULL_MASK = 0xFFFFFFFFFFFFFFFFULL
 
-cdef enum MemHint:
-    # What a buffer is known to be, for UCP_OP_ATTR_FIELD_MEMORY_TYPE (a Ucp hints up to its level).
-    HINT_DETECT = 0  # not said: UCX looks the address up
-    HINT_HOST = 1
-    HINT_CUDA = 2
-
-# ucp_request_param_t for each (iov, MemHint): op_attr_mask (uint32 at offset 0), datatype (offset 24),
-# memory_type (ucs_memory_type_t at offset 48: UCS_MEMORY_TYPE_HOST 0, UCS_MEMORY_TYPE_CUDA 1)
+# ucp_request_param_t for each (iov, wire.MemHint: HINT_DETECT, HINT_HOST, HINT_CUDA): op_attr_mask (uint32 at
+# offset 0), datatype (offset 24), memory_type (ucs_memory_type_t at offset 48: UCS_MEMORY_TYPE_HOST 0,
+# UCS_MEMORY_TYPE_CUDA 1)
 cdef uint64_t PARAMS[6][PARAM_WORDS]
 memset(PARAMS, 0, sizeof(PARAMS))
 cdef int _iov, _mem
@@ -496,7 +491,7 @@ cdef class Ucp:
         if ucp_send == NULL:
             raise TransportError("stepmesh._core: bind_ucp() was not called")
         if not HINT_DETECT <= hints <= HINT_CUDA:
-            raise ValueError(f"Ucp: hints must be a MemHint, got {hints}")
+            raise ValueError(f"Ucp: hints must be a wire.MemHint, got {hints}")
         self.hints = hints
         self.worker_obj = worker_obj
         self.worker = <void *>handle
@@ -626,7 +621,7 @@ cdef class Ucp:
 
     def send(self, uintptr_t ep, uintptr_t ptr, size_t nbytes, uint64_t tag, int mem=HINT_DETECT):
         """Send ``nbytes`` at ``ptr`` on the endpoint whose ``ucp_ep_h`` is ``ep``; ``mem``: what the memory is
-        known to be (0: not said, 1: host, 2: CUDA), told to UCX up to this Ucp's ``hints``.
+        known to be (a ``wire.MemHint``), told to UCX up to this Ucp's ``hints``.
 
         Raises:
             TransportError: UCX refused the send.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [
-    "DATA_VERSION", "Placement", "Result", "Failure", "AnswerProblem", "Tag", "make_tag", "wireup_tag",
+    "DATA_VERSION", "Placement", "Result", "Failure", "AnswerProblem", "MemHint", "Tag", "make_tag", "wireup_tag",
     "REQ_FIXED", "REQ_TENSOR", "REQ_DIM", "REQ_PULL", "RESP_FIXED", "RESP_SIZE",
     "HEADER_MAX", "INLINE_MAX", "DEVICE_INLINE_MAX", "MAX_TENSORS", "MAX_PULLS", "MAX_NDIM",
     "MAX_TENSOR_BYTES", "MAX_IN_FLIGHT", "RING_DEPTH", "SLOT_SIZE", "TRACE_KEEP",
@@ -356,6 +356,15 @@ class Failure(IntEnum):
     DEVICE = 5  # (DEVICE, server, driver status): a device copy failed
 
 
+class MemHint(IntEnum):
+    """What a buffer is known to be, for ``UCP_OP_ATTR_FIELD_MEMORY_TYPE`` (``Ucp.send``/``recv``'s ``mem``; a Ucp
+    tells UCX up to its ``hints`` level and leaves the rest to UCX: the levels off, host, all are 0, 1, 2)."""
+
+    DETECT = 0  # not said: UCX looks the address up
+    HOST = 1
+    CUDA = 2
+
+
 class AnswerProblem(IntEnum):
     """What the core found wrong with an answer before sending (``Server.answer_problem()``)."""
 
@@ -395,8 +404,8 @@ def _constants() -> dict[str, int]:
         "LANE": Placement.LANE,
         "PACK_SLOT": PACK_SLOT, "PACK_ALIGN": PACK_ALIGN,
     }
-    for enum in (Tag, Result, Failure, AnswerProblem):
-        prefix = {"Tag": "TAG_", "Result": "R_", "Failure": "F_", "AnswerProblem": "A_"}[enum.__name__]
+    for enum in (Tag, Result, Failure, AnswerProblem, MemHint):
+        prefix = {"Tag": "TAG_", "Result": "R_", "Failure": "F_", "AnswerProblem": "A_", "MemHint": "HINT_"}[enum.__name__]
         out.update({prefix + m.name: int(m) for m in enum})
     # offsets of the response fields the core reads and writes
     for name, off in (("RESP_STATUS_AT", 2), ("RESP_N_AT", 4), ("RESP_SEQ_AT", 6), ("RESP_STAMPS_AT", 10)):
