@@ -396,7 +396,7 @@ def test_small_device_tensors_take_the_lane_only_where_every_server_has_one(devi
            "one-server": {("worker", 0), ("server", 0)}}[lanes]
 
     def node_env(role: str, rank: int, group: int) -> dict[str, str]:
-        return {"STEPMESH_DEVICE_LANE": "1" if (role, rank) in has else "0"}
+        return {"STEPMESH_DEVICE_LANE": "1" if (role, rank) in has else "0", "STEPMESH_ONE_SIDED": "off"}
 
     results = _mesh(_lanes, device, num_servers=2, node_env=node_env, timeout=250)
     assert results["server-0-0"][0] == (("server", 0) in has) and results["server-0-1"][0] == (("server", 1) in has)
@@ -410,6 +410,72 @@ def test_small_device_tensors_take_the_lane_only_where_every_server_has_one(devi
     # by itself and the hidden state straight into its tensor; without, device answers come packed
     expect = [2, 4] if on_lane else [3, 3] if device == "cuda" else [2, 1]
     assert hows == [expect, expect], hows
+
+
+# ------------------------------------------------------------ written answers
+def _written(ctx: NodeContext) -> tuple[list[list[int]], tuple[int, int]] | bool:
+    """StepMesh's shape to 2 servers, 3 stages in flight, the pull tensors reused every round: servers put the
+    answers (computed on a busy stream, need_event) straight into them. In the last round the servers answer
+    with host tensors: on a GPU those cannot be put into device pulls and go as messages after all."""
+    dev = _dev(ctx)
+    f.init()
+    rounds = 4
+    result: tuple[list[list[int]], tuple[int, int]] | bool
+    if ctx.role == "worker":
+        node = f._worker("test")
+        pulls = [[torch.empty(LARGE, device=dev), torch.empty(1, dtype=torch.int32, device=dev)] for _ in range(2 * 3)]
+        for rnd in range(rounds):
+            calls = []
+            for stage in range(3):
+                _busy(dev, 2_000_000)
+                x = torch.full((LARGE,), float(rnd * 3 + stage), device=dev)
+                count = torch.full((1,), 1 + rnd * 3 + stage, dtype=torch.int32, device=dev)
+                pull = [t for s in range(2) for t in pulls[stage * 2 + s]]
+                calls.append((f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]), rnd * 3 + stage, stage))
+            for h, v, stage in reversed(calls):
+                f.wait(h)
+                for s in range(2):
+                    answer, n = pulls[stage * 2 + s]
+                    assert torch.all(answer == v * 2 + s) and int(n) == v + 1 + s, (rnd, v, s, answer[:2], n)
+                    answer.fill_(-1)  # reused at once: the next round's answers must overwrite every byte
+                    n.fill_(-1)
+        plan = node._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)
+        result = [[answer[3] for answer in server[3]] for server in plan["servers"]], (0, 0)
+    else:
+        for rnd in range(rounds):
+            for _ in range(3):
+                ((h, (t, n), _),) = f.get_batch()
+                _busy(dev, 2_000_000)
+                answers = [t * 2 + ctx.rank, n + ctx.rank]
+                if rnd == rounds - 1:
+                    answers = [a.cpu() for a in answers]
+                f.respond(answers, h)
+                for a in answers:
+                    a.fill_(-7)  # the caller's again when respond returns
+        result = f._server("test")._core.written
+    f.stop()
+    return result
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("progress", ["polling", "blocking"])
+def test_written_answers_are_put_straight_into_the_pull_tensors(device, progress):
+    """With STEPMESH_ONE_SIDED (device, the default, on a GPU; all on the CPU, where host memory is written
+    too) every answer of StepMesh's shape is written one-sided into the worker's pull tensors: the request
+    carries their keys, the server puts and flushes, and only then sends the response header. Answers of another
+    kind of memory than the pull tensors go as messages, and land as well."""
+    env = {"STEPMESH_ONE_SIDED": "all" if device == "cpu" else "device", "STEPMESH_PROGRESS": progress}
+    results = _mesh(_written, device, num_servers=2, env=env, timeout=250)
+    hows, _ = results["worker-0-0"]
+    # the core's plan: 5 written; 1 put in place behind the response header (a host count is inline)
+    expect = [5, 5] if device == "cuda" else [5, 1]
+    assert hows == [expect, expect], hows
+    written = expect.count(5)
+    moved_per_server = 0 if device == "cpu" else 3 * written  # the last round's 3 calls, host answers
+    for s in range(2):
+        put, moved = results[f"server-0-{s}"]
+        assert (put, moved) == (4 * 3 * written - moved_per_server, moved_per_server), (s, put, moved)
 
 
 # ------------------------------------------------------- a slow server shows

@@ -138,6 +138,7 @@ class Environment:
     lane: bool = False  # stepmesh's nodes opened the device lane (STEPMESH_DEVICE_LANE, by default on a GPU host)
     memtype_cache: str = ""  # UCX_MEMTYPE_CACHE as UCX reads it in this run's processes (import ucxx sets "n")
     memory_hints: str = ""  # STEPMESH_MEMORY_HINTS of stepmesh's nodes ("": a run saved before it was recorded)
+    one_sided: str = ""  # STEPMESH_ONE_SIDED of stepmesh's nodes ("": a run saved before it was recorded)
     core: str = ""  # the compiled core's module
 
     @classmethod
@@ -168,6 +169,7 @@ class Environment:
             lane=Config.from_env().lane_on(),
             memtype_cache=ucx_memtype_cache(),
             memory_hints=Config.from_env().memory_hints,
+            one_sided=Config.from_env().one_sided,
             core=core.__file__ or "",
         )
 
@@ -176,7 +178,8 @@ class Environment:
             f"{self.device} x{self.devices}, MPS {'on' if self.mps else 'off'}, lane {'on' if self.lane else 'off'}"
             + (f", UCX memory-type cache {self.memtype_cache}" if self.memtype_cache else "")
             if self.devices else "no GPU"
-        ) + (f", memory hints {self.memory_hints}" if self.memory_hints else "")
+        ) + (f", memory hints {self.memory_hints}" if self.memory_hints else "") \
+            + (f", one-sided {self.one_sided}" if self.one_sided else "")
         return (
             f"{self.host} {self.date}: stepmesh {self.stepmesh}, torch {self.torch}, UCX {self.ucx}, "
             f"Python {self.python}, {self.cpu}, {gpu}"

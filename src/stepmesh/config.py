@@ -14,12 +14,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Config", "ROLES", "PROGRESS_MODES", "TOPOLOGIES", "MEMORY_HINTS"]
+__all__ = ["Config", "ROLES", "PROGRESS_MODES", "TOPOLOGIES", "MEMORY_HINTS", "ONE_SIDED"]
 
 ROLES = ("scheduler", "server", "worker")
 PROGRESS_MODES = ("blocking", "polling", "thread")
 TOPOLOGIES = ("group", "full")
 MEMORY_HINTS = ("off", "host", "all")
+ONE_SIDED = ("off", "device", "all")
 _TRUE = ("1", "true", "yes", "on", "y")
 _FALSE = ("0", "false", "no", "off", "n", "")
 _BACKEND_ALIASES = {"CPU": "cpu", "GPU": "cuda"}
@@ -69,6 +70,7 @@ class Config:
     device_lane: bool | None = field(default=None, metadata=_env("STEPMESH_DEVICE_LANE"))
     topology: str = field(default="group", metadata=_env("STEPMESH_TOPOLOGY"))
     memory_hints: str = field(default="all", metadata=_env("STEPMESH_MEMORY_HINTS"))
+    one_sided: str = field(default="device", metadata=_env("STEPMESH_ONE_SIDED"))
     auth_token: str | None = field(
         default=None, repr=False, metadata=_env("STEPMESH_AUTH_TOKEN")
     )
@@ -144,6 +146,8 @@ class Config:
             _fail("topology", self.topology, f"one of {', '.join(TOPOLOGIES)}")
         if self.memory_hints not in MEMORY_HINTS:
             _fail("memory_hints", self.memory_hints, f"one of {', '.join(MEMORY_HINTS)}")
+        if self.one_sided not in ONE_SIDED:
+            _fail("one_sided", self.one_sided, f"one of {', '.join(ONE_SIDED)}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             _fail(
                 "heartbeat_timeout_ms",

@@ -60,9 +60,22 @@ ctypedef const char *(*status_string_fn)(int status) noexcept nogil
 
 ctypedef signed char (*mem_map_fn)(void *context, const void *params, void **memh) noexcept nogil  # likewise
 ctypedef signed char (*mem_unmap_fn)(void *context, void *memh) noexcept nogil
+ctypedef signed char (*rkey_pack_fn)(void *context, void *memh, void **buf, size_t *size) noexcept nogil
+ctypedef void (*rkey_release_fn)(void *buf) noexcept nogil
+ctypedef signed char (*rkey_unpack_fn)(void *ep, const void *buf, void **rkey) noexcept nogil
+ctypedef void (*rkey_destroy_fn)(void *rkey) noexcept nogil
+ctypedef void *(*put_fn)(void *ep, const void *buf, size_t count, uint64_t raddr, void *rkey,
+                        const void *param) noexcept nogil
+ctypedef void *(*flush_fn)(void *ep, const void *param) noexcept nogil
 cdef send_fn ucp_send = NULL
 cdef mem_map_fn ucp_mem_map = NULL
 cdef mem_unmap_fn ucp_mem_unmap = NULL
+cdef rkey_pack_fn ucp_rkey_pack = NULL  # the one-sided calls (written answers); NULL: UCX lacks them, none written
+cdef rkey_release_fn ucp_rkey_buffer_release = NULL
+cdef rkey_unpack_fn ucp_ep_rkey_unpack = NULL
+cdef rkey_destroy_fn ucp_rkey_destroy = NULL
+cdef put_fn ucp_put_nbx = NULL
+cdef flush_fn ucp_ep_flush_nbx = NULL
 cdef recv_fn ucp_recv = NULL
 cdef check_fn ucp_check = NULL
 cdef free_fn ucp_free = NULL
@@ -88,6 +101,7 @@ cdef enum:
 
 cdef uintptr_t ERR_MIN = <uintptr_t>-256  # pointers at or above this are UCS_PTR_STATUS(errors)
 cdef uint64_t FULL_MASK = 0xFFFFFFFFFFFFFFFFULL
+cdef uint64_t MOVED = (<uint64_t>1) << ANSWER_MOVED_BIT  # a written answer's size: sent as a message instead
 
 # ucp_request_param_t for each (iov, wire.MemHint: HINT_DETECT, HINT_HOST, HINT_CUDA): op_attr_mask (uint32 at
 # offset 0), datatype (offset 24), memory_type (ucs_memory_type_t at offset 48: UCS_MEMORY_TYPE_HOST 0,
@@ -122,7 +136,8 @@ def bind_ucp(str path):
         ImportError: the library is not loaded, or lacks a function (UCX older than 1.10).
     """
     global ucp_send, ucp_recv, ucp_check, ucp_free, ucp_cancel, ucp_progress, ucs_status_string
-    global ucp_mem_map, ucp_mem_unmap
+    global ucp_mem_map, ucp_mem_unmap, ucp_rkey_pack, ucp_rkey_buffer_release, ucp_ep_rkey_unpack, ucp_rkey_destroy
+    global ucp_put_nbx, ucp_ep_flush_nbx
     cdef bytes p = path.encode()
     cdef void *lib = dlopen(p, RTLD_NOW | RTLD_NOLOAD)
     if lib == NULL:
@@ -138,6 +153,12 @@ def bind_ucp(str path):
     ucp_send = <send_fn>fns[0]
     ucp_mem_map = <mem_map_fn>dlsym(lib, b"ucp_mem_map")
     ucp_mem_unmap = <mem_unmap_fn>dlsym(lib, b"ucp_mem_unmap")
+    ucp_rkey_pack = <rkey_pack_fn>dlsym(lib, b"ucp_rkey_pack")
+    ucp_rkey_buffer_release = <rkey_release_fn>dlsym(lib, b"ucp_rkey_buffer_release")
+    ucp_ep_rkey_unpack = <rkey_unpack_fn>dlsym(lib, b"ucp_ep_rkey_unpack")
+    ucp_rkey_destroy = <rkey_destroy_fn>dlsym(lib, b"ucp_rkey_destroy")
+    ucp_put_nbx = <put_fn>dlsym(lib, b"ucp_put_nbx")
+    ucp_ep_flush_nbx = <flush_fn>dlsym(lib, b"ucp_ep_flush_nbx")
     ucp_recv = <recv_fn>fns[1]
     ucp_check = <check_fn>fns[2]
     ucp_free = <free_fn>fns[3]
@@ -587,6 +608,64 @@ cdef class Ucp:
         m.param[8] = <uintptr_t>memh
         return m
 
+    cdef inline bint writes(self) noexcept:
+        """Whether answers may be written one-sided into this side's memory: it maps (``maps``) and UCX has the
+        one-sided calls."""
+        return self.maps() and ucp_rkey_pack != NULL and ucp_rkey_buffer_release != NULL and ucp_put_nbx != NULL \
+            and ucp_ep_rkey_unpack != NULL and ucp_rkey_destroy != NULL and ucp_ep_flush_nbx != NULL
+
+    def pack_rkey(self, uintptr_t ptr, uint64_t nbytes, bint device):
+        """Map ``ptr``..``ptr + nbytes`` on the worker's context and pack a remote key for it, for a server to write
+        an answer there: ``(mapping, key bytes, allocation id)``, or None where this side does not write (see
+        ``writes``), UCX refuses, or a device buffer's allocation cannot be told (its id is 0: a mapping that
+        outlived its allocation could not be noticed). Keep the mapping as long as the key is in use."""
+        cdef void *buf = NULL
+        cdef size_t size = 0
+        cdef uint64_t bid = 0
+        if not self.writes() or nbytes == 0 or (device and drv.kind != 1):
+            return None
+        if device:
+            bid = buffer_id(ptr)
+            if bid == 0:
+                return None
+        cdef MemMap m = self.map(ptr, nbytes, False, None)
+        if m is None:
+            return None
+        if ucp_rkey_pack(self.ctx, m.memh, &buf, &size) != UCS_OK or buf == NULL:
+            return None
+        cdef bytes key = (<char *>buf)[:size]
+        ucp_rkey_buffer_release(buf)
+        return m, key, bid
+
+    cdef void *unpack_rkey(self, uint64_t ep, bytes key) noexcept:
+        """A remote key unpacked on ``ep`` (``ucp_rkey_destroy`` it), or NULL where UCX refuses or lacks the calls."""
+        cdef void *rkey = NULL
+        if ucp_ep_rkey_unpack == NULL or ucp_put_nbx == NULL or ucp_ep_flush_nbx == NULL or ucp_rkey_destroy == NULL:
+            return NULL
+        if ucp_ep_rkey_unpack(<void *><uintptr_t>ep, <const char *>key, &rkey) != UCS_OK:
+            return NULL
+        return rkey
+
+    cdef inline void *put_param(self, uint64_t ep, const void *buf, size_t n, uint64_t raddr, void *rkey,
+                                const void *param) noexcept:
+        cdef void *h
+        if self.release_gil:
+            with nogil:
+                h = ucp_put_nbx(<void *><uintptr_t>ep, buf, n, raddr, rkey, param)
+        else:
+            h = ucp_put_nbx(<void *><uintptr_t>ep, buf, n, raddr, rkey, param)
+        return h
+
+    cdef inline void *flush_ep(self, uint64_t ep) noexcept:
+        """``ucp_ep_flush_nbx``: done once every operation posted on ``ep`` before it is complete at the peer."""
+        cdef void *h
+        if self.release_gil:
+            with nogil:
+                h = ucp_ep_flush_nbx(<void *><uintptr_t>ep, &PARAMS[0][0])
+        else:
+            h = ucp_ep_flush_nbx(<void *><uintptr_t>ep, &PARAMS[0][0])
+        return h
+
     cdef inline unsigned progress_raw(self) noexcept:
         cdef unsigned n
         if self.release_gil:
@@ -878,6 +957,7 @@ cdef enum CallState:
     C_DEFERRED = 1  # sends held back until the caller's stream reaches the event
     C_POSTED = 2
     C_REFUSED = 3  # a server refused: its reason is on its way
+    C_LATE = 4  # the responses are in; written answers a server sent as messages instead are being received
 
 
 cdef struct Push:
@@ -892,7 +972,7 @@ cdef struct Answer:
     int device  # 1: the pull tensor is device memory
     int how  # ANSWER_COPY (inline, copied out), ANSWER_SCATTER (inline, UCX puts it in place), ANSWER_SEPARATE,
              # ANSWER_PACKED (in the server's packed message, at offset: copied out on the device), ANSWER_LANE
-             # (a message of its own on the lane)
+             # (a message of its own on the lane), ANSWER_WRITTEN (put by the server; a message only if it says so)
     uint64_t ptr, cap, offset
     const void *param  # answers received into device pull tensors: a MemMap's param (all), or NULL
 
@@ -903,6 +983,7 @@ cdef enum:
     ANSWER_SEPARATE = 2
     ANSWER_PACKED = 3
     ANSWER_LANE = 4
+    ANSWER_WRITTEN = 5
 
 
 cdef class Plan:
@@ -932,7 +1013,7 @@ cdef class Plan:
     cdef int *scatter  # per server: the scattered answer's index or -1
     cdef list free_calls  # idle Calls of this plan (cleared when the plan is dropped: no cycle outlives it)
     cdef list maps  # the MemMaps its device pushes and answers pass (alive as long as the plan)
-    cdef int n_mapped
+    cdef int n_mapped, n_written
     cdef uint64_t *mapped_at  # per mapped buffer: its address, then the id of the allocation it was mapped in
 
     def __dealloc__(self):
@@ -970,6 +1051,7 @@ cdef class Call:
     cdef uint8_t *refusal
     cdef int refused_server
     cdef Ops refusal_ops
+    cdef Ops late  # the receives of written answers a server sent as messages instead (plans with written answers)
     cdef void **pack_in  # per server, device: its packed answers (or NULL)
 
     def __dealloc__(self):
@@ -1022,6 +1104,7 @@ cdef Call new_call(Plan p):
     c.recvs = Ops(n_recv)
     c.sends = Ops(p.n_servers * (1 + p.n_sep))
     c.refusal_ops = Ops(1)
+    c.late = Ops(p.n_written)
     return c
 
 
@@ -1174,28 +1257,36 @@ cdef class Worker:
                     raise ValueError("a device answer scattered behind the response header (one iov takes one memory type)")
                 if a[3] == ANSWER_SEPARATE or a[3] == ANSWER_LANE:
                     p.n_sep_answers[s] += 1
+                if a[3] == ANSWER_WRITTEN:
+                    if s * p.per + j not in spec["written"]:
+                        raise ValueError("a written answer without its mapping")
+                    p.n_written += 1
         p.free_calls = []
-        self._map_plan(p)
+        self._map_plan(p, spec["written"])
         old = self.table[p.hash % TABLE]
         if old is not None:
             (<Plan>old).evicted = 1
             (<Plan>old).free_calls = []
         self.table[p.hash % TABLE] = p
 
-    cdef int _map_plan(self, Plan p) except -1:
+    cdef int _map_plan(self, Plan p, dict written) except -1:
         """Map the plan's separately sent device pushes and separately received device answers with
         ``ucp_mem_map`` (``Ucp.map``: at STEPMESH_MEMORY_HINTS=all, not in thread mode), so that UCX takes their
         memory type from the handle instead of looking each address up. The plan does not hold the tensors: each
         call checks that the allocations are the ones mapped (``buffer_id``), and a changed one is a new plan;
-        after REMAKE_LIMIT such plans the worker maps no more (allocations that churn would cost a mapping a call)."""
+        after REMAKE_LIMIT such plans the worker maps no more (allocations that churn would cost a mapping a call).
+        Written answers come mapped (``written``: answer index -> (MemMap, allocation id), from ``pack_rkey``):
+        their keys are in the plan's header, so their allocations are checked alike."""
         cdef int k, j
         cdef Answer *a
         p.maps = []
-        if p.device < 0 or drv.kind != 1 or not self.ucp.maps() or self.n_remade >= REMAKE_LIMIT:
-            return 0  # past REMAKE_LIMIT the caller's allocations change too often for mappings to pay
         p.mapped_at = <uint64_t *>calloc(2 * (p.n_sep + p.n_servers * p.per) + 2, sizeof(uint64_t))
         if p.mapped_at == NULL:
             raise MemoryError()
+        for j, (m, bid) in written.items():
+            p.answers[j].param = self._adopt(p, m, p.answers[j].ptr, bid)
+        if p.device < 0 or drv.kind != 1 or not self.ucp.maps() or self.n_remade >= REMAKE_LIMIT:
+            return 0  # past REMAKE_LIMIT the caller's allocations change too often for mappings to pay
         dev_enter(p.device)
         for k in range(p.n_sep):
             if p.sep_push[k].device:
@@ -1213,12 +1304,23 @@ cdef class Worker:
         cdef object m = self.ucp.map(ptr, nbytes, lane, None)
         if m is None:
             return NULL
+        return self._adopt(p, m, ptr, bid)
+
+    cdef const void *_adopt(self, Plan p, MemMap m, uint64_t ptr, uint64_t bid) except? NULL:
+        """Keep ``m`` with the plan, checked at every call while ``bid`` (an allocation's id; 0: host memory,
+        which is not checked); its param."""
         p.maps.append(m)
-        p.mapped_at[2 * p.n_mapped] = ptr
-        p.mapped_at[2 * p.n_mapped + 1] = bid
-        p.n_mapped += 1
+        if bid != 0:
+            p.mapped_at[2 * p.n_mapped] = ptr
+            p.mapped_at[2 * p.n_mapped + 1] = bid
+            p.n_mapped += 1
         self.n_mapped += 1
-        return <const void *>&(<MemMap>m).param[0]
+        return <const void *>&m.param[0]
+
+    @property
+    def writes(self):
+        """Whether plans may have written answers now (``Ucp.writes``, and fewer than REMAKE_LIMIT plans remade)."""
+        return self.ucp.writes() and self.n_remade < REMAKE_LIMIT
 
     cdef int _maps_hold(self, Plan p) except -1:
         """Whether every buffer the plan mapped is still in the allocation it was mapped in."""
@@ -1351,6 +1453,7 @@ cdef class Worker:
         # The request leaves first; the receives for the answers follow while it travels (they land straight
         # in the pull tensors; an answer cannot come before its request, and one that did would wait in UCX).
         c.recvs.clear()
+        c.late.clear()
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         for s in range(p.n_servers):
             if p.scatter[s] >= 0:
@@ -1416,6 +1519,8 @@ cdef class Worker:
         done = c.sends.settled(self.ucp, 0, c.sends.n) and done
         if c.state == C_REFUSED:
             done = c.refusal_ops.settled(self.ucp, 0, 1) and done
+        elif c.state == C_LATE:
+            done = c.late.settled(self.ucp, 0, c.late.n) and done
         return done
 
     def wait(self, int64_t handle, uint64_t spins):
@@ -1453,7 +1558,7 @@ cdef class Worker:
         cdef bint staged = False
         if c.state == C_REFUSED:
             return self._fail(c, (F_REFUSED, c.refused_server, self._refusal_text(c)))
-        err = c.recvs.first_error(0, c.recvs.n) or c.sends.first_error(0, c.sends.n)
+        err = c.recvs.first_error(0, c.recvs.n) or c.sends.first_error(0, c.sends.n) or c.late.first_error(0, c.late.n)
         if err:
             for s in range(p.n_servers):
                 if c.recvs.first_error(c.recv_lo[s], c.recv_lo[s + 1]):
@@ -1478,12 +1583,16 @@ cdef class Worker:
                 c.refusal_ops.add(self.ucp.recv_raw(c.refusal, REFUSAL_MAX, p.resp_tag[s] | (<uint64_t>c.seq << SEQ_SHIFT)
                                                     | REFUSAL_SLOT, FULL_MASK, False, HINT_HOST))
                 return R_PENDING
+        if p.n_written and c.state != C_LATE and self._receive_moved(c):
+            return R_PENDING
         for s in range(p.n_servers):
             r = c.resp[s]
             pos = p.resp_pos
             for j in range(p.per):
                 memcpy(&size, r + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
                 a = &p.answers[s * p.per + j]
+                if a.how == ANSWER_WRITTEN:
+                    size &= ~MOVED
                 if size > a.cap:
                     return self._fail_copying(c, staged, (F_TOO_LONG, s, j, size, a.cap))
                 if a.how == ANSWER_PACKED and size:
@@ -1514,6 +1623,28 @@ cdef class Worker:
         self._trace(c)
         self._release(c)
         return R_DONE
+
+    cdef bint _receive_moved(self, Call c) except -1:
+        """Post the receives of the written answers the servers sent as messages instead (their sizes carry
+        MOVED); whether there are any (the call then waits for them: ``C_LATE``)."""
+        cdef Plan p = c.plan
+        cdef int s, j
+        cdef uint64_t size
+        cdef Answer *a
+        cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
+        for s in range(p.n_servers):
+            for j in range(p.per):
+                a = &p.answers[s * p.per + j]
+                if a.how != ANSWER_WRITTEN:
+                    continue
+                memcpy(&size, c.resp[s] + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
+                if size & MOVED:
+                    c.late.recv(self.ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
+                                self.ucp.mapped_or(a.param, a.device), False)
+        if not c.late.n:
+            return False
+        c.state = C_LATE
+        return True
 
     cdef int _fail_copying(self, Call c, bint staged, tuple why) except -1:
         """Fail a call whose answers were being copied out: the copies end first (the call's buffers are reused)."""
@@ -1627,7 +1758,10 @@ cdef class Worker:
             abandoned = (<Call>c).recvs.abandon(self.ucp)
             abandoned = (<Call>c).sends.abandon(self.ucp) or abandoned
             (<Call>c).refusal_ops.abandon(self.ucp)
-            if abandoned:  # a receive UCX matched writes on into the pull tensors: they stay, as the mappings do
+            abandoned = (<Call>c).late.abandon(self.ucp) or abandoned
+            # a receive UCX matched writes on into the pull tensors, as a server may still put written answers:
+            # they stay, as the mappings do
+            if abandoned or (<Call>c).plan.n_written:
                 _LEFT_TO_UCX.append(((<Call>c).push, (<Call>c).pull))
                 for m in (<Call>c).plan.maps:
                     (<MemMap>m).leave_to_ucx()
@@ -1669,8 +1803,21 @@ cdef class Layout:
     cdef list ans_maps  # per answer: the MemMaps made for the device memory it was lent from (ANSWER_MAPS at most)
     cdef uint64_t *ans_map  # per answer: the newest one's [start, end), its allocation's id, mappings tried
     cdef const void **ans_param  # per answer: the newest one's param, or NULL
+    cdef int *pull_dev  # per answer: 1 when the worker's pull tensor is device memory
+    cdef void **rkeys  # per answer, WRITTEN: its pull tensor's remote key on the worker's endpoint (NULL: none)
+    cdef uint64_t *raddr  # per answer, WRITTEN: its pull tensor's address
+    cdef int n_written
+    cdef Ucp ucp  # for the keys (destroyed with the layout while the worker lives)
 
     def __dealloc__(self):
+        cdef int j
+        if self.rkeys != NULL and self.ucp is not None and not self.ucp.closed:
+            for j in range(self.n_pull):
+                if self.rkeys[j] != NULL:
+                    ucp_rkey_destroy(self.rkeys[j])
+        free(self.rkeys)
+        free(self.raddr)
+        free(self.pull_dev)
         free(self.ans_map)
         free(self.ans_param)
         free(self.push)
@@ -1718,10 +1865,14 @@ cdef class Sending:
     cdef bytes note  # a refusal's reason
     cdef bint in_flight
     cdef const void **params  # per answer lent from device memory: a MemMap's param (Layout.ans_param), or NULL
+    cdef Ops puts  # the written answers' puts, then the endpoint's flush: the header leaves once they are done
+    cdef int *put_of  # per put: the answer it writes
+    cdef bint header_wait  # the header waits for ``puts``
 
     def __dealloc__(self):
         if self.in_flight:
             return  # its core went with it in flight: UCX may still read the memory
+        free(self.put_of)
         free(self.params)
         free(self.staged)
         free(self.staged_device)
@@ -1736,7 +1887,10 @@ cdef Sending new_sending(Layout lay):
     out.staged_device = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
     out.sizes = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
     out.params = <const void **>calloc(max(lay.n_pull, 1), sizeof(void *))
-    if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL or out.params == NULL:
+    out.put_of = <int *>calloc(lay.n_written + 1, sizeof(int))
+    out.puts = Ops(lay.n_written + 1)
+    if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL or out.params == NULL \
+            or out.put_of == NULL:
         raise MemoryError()
     return out
 
@@ -1769,6 +1923,8 @@ cdef class Server:
     cdef int lent_out  # Sendings in flight that read the caller's memory
     cdef int n_mapped  # registered chunks mapped for the layouts made so far (STEPMESH_MEMORY_HINTS=all)
     cdef int n_lent_mapped  # device memory mapped where answers were lent from (all)
+    cdef int n_flushing  # Sendings whose header waits for their written answers' puts
+    cdef int n_written_sent, n_moved  # written answers put, and sent as messages instead
 
     def __cinit__(self, Ucp ucp, list eps, list lane_eps, list endpoints, list ring_tags, list push_tags,
                   uint64_t resp_tag, uint64_t pull_tag, bint pinned, int device):
@@ -1878,16 +2034,28 @@ cdef class Server:
             lay.devices.append(device)
         lay.keys = spec["keys"]
         lay.pull_keys = spec["pull_keys"]
-        pulls = spec["pull"]  # (placement, capacity, offset in the packed answers' buffer)
+        # (placement, capacity, offset in the packed answers' buffer, device pull, address and key if WRITTEN)
+        pulls = spec["pull"]
         lay.n_pull = len(pulls)
         lay.caps = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
         lay.placements = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
         lay.ans_at = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
+        lay.pull_dev = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
+        lay.rkeys = <void **>calloc(max(lay.n_pull, 1), sizeof(void *))
+        lay.raddr = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
+        if not (lay.caps and lay.placements and lay.ans_at and lay.pull_dev and lay.rkeys and lay.raddr):
+            raise MemoryError()
+        lay.ucp = self.ucp
         lay.ans_pack_size = spec["ans_pack_size"]
         for j in range(lay.n_pull):
             lay.placements[j] = pulls[j][0]
             lay.caps[j] = pulls[j][1]
             lay.ans_at[j] = pulls[j][2]
+            lay.pull_dev[j] = 1 if pulls[j][3] else 0
+            if lay.placements[j] == WRITTEN:  # a key UCX refuses: the answer goes as a message (MOVED)
+                lay.n_written += 1
+                lay.raddr[j] = pulls[j][4]
+                lay.rkeys[j] = self.ucp.unpack_rkey(self.eps[worker], pulls[j][5])
             lay.n_sep_pull += lay.placements[j] == SEPARATE or lay.placements[j] == LANE
             if lay.placements[j] == LANE and self.lane_eps[worker] == 0:
                 raise ValueError("an answer on the lane to a worker without one")
@@ -2084,6 +2252,8 @@ cdef class Server:
                 self.ucp.drain()
             if self.deferred:
                 self._kick()
+            if self.n_flushing:  # a header waits for its answers' puts
+                self._reap()
             if moved or (i & 3) == 0:
                 rc = self._intake()
             i += 1
@@ -2303,14 +2473,33 @@ cdef class Server:
         cdef Layout lay = out.layout
         cdef Req r = out.req
         cdef uint64_t bits = <uint64_t>r.seq << SEQ_SHIFT
-        cdef uint64_t t = now_ns()
         cdef int j
-        memcpy(out.header + RESP_STAMPS_AT + 24, &t, 8)
+        cdef void *h
+        cdef bint src_dev
         out.ops.clear()
-        out.ops.add(self.ucp.send_raw(out.ep, out.header, out.hlen, self.resp_tag | bits, False, HINT_HOST))
-        if out.note is not None:
-            out.ops.add(self.ucp.send_raw(out.ep, <const char *>out.note, len(out.note),
-                                          self.resp_tag | bits | REFUSAL_SLOT, False, HINT_HOST))
+        out.puts.clear()
+        out.header_wait = False
+        if lay.n_written and out.note is None:
+            for j in range(lay.n_pull):
+                if lay.placements[j] != WRITTEN or not out.sizes[j]:
+                    continue
+                src_dev = out.staged_device[j] != -1 and out.staged_device[j] != LENT_HOST
+                h = NULL
+                if lay.rkeys[j] != NULL and src_dev == lay.pull_dev[j]:  # UCX puts within one kind of memory
+                    h = self.ucp.put_param(out.ep, out.staged[j], out.sizes[j], lay.raddr[j], lay.rkeys[j],
+                                           self.ucp.mapped_or(out.params[j], src_dev))
+                    if <uintptr_t>h < ERR_MIN:
+                        out.put_of[out.puts.n] = j
+                        out.puts.add(h)
+                        continue
+                self._send_moved(out, j)
+            if out.puts.n:  # the header leaves once the puts are complete at the worker (_reap)
+                out.put_of[out.puts.n] = -1
+                out.puts.add(self.ucp.flush_ep(out.ep))
+                out.header_wait = True
+                self.n_flushing += 1
+        if not out.header_wait:
+            self._send_header(out)
         for j in range(lay.n_pull):
             if lay.placements[j] == SEPARATE or lay.placements[j] == LANE:  # an empty one still completes the receive
                 out.ops.add(self.ucp.send_param(
@@ -2324,6 +2513,41 @@ cdef class Server:
                                           self.pull_tag | bits | PACK_SLOT, False,
                                           HINT_CUDA if out.pack != NULL and out.pack_dev >= 0 else HINT_HOST))
         self.sending.append(out)
+
+    cdef void _send_header(self, Sending out) noexcept:
+        """The response header (and a refusal's reason): stamped, then posted."""
+        cdef uint64_t bits = <uint64_t>out.req.seq << SEQ_SHIFT
+        cdef uint64_t t = now_ns()
+        memcpy(out.header + RESP_STAMPS_AT + 24, &t, 8)
+        out.ops.add(self.ucp.send_raw(out.ep, out.header, out.hlen, self.resp_tag | bits, False, HINT_HOST))
+        if out.note is not None:
+            out.ops.add(self.ucp.send_raw(out.ep, <const char *>out.note, len(out.note),
+                                          self.resp_tag | bits | REFUSAL_SLOT, False, HINT_HOST))
+
+    cdef void _send_moved(self, Sending out, int j) noexcept:
+        """Send written answer ``j`` as a tag message after all (no key, memory of another kind than the pull
+        tensor, or UCX refused the put), and mark its size in the header so that the worker receives it."""
+        cdef uint64_t size = out.sizes[j] | MOVED
+        cdef bint src_dev = out.staged_device[j] != -1 and out.staged_device[j] != LENT_HOST
+        memcpy(out.header + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &size, 8)
+        out.ops.add(self.ucp.send_param(out.ep, out.staged[j], out.sizes[j],
+                                        self.pull_tag | (<uint64_t>out.req.seq << SEQ_SHIFT) | <uint64_t>j,
+                                        self.ucp.mapped_or(out.params[j], src_dev)))
+        self.n_moved += 1
+
+    cdef void _flushed(self, Sending out) noexcept:
+        """The puts of ``out`` are done: answers whose put or flush failed go as messages, then the header."""
+        cdef int i, j
+        cdef bint flush_failed = out.puts.status[out.puts.n - 1] != UCS_OK
+        for i in range(out.puts.n - 1):
+            j = out.put_of[i]
+            if flush_failed or out.puts.status[i] != UCS_OK:
+                self._send_moved(out, j)
+            else:
+                self.n_written_sent += 1
+        out.header_wait = False
+        self.n_flushing -= 1
+        self._send_header(out)
 
     cdef int _kick(self) except -1:
         cdef Sending out
@@ -2349,6 +2573,11 @@ cdef class Server:
         cdef int j
         for item in self.sending:
             out = <Sending>item
+            if out.header_wait:
+                if out.puts.settled(self.ucp, 0, out.puts.n):
+                    self._flushed(out)
+                still.append(out)
+                continue
             if not out.ops.settled(self.ucp, 0, out.ops.n):
                 still.append(out)
                 continue
@@ -2442,8 +2671,14 @@ cdef class Server:
 
     @property
     def waiting_for_stream(self):
-        """Answers held back until their stream work completes."""
-        return len(self.deferred)
+        """Answers held back until their stream work completes, or until their puts do (UCX may not wake a
+        blocking progress for either: the caller polls while there are any)."""
+        return len(self.deferred) + self.n_flushing
+
+    @property
+    def written(self):
+        """(answers put into the workers' pull tensors, written answers sent as messages instead) so far."""
+        return self.n_written_sent, self.n_moved
 
     def close(self):
         """Cancel the ring receives and everything in flight; the memory they use is left to UCX."""
@@ -2454,8 +2689,13 @@ cdef class Server:
                 _LEFT_TO_UCX.append((<Req>item).tensors)  # pushes UCX matched write on into them
                 for m in (<Req>item).layout.maps:
                     (<MemMap>m).leave_to_ucx()
+        cdef bint abandoned
         for item in self.sending:
-            if (<Sending>item).ops.abandon(self.ucp):
+            abandoned = (<Sending>item).ops.abandon(self.ucp)
+            if (<Sending>item).puts.abandon(self.ucp):  # puts run on: their layout's keys are never destroyed
+                abandoned = True
+                _LEFT_TO_UCX.append((<Sending>item).layout)
+            if abandoned:
                 for maps in (<Sending>item).layout.ans_maps:
                     for m in maps:
                         (<MemMap>m).leave_to_ucx()
@@ -2463,6 +2703,7 @@ cdef class Server:
         self.sending = []
         self.deferred = []
         self.lent_out = 0
+        self.n_flushing = 0
         self.handles.clear()
         self.forget_layouts()
 
@@ -2489,8 +2730,8 @@ cdef void _fill_header(uint8_t *hdr, uint32_t seq, uint16_t status, uint16_t n, 
 
 cdef int _header_size(const uint8_t *buf) noexcept:
     """The size of the request header in ``buf`` from its counts and dimensions; 0 when it is malformed."""
-    cdef uint16_t n_push, n_servers, per
-    cdef int i, pos = REQ_FIXED_SIZE
+    cdef uint16_t n_push, n_servers, per, klen
+    cdef int i, pulls_at, pos = REQ_FIXED_SIZE
     cdef uint8_t ndim
     if buf[0] != DATA_VERSION:
         return 0
@@ -2506,8 +2747,19 @@ cdef int _header_size(const uint8_t *buf) noexcept:
         if ndim > MAX_NDIM:
             return 0
         pos += REQ_TENSOR_SIZE + REQ_DIM_SIZE * ndim
+    pulls_at = pos
     pos += REQ_PULL_SIZE * n_servers * per
-    return pos if pos <= HEADER_MAX else 0
+    if pos > HEADER_MAX:
+        return 0
+    for i in range(<int>n_servers * per):  # the written pulls' keys follow the pulls
+        if buf[pulls_at + REQ_PULL_SIZE * i + 16] == WRITTEN:
+            if pos + REQ_WRITTEN_SIZE > HEADER_MAX:
+                return 0
+            memcpy(&klen, buf + pos + 8, 2)
+            pos += REQ_WRITTEN_SIZE + klen
+            if pos > HEADER_MAX:
+                return 0
+    return pos
 
 
 cdef uint64_t _layout_hash(const uint8_t *buf, int size) noexcept:

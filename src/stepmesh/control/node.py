@@ -171,7 +171,7 @@ class Node:
         self.data = Transport(
             options, cfg.progress or "blocking",
             lane_options={**options, **self.lane_options} if self.config.lane_on() else None,
-            memory_hints=cfg.memory_hints,
+            memory_hints=cfg.memory_hints, one_sided=True,
         )
         self._control = Transport({}, "blocking", active_messages=True)
         self._loop = EventLoop(self._control, self._waker)

@@ -113,15 +113,18 @@ class Transport:
             None: no lane. The lane is progressed with the worker, in the same mode.
         memory_hints: which buffers the compiled core tells UCX the memory type of
             (``off``, ``host``, ``all``: see ``STEPMESH_MEMORY_HINTS``); the rest UCX looks up.
+        one_sided: enable UCX's one-sided calls on the worker (a server puts written answers with them).
     """
 
     def __init__(
         self, options: dict[str, str], progress: str, active_messages: bool = False,
-        lane_options: dict[str, str] | None = None, memory_hints: str = "all",
+        lane_options: dict[str, str] | None = None, memory_hints: str = "all", one_sided: bool = False,
     ):
         api, _ = _ucx()
         self.api = api
         features = [api.Feature.TAG, api.Feature.WAKEUP]
+        if one_sided:
+            features.append(api.Feature.RMA)
         if active_messages:
             features.append(api.Feature.AM)
         self.context = api.UCXContext(config_dict=dict(options), feature_flags=tuple(features))

@@ -202,7 +202,8 @@ class AFTensorServer(Node):
         share = hdr.pulls_for(self.server_index)
         inline_room = sum(p.capacity for p in share if p.placement is W.Placement.INLINE)
         *ans_at, ans_pack_size = W.pack_offsets([p.capacity for p in share if p.placement is W.Placement.PACKED])
-        pulls = [(p.placement, p.capacity, ans_at.pop(0) if p.placement is W.Placement.PACKED else 0) for p in share]
+        pulls = [(p.placement, p.capacity, ans_at.pop(0) if p.placement is W.Placement.PACKED else 0, p.device,
+                  p.address, p.rkey) for p in share]
         return {
             "head": raw[: hdr.size], "push": pushes, "keys": [m.key for m in hdr.tensors],
             "pull": pulls, "pull_keys": [p.key for p in share], "ans_pack_size": ans_pack_size,

@@ -12,6 +12,17 @@ straight into its destination. The answer is one response message (header,
 then small answers) and one tag message per large answer, received straight
 into the worker's pull tensor.
 
+A device answer can instead be *written*: the worker maps its pull tensor with
+``ucp_mem_map``, packs a remote key for it and carries the key in the request
+header (once per call signature: the header is the layout, so a new key is a
+new layout on the server). The server then puts the answer straight into the
+pull tensor (``ucp_put_nbx``), flushes the endpoint, and only then sends the
+response header: the worker posts one receive per server, not one per answer.
+A server that cannot put an answer (its memory is of another kind than the
+pull tensor, UCX refused the key or the put) sends it as a tag message instead
+and marks its size in the response (``ANSWER_MOVED_BIT``); the worker receives
+it once the response header is in.
+
 A small device tensor (a token count, pushed or answered) would be a tiny eager
 device message, which UCX copies through the host, synchronously, on both
 sides. Where the worker and every server it addresses have a *lane*, a second
@@ -36,19 +47,19 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [
-    "DATA_VERSION", "Placement", "Result", "Failure", "AnswerProblem", "MemHint", "Tag", "make_tag", "wireup_tag",
+    "DATA_VERSION", "Placement", "REQ_WRITTEN", "RKEY_MAX", "ANSWER_MOVED_BIT", "Result", "Failure", "AnswerProblem", "MemHint", "Tag", "make_tag", "wireup_tag",
     "REQ_FIXED", "REQ_TENSOR", "REQ_DIM", "REQ_PULL", "RESP_FIXED", "RESP_SIZE",
     "HEADER_MAX", "INLINE_MAX", "DEVICE_INLINE_MAX", "MAX_TENSORS", "MAX_PULLS", "MAX_NDIM",
     "MAX_TENSOR_BYTES", "MAX_IN_FLIGHT", "RING_DEPTH", "SLOT_SIZE", "TRACE_KEEP",
     "STATUS_OK", "STATUS_REFUSED", "REFUSAL_SLOT", "REFUSAL_MAX", "FLAG_DEVICE",
     "PACK_SLOT", "PACK_SMALL", "PACK_MAX", "PACK_ALIGN", "pack_placements", "pack_offsets",
-    "LANE_MAX", "LANE_OPTIONS", "lane_placements", "push_placements", "answer_placements",
+    "LANE_MAX", "LANE_OPTIONS", "lane_placements", "push_placements", "answer_placements", "written_candidates",
     "SEQ_OFFSET", "SEQ_MASK", "SEQ_SHIFT", "TAG_MASK_KIND_NODE", "UCX_OPTIONS",
     "inline_placements", "request_header_size", "response_header_size", "cython_constants", "write_pxi", "check_core",
     "TensorMeta", "PullMeta", "RequestHeader", "WireError", "decode_request",
 ]
 
-DATA_VERSION = 7  # 7: small device answers on the lane too; 6: small device pushes on the lane; 5: packed device answers (4: placements in the header, refusals apart, staged answers)
+DATA_VERSION = 8  # 8: written answers (a remote key per written pull in the header); 7: small device answers on the lane too; 6: small device pushes on the lane; 5: packed device answers (4: placements in the header, refusals apart, staged answers)
 
 # ---------------------------------------------------------------- tag layout
 # kind (4 bits) | sender node id (12 bits) | sequence (32 bits) | slot (16 bits)
@@ -117,6 +128,7 @@ class Placement(IntEnum):
     SEPARATE = 1
     PACKED = 2  # a device answer, in the one message of its server's packed answers
     LANE = 3  # a small device push or answer, as a tag message of its own on the lane
+    WRITTEN = 4  # an answer the server puts into the pull tensor (its remote key is in the request header)
 
 
 # --------------------------------------------------------------- headers
@@ -128,6 +140,10 @@ REQ_TENSOR = struct.Struct("<qBBBBQ")
 REQ_DIM = struct.Struct("<q")
 # key, capacity in bytes, placement, device
 REQ_PULL = struct.Struct("<qQBB")
+# after the pulls, one per WRITTEN pull, in order: the pull tensor's address, its remote key's bytes (the key follows)
+REQ_WRITTEN = struct.Struct("<QH")
+RKEY_MAX = 1024  # bytes of one packed remote key (a larger one: the answer is not written)
+ANSWER_MOVED_BIT = 63  # in a written answer's size: the server sent it as a tag message instead (PULL, its index)
 # version, flags, status, n answers, seq, server stamps: request complete, batch taken, respond called, answer sent
 RESP_FIXED = struct.Struct("<BBHHIQQQQ")
 RESP_SIZE = struct.Struct("<Q")  # one per answer: its bytes
@@ -187,11 +203,25 @@ def push_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tup
     return lane_placements(sizes, device, placements) if lane else placements
 
 
+def written_candidates(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
+                       level: str) -> list[bool]:
+    """Which answers may be written one-sided at ``STEPMESH_ONE_SIDED`` ``level`` (``off``, ``device``, ``all``):
+    those that would not travel inline, device ones only unless ``all`` (the worker maps each and packs its key)."""
+    inline = inline_placements(sizes, device)
+    return [level != "off" and p is Placement.SEPARATE and n > 0 and (dev or level == "all")
+            for n, dev, p in zip(sizes, device, inline)]
+
+
 def answer_placements(sizes: list[int] | tuple[int, ...], device: list[bool] | tuple[bool, ...],
-                      lane: bool) -> list[Placement]:
-    """How one server's answers travel: as pushes would, then the device ones still separate packed where that
-    pays."""
-    return pack_placements(sizes, device, push_placements(sizes, device, lane))
+                      lane: bool, written: list[bool] | tuple[bool, ...] = ()) -> list[Placement]:
+    """How one server's answers travel: inline where they fit, WRITTEN where ``written`` (the worker has a key for
+    the pull tensor), else as pushes would, then the device ones still separate packed where that pays."""
+    placements = inline_placements(sizes, device)
+    if written:
+        placements = [Placement.WRITTEN if w and p is Placement.SEPARATE else p for p, w in zip(placements, written)]
+    if lane:
+        placements = lane_placements(sizes, device, placements)
+    return pack_placements(sizes, device, placements)
 
 
 def pack_offsets(sizes: list[int]) -> list[int]:
@@ -203,8 +233,10 @@ def pack_offsets(sizes: list[int]) -> list[int]:
     return out + [pos]
 
 
-def request_header_size(ndims: list[int], n_pulls: int) -> int:
-    return REQ_FIXED.size + sum(REQ_TENSOR.size + REQ_DIM.size * d for d in ndims) + REQ_PULL.size * n_pulls
+def request_header_size(ndims: list[int], n_pulls: int, rkeys: list[bytes] | tuple[bytes, ...] = ()) -> int:
+    """Bytes of a request header: the fixed part, the tensors with their shapes, the pulls, the written pulls' keys."""
+    return REQ_FIXED.size + sum(REQ_TENSOR.size + REQ_DIM.size * d for d in ndims) + REQ_PULL.size * n_pulls \
+        + sum(REQ_WRITTEN.size + len(k) for k in rkeys)
 
 
 def response_header_size(n: int) -> int:
@@ -232,6 +264,8 @@ class PullMeta:
     capacity: int
     placement: Placement
     device: bool
+    address: int = 0  # WRITTEN: the pull tensor's address in the worker
+    rkey: bytes = b""  # WRITTEN: its packed remote key
 
 
 @dataclass(frozen=True)
@@ -311,13 +345,24 @@ def decode_request(buf: bytes, itemsizes: dict[int, int], lane: bool = False) ->
     pulls = []
     for i in range(n_pulls):
         key, cap, placement, device = REQ_PULL.unpack_from(buf, pos + i * REQ_PULL.size)
-        if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.PACKED, Placement.LANE) \
+        if placement not in (Placement.INLINE, Placement.SEPARATE, Placement.PACKED, Placement.LANE, Placement.WRITTEN) \
                 or cap > MAX_TENSOR_BYTES or (placement == Placement.PACKED and not device):
             raise WireError(f"pull {i}: placement {placement}, capacity {cap}")
         if placement == Placement.LANE:
             _check_lane(f"pull {i} of {cap} bytes answered on the lane", "answers", cap, device, lane)
         pulls.append(PullMeta(key, cap, Placement(placement), bool(device)))
     pos += REQ_PULL.size * n_pulls
+    for i, p in enumerate(pulls):
+        if p.placement is not Placement.WRITTEN:
+            continue
+        if pos + REQ_WRITTEN.size > min(len(buf), HEADER_MAX):
+            raise WireError("request header truncated in the written pulls' keys")
+        address, n = REQ_WRITTEN.unpack_from(buf, pos)
+        pos += REQ_WRITTEN.size
+        if not 0 < n <= RKEY_MAX or pos + n > min(len(buf), HEADER_MAX):
+            raise WireError(f"pull {i}: a remote key of {n} bytes")
+        pulls[i] = PullMeta(p.key, p.capacity, p.placement, p.device, address, bytes(buf[pos : pos + n]))
+        pos += n
     inline = sum(t.nbytes for t in tensors if t.placement is Placement.INLINE)
     if inline > INLINE_MAX or pos + inline > SLOT_SIZE:
         raise WireError(f"inline tensors of {inline} bytes overrun the {SLOT_SIZE}-byte slot")
@@ -401,7 +446,8 @@ def _constants() -> dict[str, int]:
         "REQ_FIXED_SIZE": REQ_FIXED.size, "REQ_TENSOR_SIZE": REQ_TENSOR.size, "REQ_DIM_SIZE": REQ_DIM.size,
         "REQ_PULL_SIZE": REQ_PULL.size, "RESP_FIXED_SIZE": RESP_FIXED.size, "RESP_SIZE_SIZE": RESP_SIZE.size,
         "INLINE": Placement.INLINE, "SEPARATE": Placement.SEPARATE, "PACKED": Placement.PACKED,
-        "LANE": Placement.LANE,
+        "LANE": Placement.LANE, "WRITTEN": Placement.WRITTEN, "REQ_WRITTEN_SIZE": REQ_WRITTEN.size,
+        "RKEY_MAX": RKEY_MAX, "ANSWER_MOVED_BIT": ANSWER_MOVED_BIT,
         "PACK_SLOT": PACK_SLOT, "PACK_ALIGN": PACK_ALIGN,
     }
     for enum in (Tag, Result, Failure, AnswerProblem, MemHint):

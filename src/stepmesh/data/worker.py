@@ -167,10 +167,15 @@ class AFTensorWorker(Node):
         placements = W.push_placements(sizes, on_device, every_lane)
         caps = [t.nbytes for t in pulls]
         pull_device = [t.is_cuda for t in pulls]
+        written, rkeys = self._written(pulls, n_servers, per)
+        if W.request_header_size([t.dim() for t in push], len(pulls), list(rkeys.values())) > W.HEADER_MAX:
+            written, rkeys = {}, {}  # the keys would not fit the header: those answers travel as messages
+        hsize = W.request_header_size([t.dim() for t in push], len(pulls), list(rkeys.values()))
         answer_placements: list[W.Placement] = []
         for s in range(n_servers):
             part = slice(s * per, (s + 1) * per)
-            answer_placements += W.answer_placements(caps[part], pull_device[part], every_lane)
+            answer_placements += W.answer_placements(caps[part], pull_device[part], every_lane,
+                                                     [q in rkeys for q in range(s * per, (s + 1) * per)])
 
         header = bytearray(hsize)
         flags = W.FLAG_DEVICE if device >= 0 else 0
@@ -185,6 +190,11 @@ class AFTensorWorker(Node):
         for key, cap, placement, dev in zip(pkeys, caps, answer_placements, pull_device):
             W.REQ_PULL.pack_into(header, pos, key, cap, placement, int(dev))
             pos += W.REQ_PULL.size
+        for q, rkey in sorted(rkeys.items()):
+            W.REQ_WRITTEN.pack_into(header, pos, pulls[q].data_ptr(), len(rkey))
+            pos += W.REQ_WRITTEN.size
+            header[pos : pos + len(rkey)] = rkey
+            pos += len(rkey)
         inline, sep = [], []
         offset = hsize
         for i, (t, placement) in enumerate(zip(push, placements)):
@@ -209,7 +219,9 @@ class AFTensorWorker(Node):
             *ans_at, ans_pack_size = W.pack_offsets([caps[q] for q in in_pack])
             for j, q in enumerate(share):
                 at = 0
-                if answer_placements[q] is W.Placement.SEPARATE:
+                if answer_placements[q] is W.Placement.WRITTEN:
+                    how = 5
+                elif answer_placements[q] is W.Placement.SEPARATE:
                     how = 2
                 elif answer_placements[q] is W.Placement.LANE:
                     how = 4
@@ -234,8 +246,27 @@ class AFTensorWorker(Node):
             "per": per, "n_handles": max(1, len(push) + per), "template": bytes(header), "hlen": offset,
             "req_tag": W.make_tag(W.Tag.REQUEST, self.node_id), "push_tag": W.make_tag(W.Tag.PUSH, self.node_id),
             "inline_push": inline, "sep_push": sep, "resp_pos": resp_pos, "resp_size": resp_pos + inline_room,
-            "servers": servers,
+            "servers": servers, "written": written,
         }
+
+    def _written(self, pulls: list[torch.Tensor], n_servers: int, per: int) -> tuple[dict[int, Any], dict[int, bytes]]:
+        """The answers servers will write one-sided into ``pulls`` (``STEPMESH_ONE_SIDED``): per pull index, the
+        mapping its key came from with its allocation's id, and the key."""
+        level = self.config.one_sided
+        if level == "off" or not self._core.writes:
+            return {}, {}
+        assert self.data is not None
+        ucp = self.data.ucp
+        maps: dict[int, Any] = {}
+        keys: dict[int, bytes] = {}
+        for s in range(n_servers):
+            share = range(s * per, (s + 1) * per)
+            may = W.written_candidates([pulls[q].nbytes for q in share], [pulls[q].is_cuda for q in share], level)
+            for q, ok in zip(share, may):
+                got = ucp.pack_rkey(pulls[q].data_ptr(), pulls[q].nbytes, pulls[q].is_cuda) if ok else None
+                if got is not None and len(got[1]) <= W.RKEY_MAX:
+                    maps[q], keys[q] = (got[0], got[2]), got[1]
+        return maps, keys
 
     def _check_servers(self) -> None:
         if self._returned:
