@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Written answers (STEPMESH_ONE_SIDED=device, the default) against answers as messages (off), and the GPU suite,
-# in one device call:
+# Written answers (STEPMESH_ONE_SIDED=device, the default) against answers as messages (off), and the GPU suite
+# with and without MPS, in one device call:
 #
-#   benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS]
+#   JOBS=3 benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
 #
-#   1. the GPU suite, SUITE_RUNS times (default 1);
+#   1. the GPU suite SUITE_RUNS times in a row (default 1), under MPS;
 #   2. stepmesh-1x1 against raw ucxx, STEPMESH_ONE_SIDED=off, device, off, device (device: the server puts each
 #      answer into the worker's pull tensor, flushes, then sends the response header);
-#   3. step3 and stepmesh-1x1 with 3 stages in flight against 1 stage, at device.
-# About 150 s per suite run and 200 s for the rest on one H100. JSON of every bench lands in $OUT (8 files at most
-# come back: 7 benches here).
+#   3. step3 against raw ucxx, and stepmesh-1x1 with 3 stages in flight and with 1, at device;
+#   4. the MPS daemon stopped, the GPU suite NO_MPS_RUNS times in a row (default 0).
+# JOBS > 1 runs each suite on that many pytest-xdist processes (carried in .gpu-wheels): about 60 s a run instead
+# of 165 s on one H100. The benches take about 200 s. JSON of every bench lands in $OUT (8 files at most come back).
 set -u
 out=${OUT:-/tmp/stepmesh-out}
 mkdir -p "$out"
 export UCX_WARN_UNUSED_ENV_VARS=n
-for i in $(seq 1 "${1:-1}"); do
-  echo "== GPU suite, run $i"
-  timeout 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -4
-done
+jobs=${JOBS:-1}
+par=()
+[ "$jobs" -gt 1 ] && par=(-n "$jobs")
+suite() {  # LABEL
+  echo "== GPU suite, $1"
+  timeout 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider "${par[@]}" 2>&1 | grep -E "passed|failed|FAILED|ERROR|error" | tail -8
+}
+for i in $(seq 1 "${1:-1}"); do suite "MPS, run $i"; done
 bench() {  # NAME ENV... -- BENCH ARGS...
   local name=$1; shift
   local env=()
@@ -35,3 +40,9 @@ done
 bench step3 STEPMESH_ONE_SIDED=device -- --preset step3 --contenders stepmesh,ucxx --iters 2000 --rounds 6
 bench stages3 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 3 --contenders stepmesh --iters 2000 --rounds 6
 bench stages1 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 1 --contenders stepmesh --iters 2000 --rounds 6
+if [ "${2:-0}" -gt 0 ]; then
+  echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 && echo "written_check: MPS daemon stopped"
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  sleep 2
+  for i in $(seq 1 "$2"); do suite "no MPS, run $i"; done
+fi

@@ -874,15 +874,17 @@ def _worker_maps(ctx: NodeContext) -> tuple[int, int, int, bool] | int:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("hints, progress", [("host", "polling"), ("all", "polling"), ("all", "thread")])
-def test_worker_maps_device_buffers_only_while_their_allocation_holds(device, hints, progress):
+@pytest.mark.parametrize("hints, progress, one_sided", [("host", "polling", "device"), ("all", "polling", "off"),
+                                                        ("all", "polling", "device"), ("all", "thread", "device")])
+def test_worker_maps_device_buffers_only_while_their_allocation_holds(device, hints, progress, one_sided):
     """At STEPMESH_MEMORY_HINTS=all (polling) a worker maps its device pushes and answers with ucp_mem_map and
     checks at every call that the allocation behind each address is the one it mapped: memory freed and allocated
-    again at the same address makes the plan anew, and every answer still lands right. A server maps the device
-    memory it lends answers from, a bounded number of times per answer. Host tensors, lower hint levels and
-    thread progress mode map nothing."""
+    again at the same address makes the plan anew, and every answer still lands right (written answers too: the
+    new plan carries a new key). A server maps the device memory it lends answers from, a bounded number of
+    times per answer of a request layout. Host tensors, lower hint levels and thread progress mode map nothing."""
     env = {"STEPMESH_MEMORY_HINTS": hints, "STEPMESH_PROGRESS": progress, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1",
-           "STEPMESH_DEVICE_LANE": "1"}  # the count answer on the lane: a message of its own, lent and mapped too
+           "STEPMESH_DEVICE_LANE": "1",  # (off) the count answer on the lane: a message of its own, lent and mapped
+           "STEPMESH_ONE_SIDED": one_sided}
     results = _mesh(_worker_maps, device, env=env)
     mapped, remade, in_flight, reused = results["worker-0-0"]
     lent_mapped = results["server-0-0"]
@@ -890,7 +892,10 @@ def test_worker_maps_device_buffers_only_while_their_allocation_holds(device, hi
     if device == "cuda" and hints == "all" and progress == "polling":
         assert reused, "the driver never gave a freed address back: the stale-allocation check went untried"
         assert mapped > 0 and remade > 0, (mapped, remade)
-        assert lent_mapped == 2 * 4, lent_mapped  # 5 lent rounds, a new allocation each: ANSWER_MAPS per answer
+        if one_sided == "off":  # one request layout: 5 lent rounds, a new allocation each, ANSWER_MAPS per answer
+            assert lent_mapped == 2 * 4, lent_mapped
+        else:  # a new key is a new layout, which maps anew: at most once per answer of each lent round
+            assert 2 <= lent_mapped <= 2 * 5, lent_mapped
     else:
         assert (mapped, remade, lent_mapped) == (0, 0, 0)
 

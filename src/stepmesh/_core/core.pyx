@@ -1868,11 +1868,14 @@ cdef class Sending:
     cdef Ops puts  # the written answers' puts, then the endpoint's flush: the header leaves once they are done
     cdef int *put_of  # per put: the answer it writes
     cdef bint header_wait  # the header waits for ``puts``
+    cdef Ops moved  # written answers sent as messages after all, from copies: respond does not wait for them
+    cdef int *dev_of  # per answer: the caller's tensor's device, -1: host
 
     def __dealloc__(self):
         if self.in_flight:
             return  # its core went with it in flight: UCX may still read the memory
         free(self.put_of)
+        free(self.dev_of)
         free(self.params)
         free(self.staged)
         free(self.staged_device)
@@ -1888,9 +1891,11 @@ cdef Sending new_sending(Layout lay):
     out.sizes = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
     out.params = <const void **>calloc(max(lay.n_pull, 1), sizeof(void *))
     out.put_of = <int *>calloc(lay.n_written + 1, sizeof(int))
+    out.dev_of = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
     out.puts = Ops(lay.n_written + 1)
+    out.moved = Ops(lay.n_written)
     if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL or out.params == NULL \
-            or out.put_of == NULL:
+            or out.put_of == NULL or out.dev_of == NULL:
         raise MemoryError()
     return out
 
@@ -2306,6 +2311,7 @@ cdef class Server:
                 return R_BAD_ANSWER
             out.sizes[j] = t.nbytes
             out.staged_device[j] = f.device
+            out.dev_of[j] = f.device
             if out.sizes[j] > lay.caps[j]:
                 lay.free_sendings.append(out)
                 return R_BAD_ANSWER
@@ -2320,6 +2326,7 @@ cdef class Server:
         cdef void *stream = NULL
         cdef bint queued = False  # copies queued on the caller's stream (the send waits for them)
         cdef bint idle = False  # the caller's stream has no work left: a separate device answer is lent, not staged
+        cdef bint moved
         cdef uint64_t ptr, n, dst
         cdef uint64_t *sizes = out.sizes
         cdef int *devices = out.staged_device
@@ -2378,11 +2385,14 @@ cdef class Server:
                     memcpy(hdr + pos, <void *><uintptr_t>ptr, n)
                 pos += n
                 continue
-            if dev < 0 and lay.placements[j] == LANE:  # host, to a device pull: small, copied so respond need not wait
+            # host, to a device pull on the lane (small), or a written answer that will go as a message after all
+            # (a message the worker receives only once it waits for this call): copied, so respond need not wait
+            moved = lay.placements[j] == WRITTEN and not (lay.rkeys[j] != NULL and (dev >= 0) == lay.pull_dev[j])
+            if dev < 0 and (lay.placements[j] == LANE or moved):
                 out.staged[j] = self._staging(lay, j, -1).get()
                 memcpy(out.staged[j], <void *><uintptr_t>ptr, n)
                 continue
-            if dev < 0 or idle or not need_event:  # sent from the caller's memory, which respond lends until it has left
+            if not moved and (dev < 0 or idle or not need_event):  # sent from the caller's memory, lent until it has left
                 out.staged[j] = <void *><uintptr_t>ptr
                 out.staged_device[j] = LENT_HOST if dev < 0 else LENT_DEVICE
                 out.lends = True
@@ -2478,6 +2488,7 @@ cdef class Server:
         cdef bint src_dev
         out.ops.clear()
         out.puts.clear()
+        out.moved.clear()
         out.header_wait = False
         if lay.n_written and out.note is None:
             for j in range(lay.n_pull):
@@ -2526,13 +2537,36 @@ cdef class Server:
 
     cdef void _send_moved(self, Sending out, int j) noexcept:
         """Send written answer ``j`` as a tag message after all (no key, memory of another kind than the pull
-        tensor, or UCX refused the put), and mark its size in the header so that the worker receives it."""
+        tensor, or UCX refused the put), and mark its size in the header so that the worker receives it.
+
+        The worker posts that receive only once it waits for this very call, maybe after others: the message
+        goes from a copy (``_answer`` made one where it knew; one lent from the caller's memory is copied now),
+        never lent, so that respond need not wait for it."""
         cdef uint64_t size = out.sizes[j] | MOVED
-        cdef bint src_dev = out.staged_device[j] != -1 and out.staged_device[j] != LENT_HOST
+        cdef int d = out.dev_of[j]
+        cdef uint16_t refused = STATUS_REFUSED
+        cdef void *copy = NULL
+        if out.staged_device[j] == LENT_HOST or out.staged_device[j] == LENT_DEVICE:
+            try:
+                copy = (<Pool>self._staging(out.layout, j, d)).get()
+                if d < 0:
+                    memcpy(copy, out.staged[j], out.sizes[j])
+                else:
+                    dev_enter(d)
+                    _drv_check(drv.d2d(<uint64_t><uintptr_t>copy, <uint64_t><uintptr_t>out.staged[j], out.sizes[j],
+                                       core_stream(d)), "copying an answer")
+                    sync_core_stream(d)
+            except Exception as e:  # the answer cannot go: the worker's call fails with the reason
+                out.note = f"the server could not copy answer {j} to send it: {e}".encode()[:REFUSAL_MAX - 1] + b"\0"
+                memcpy(out.header + RESP_STATUS_AT, &refused, 2)
+                return
+            out.staged[j] = copy
+            out.staged_device[j] = d
+            out.params[j] = NULL
         memcpy(out.header + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, &size, 8)
-        out.ops.add(self.ucp.send_param(out.ep, out.staged[j], out.sizes[j],
-                                        self.pull_tag | (<uint64_t>out.req.seq << SEQ_SHIFT) | <uint64_t>j,
-                                        self.ucp.mapped_or(out.params[j], src_dev)))
+        out.moved.add(self.ucp.send_param(out.ep, out.staged[j], out.sizes[j],
+                                          self.pull_tag | (<uint64_t>out.req.seq << SEQ_SHIFT) | <uint64_t>j,
+                                          self.ucp.mapped_or(out.params[j], d >= 0)))
         self.n_moved += 1
 
     cdef void _flushed(self, Sending out) noexcept:
@@ -2581,6 +2615,12 @@ cdef class Server:
             if not out.ops.settled(self.ucp, 0, out.ops.n):
                 still.append(out)
                 continue
+            if out.lends:  # what was lent has left (moved answers go from copies)
+                out.lends = False
+                self.lent_out -= 1
+            if not out.moved.settled(self.ucp, 0, out.moved.n):
+                still.append(out)
+                continue
             lay = out.layout
             lay.resp_pool.put(out.header)
             for j in range(lay.n_pull):
@@ -2590,9 +2630,6 @@ cdef class Server:
             if out.pack != NULL:
                 self._pool(MEM_DEVICE if out.pack_dev >= 0 else MEM_HOST, out.pack_dev, lay.ans_pack_size).put(out.pack)
                 out.pack = NULL
-            if out.lends:
-                out.lends = False
-                self.lent_out -= 1
             r = out.req
             out.req = None
             out.in_flight = False
@@ -2692,6 +2729,7 @@ cdef class Server:
         cdef bint abandoned
         for item in self.sending:
             abandoned = (<Sending>item).ops.abandon(self.ucp)
+            abandoned = (<Sending>item).moved.abandon(self.ucp) or abandoned
             if (<Sending>item).puts.abandon(self.ucp):  # puts run on: their layout's keys are never destroyed
                 abandoned = True
                 _LEFT_TO_UCX.append((<Sending>item).layout)
