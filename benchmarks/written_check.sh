@@ -2,7 +2,7 @@
 # Written answers (STEPMESH_ONE_SIDED=device, the default) against answers as messages (off), and the GPU suite
 # with and without MPS, in one device call:
 #
-#   JOBS=3 benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
+#   JOBS=3 [STAGES=0] benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
 #
 #   1. the GPU suite SUITE_RUNS times in a row (default 1), under MPS;
 #   2. stepmesh-1x1 against raw ucxx, STEPMESH_ONE_SIDED=off, device, off, device (device: the server puts each
@@ -37,9 +37,11 @@ for i in 1 2; do
   bench off-$i STEPMESH_ONE_SIDED=off -- "${one[@]}"
   bench device-$i STEPMESH_ONE_SIDED=device -- "${one[@]}"
 done
-bench step3 STEPMESH_ONE_SIDED=device -- --preset step3 --contenders stepmesh,ucxx --iters 2000 --rounds 6
-bench stages3 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 3 --contenders stepmesh --iters 2000 --rounds 6
-bench stages1 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 1 --contenders stepmesh --iters 2000 --rounds 6
+if [ "${STAGES:-1}" = 1 ]; then  # STAGES=0 skips step 3
+  bench step3 STEPMESH_ONE_SIDED=device -- --preset step3 --contenders stepmesh,ucxx --iters 2000 --rounds 6
+  bench stages3 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 3 --contenders stepmesh --iters 2000 --rounds 6
+  bench stages1 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 1 --contenders stepmesh --iters 2000 --rounds 6
+fi
 if [ "${2:-0}" -gt 0 ]; then
   echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 && echo "written_check: MPS daemon stopped"
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
