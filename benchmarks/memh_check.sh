@@ -13,9 +13,7 @@
 #      one-sided requests with the answers as today (put-req) and both ways one-sided (put-count-fence).
 # About 300 s on one H100. JSON of every bench lands in $OUT (at most 8 files come back).
 set -u
-out=${OUT:-/tmp/stepmesh-out}
-mkdir -p "$out"
-export UCX_WARN_UNUSED_ENV_VARS=n
+. "$(dirname "$0")/device_lib.sh"
 ucx=$(python3 -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')
 if cc -O2 benchmarks/device_floor.c -I"$ucx/include" -L"$ucx/lib" -Wl,-rpath,"$ucx/lib" -lucp -lucs -ldl \
      -o /tmp/device_floor 2>/tmp/floor-build.log; then
@@ -27,16 +25,6 @@ if cc -O2 benchmarks/device_floor.c -I"$ucx/include" -L"$ucx/lib" -Wl,-rpath,"$u
 else
   echo "device_floor did not build:"; tail -5 /tmp/floor-build.log
 fi
-bench() {  # NAME ENV... -- BENCH ARGS...
-  local name=$1; shift
-  local env=()
-  while [ "$1" != "--" ]; do env+=("$1"); shift; done
-  shift
-  echo "== $name"
-  env "${env[@]}" timeout 120 python3 -m stepmesh.cli bench --device cuda --json "$out/$name.json" "$@" 2>&1 \
-    | grep -v "^measuring"
-}
-one=(--preset stepmesh-1x1 --contenders stepmesh,ucxx --iters 2000 --rounds 6)
 for i in 1 2; do
   bench host-$i STEPMESH_MEMORY_HINTS=host -- "${one[@]}"
   bench all-$i STEPMESH_MEMORY_HINTS=all -- "${one[@]}"

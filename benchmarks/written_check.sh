@@ -12,9 +12,7 @@
 # JOBS > 1 runs each suite on that many pytest-xdist processes (carried in .gpu-wheels): about 60 s a run instead
 # of 165 s on one H100. The benches take about 200 s. JSON of every bench lands in $OUT (8 files at most come back).
 set -u
-out=${OUT:-/tmp/stepmesh-out}
-mkdir -p "$out"
-export UCX_WARN_UNUSED_ENV_VARS=n
+. "$(dirname "$0")/device_lib.sh"
 jobs=${JOBS:-1}
 par=()
 [ "$jobs" -gt 1 ] && par=(-n "$jobs")
@@ -23,16 +21,6 @@ suite() {  # LABEL
   timeout 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider "${par[@]}" 2>&1 | grep -E "passed|failed|FAILED|ERROR|error" | tail -8
 }
 for i in $(seq 1 "${1:-1}"); do suite "MPS, run $i"; done
-bench() {  # NAME ENV... -- BENCH ARGS...
-  local name=$1; shift
-  local env=()
-  while [ "$1" != "--" ]; do env+=("$1"); shift; done
-  shift
-  echo "== $name"
-  env "${env[@]}" timeout 120 python3 -m stepmesh.cli bench --device cuda --json "$out/$name.json" "$@" 2>&1 \
-    | grep -v "^measuring"
-}
-one=(--preset stepmesh-1x1 --contenders stepmesh,ucxx --iters 2000 --rounds 6)
 for i in 1 2; do
   bench off-$i STEPMESH_ONE_SIDED=off -- "${one[@]}"
   bench device-$i STEPMESH_ONE_SIDED=device -- "${one[@]}"

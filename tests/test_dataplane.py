@@ -346,8 +346,46 @@ def test_two_workers_three_servers_route_every_answer(device):
 
 
 # ---------------------------------------------------------------- the lane
+def _shape_rounds_worker(dev: str, rounds: int) -> dict:
+    """StepMesh's shape (hidden state + int32 count each way) to 2 servers, 3 stages in flight, ``rounds`` times,
+    the pull tensors reused every round (cleared once checked: each answer must overwrite every byte); the
+    call's plan."""
+    pulls = [[torch.empty(LARGE, device=dev), torch.empty(1, dtype=torch.int32, device=dev)] for _ in range(2 * 3)]
+    for rnd in range(rounds):
+        calls = []
+        for stage in range(3):
+            _busy(dev, 2_000_000)
+            x = torch.full((LARGE,), float(rnd * 3 + stage), device=dev)
+            count = torch.full((1,), 1 + rnd * 3 + stage, dtype=torch.int32, device=dev)
+            pull = [t for s in range(2) for t in pulls[stage * 2 + s]]
+            calls.append((f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]), rnd * 3 + stage, stage))
+        for h, v, stage in reversed(calls):
+            f.wait(h)
+            for s in range(2):
+                answer, n = pulls[stage * 2 + s]
+                assert torch.all(answer == v * 2 + s) and int(n) == v + 1 + s, (rnd, v, s, answer[:2], n)
+                answer.fill_(-1)
+                n.fill_(-1)
+    return f._worker("test")._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)
+
+
+def _shape_rounds_server(dev: str, rank: int, rounds: int, host_from: int) -> None:
+    """Answer ``_shape_rounds_worker`` (computed on a busy stream), from round ``host_from`` on with host tensors;
+    every answer is overwritten the moment respond returns."""
+    for rnd in range(rounds):
+        for _ in range(3):
+            ((h, (t, n), _),) = f.get_batch()
+            _busy(dev, 2_000_000)
+            answers = [t * 2 + rank, n + rank]
+            if rnd >= host_from:
+                answers = [a.cpu() for a in answers]
+            f.respond(answers, h)
+            for a in answers:
+                a.fill_(-7)
+
+
 def _lanes(ctx: NodeContext) -> tuple[int, list[bool], list[list[int]]]:
-    """StepMesh's shape (hidden state + int32 count each way), 3 stages in flight, to 2 servers.
+    """StepMesh's shape, 3 stages in flight, to 2 servers.
 
     Returns how many servers the node reaches on the lane (workers) or whether
     it has a lane (servers), and, on the worker, which separate pushes of the
@@ -359,29 +397,12 @@ def _lanes(ctx: NodeContext) -> tuple[int, list[bool], list[list[int]]]:
     flags: list[bool] = []
     hows: list[list[int]] = []
     if ctx.role == "worker":
-        pulls = [[torch.empty(LARGE, device=dev), torch.empty(1, dtype=torch.int32, device=dev)] for _ in range(2 * 3)]
-        for rnd in range(4):
-            calls = []
-            for stage in range(3):
-                _busy(dev, 2_000_000)
-                x = torch.full((LARGE,), float(rnd * 3 + stage), device=dev)
-                count = torch.full((1,), 1 + rnd * 3 + stage, dtype=torch.int32, device=dev)
-                pull = [t for s in range(2) for t in pulls[stage * 2 + s]]
-                calls.append((f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]), rnd * 3 + stage, stage))
-            for h, v, stage in reversed(calls):
-                f.wait(h)
-                for s in range(2):
-                    answer, n = pulls[stage * 2 + s]
-                    assert torch.all(answer == v * 2 + s) and int(n) == v + 1 + s, (v, s, answer[:2], n)
-        plan = node._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)
+        plan = _shape_rounds_worker(dev, 4)
         flags = [item[3] for item in plan["sep_push"]]
         hows = [[answer[3] for answer in server[3]] for server in plan["servers"]]
         reach = len(node.lane_endpoints)
     else:
-        for _ in range(4 * 3):
-            ((h, (t, n), _),) = f.get_batch()
-            _busy(dev, 2_000_000)
-            f.respond([t * 2 + ctx.rank, n + ctx.rank], h)
+        _shape_rounds_server(dev, ctx.rank, 4, host_from=4)
         reach = int(node.data.has_lane)
     f.stop()
     return reach, flags, hows
@@ -413,45 +434,19 @@ def test_small_device_tensors_take_the_lane_only_where_every_server_has_one(devi
 
 
 # ------------------------------------------------------------ written answers
-def _written(ctx: NodeContext) -> tuple[list[list[int]], tuple[int, int]] | bool:
+def _written(ctx: NodeContext) -> list[list[int]] | tuple[int, int]:
     """StepMesh's shape to 2 servers, 3 stages in flight, the pull tensors reused every round: servers put the
     answers (computed on a busy stream, need_event) straight into them. In the last round the servers answer
-    with host tensors: on a GPU those cannot be put into device pulls and go as messages after all."""
+    with host tensors: on a GPU those cannot be put into device pulls and go as messages after all. The
+    worker's plan (how each server's answers come), or a server's (answers put, answers sent as messages)."""
     dev = _dev(ctx)
     f.init()
-    rounds = 4
-    result: tuple[list[list[int]], tuple[int, int]] | bool
+    result: list[list[int]] | tuple[int, int]
     if ctx.role == "worker":
-        node = f._worker("test")
-        pulls = [[torch.empty(LARGE, device=dev), torch.empty(1, dtype=torch.int32, device=dev)] for _ in range(2 * 3)]
-        for rnd in range(rounds):
-            calls = []
-            for stage in range(3):
-                _busy(dev, 2_000_000)
-                x = torch.full((LARGE,), float(rnd * 3 + stage), device=dev)
-                count = torch.full((1,), 1 + rnd * 3 + stage, dtype=torch.int32, device=dev)
-                pull = [t for s in range(2) for t in pulls[stage * 2 + s]]
-                calls.append((f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]), rnd * 3 + stage, stage))
-            for h, v, stage in reversed(calls):
-                f.wait(h)
-                for s in range(2):
-                    answer, n = pulls[stage * 2 + s]
-                    assert torch.all(answer == v * 2 + s) and int(n) == v + 1 + s, (rnd, v, s, answer[:2], n)
-                    answer.fill_(-1)  # reused at once: the next round's answers must overwrite every byte
-                    n.fill_(-1)
-        plan = node._plan([x, count], [0, 1], pull, [0, 1, 0, 1], True)
-        result = [[answer[3] for answer in server[3]] for server in plan["servers"]], (0, 0)
+        plan = _shape_rounds_worker(dev, 4)
+        result = [[answer[3] for answer in server[3]] for server in plan["servers"]]
     else:
-        for rnd in range(rounds):
-            for _ in range(3):
-                ((h, (t, n), _),) = f.get_batch()
-                _busy(dev, 2_000_000)
-                answers = [t * 2 + ctx.rank, n + ctx.rank]
-                if rnd == rounds - 1:
-                    answers = [a.cpu() for a in answers]
-                f.respond(answers, h)
-                for a in answers:
-                    a.fill_(-7)  # the caller's again when respond returns
+        _shape_rounds_server(dev, ctx.rank, 4, host_from=3)
         result = f._server("test")._core.written
     f.stop()
     return result
@@ -467,7 +462,7 @@ def test_written_answers_are_put_straight_into_the_pull_tensors(device, progress
     kind of memory than the pull tensors go as messages, and land as well."""
     env = {"STEPMESH_ONE_SIDED": "all" if device == "cpu" else "device", "STEPMESH_PROGRESS": progress}
     results = _mesh(_written, device, num_servers=2, env=env, timeout=250)
-    hows, _ = results["worker-0-0"]
+    hows = results["worker-0-0"]
     # the core's plan: 5 written; 1 put in place behind the response header (a host count is inline)
     expect = [5, 5] if device == "cuda" else [5, 1]
     assert hows == [expect, expect], hows
