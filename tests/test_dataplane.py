@@ -454,14 +454,20 @@ def _written(ctx: NodeContext) -> list[list[int]] | tuple[int, int]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("progress", ["polling", "blocking"])
+@pytest.mark.parametrize("progress", ["polling", "blocking", "thread-servers"])
 def test_written_answers_are_put_straight_into_the_pull_tensors(device, progress):
     """With STEPMESH_ONE_SIDED (device, the default, on a GPU; all on the CPU, where host memory is written
     too) every answer of StepMesh's shape is written one-sided into the worker's pull tensors: the request
     carries their keys, the server puts and flushes, and only then sends the response header. Answers of another
-    kind of memory than the pull tensors go as messages, and land as well."""
-    env = {"STEPMESH_ONE_SIDED": "all" if device == "cpu" else "device", "STEPMESH_PROGRESS": progress}
-    results = _mesh(_written, device, num_servers=2, env=env, timeout=250)
+    kind of memory than the pull tensors go as messages, and land as well. Servers in thread progress mode (which
+    map nothing themselves) still write a polling worker's answers."""
+    env = {"STEPMESH_ONE_SIDED": "all" if device == "cpu" else "device"}
+
+    def node_env(role: str, rank: int, group: int) -> dict[str, str]:
+        mode = progress if progress != "thread-servers" else "thread" if role == "server" else "polling"
+        return {"STEPMESH_PROGRESS": mode}
+
+    results = _mesh(_written, device, num_servers=2, env=env, node_env=node_env, timeout=250)
     hows = results["worker-0-0"]
     # the core's plan: 5 written; 1 put in place behind the response header (a host count is inline)
     expect = [5, 5] if device == "cuda" else [5, 1]
