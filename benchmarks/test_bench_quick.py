@@ -81,6 +81,23 @@ def test_bench_three_stages_two_by_two(tmp_path):
     assert data["contenders"]["protocol"]["stats"]["samples"] == 40  # one pair's messages, rendezvous both ways
 
 
+@pytest.mark.timeout(240)
+def test_bench_written_answers_in_stepmesh_and_its_protocol(tmp_path):
+    """STEPMESH_ONE_SIDED=all (host answers written too, as on a GPU device ones are): stepmesh and the protocol
+    contender both put the answer and send the response header after the flush (the protocol contender checks
+    what its worker received); the run records the level."""
+    out = tmp_path / "bench.json"
+    r = run_command(
+        cli_command("bench", "--preset", "stepmesh-1x1", "--contenders", "stepmesh,protocol", *QUICK,
+                    "--json", str(out)),
+        timeout=200, env={"STEPMESH_ONE_SIDED": "all"},
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["environment"]["one_sided"] == "all" and "one-sided all" in r.stdout
+    assert data["contenders"]["protocol"]["stats"]["samples"] == 40
+
+
 def test_bench_checks_for_matplotlib_before_measuring(tmp_path):
     import importlib.util
     import time

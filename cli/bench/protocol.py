@@ -14,6 +14,12 @@ implementation of this protocol could come to ``ucxx`` here.
 Small device pushes and answers go on the lane, a second UCX worker whose
 rendezvous threshold is 0, as the core sends them: where stepmesh's nodes open
 a lane (``Config.lane_on``: on a GPU host unless ``STEPMESH_DEVICE_LANE=0``).
+
+Answers stepmesh would have written (``STEPMESH_ONE_SIDED``) are written here
+too: the worker packs a remote key for each such pull buffer (handed over at
+set-up; the request header is as long as stepmesh's, keys included), and the
+server puts them, flushes the endpoint, waits for both, then sends the
+response header.
 """
 
 from __future__ import annotations
@@ -42,22 +48,37 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     cfg = Config.from_env()
     lane = cfg.lane_on()  # as stepmesh's nodes decide
     tp = T.Transport(data_options(), opts.progress, lane_options={**data_options(), **W.LANE_OPTIONS} if lane else None,
-                     memory_hints=cfg.memory_hints)
-    conn.send((tp.address, tp.lane_address))
-    peer, peer_lane = conn.recv()
-    endpoints = [tp.connect(peer)] + ([tp.connect_lane(peer_lane)] if lane else [])  # kept: handles die with them
-    ep = endpoints[0].handle
+                     memory_hints=cfg.memory_hints, one_sided=True)
     ucp = tp.ucp
     client = role == "client"
     # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
     mine = [t.make(dev, 1) for t in (wl.push if client else wl.pull)]
     theirs = [t.make(dev) for t in (wl.pull if client else wl.push)]
+    maps: list[Any] = []  # the pull buffers' mappings, alive while their keys are in use
+    keys: dict[int, tuple[int, bytes]] = {}  # answer index -> (pull buffer's address, its key)
+    if client and cfg.one_sided != "off":
+        may = W.written_candidates([t.nbytes for t in theirs], [on_dev] * len(theirs), cfg.one_sided)
+        for i, (t, ok) in enumerate(zip(theirs, may)):
+            got = ucp.pack_rkey(t.data_ptr(), t.nbytes, on_dev) if ok else None
+            if got is not None and len(got[1]) <= W.RKEY_MAX:
+                maps.append(got[0])
+                keys[i] = (t.data_ptr(), got[1])
+    conn.send((tp.address, tp.lane_address, keys))
+    peer, peer_lane, peer_keys = conn.recv()
+    keys = keys if client else peer_keys
+    endpoints = [tp.connect(peer)] + ([tp.connect_lane(peer_lane)] if lane else [])  # kept: handles die with them
+    ep = endpoints[0].handle
+    written = [i in keys for i in range(len(wl.pull))]
+    rkeys = {i: ucp.unpack(ep, key) for i, (_, key) in keys.items()} if not client else {}
+
     def placements(ts: list[Any], answers: bool) -> list[W.Placement]:
         sizes, device = [t.nbytes for t in ts], [on_dev] * len(ts)
-        return (W.answer_placements if answers else W.push_placements)(sizes, device, lane)
+        if answers:
+            return W.answer_placements(sizes, device, lane, written)
+        return W.push_placements(sizes, device, lane)
 
     out_place, in_place = placements(mine, not client), placements(theirs, client)
-    hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull))
+    hsize = W.request_header_size([len(t.shape) for t in wl.push], len(wl.pull), [k for _, k in keys.values()])
     resp = W.response_header_size(len(wl.pull))
     out_head, in_head = (hsize, resp) if client else (resp, hsize)
 
@@ -110,7 +131,12 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
         if in_packed:
             torch.cuda.current_stream().synchronize()
 
+    puts = [(t.data_ptr(), t.nbytes, keys[i][0], rkeys[i]) for i, (t, p) in enumerate(zip(mine, out_place))
+            if p is W.Placement.WRITTEN]
+
     def post_out(bits: int) -> list[Any]:
+        if puts:  # written answers: put, flush, and the header only once both are done
+            wait([ucp.put(ep, ptr, n, raddr, key, D) for ptr, n, raddr, key in puts] + [ucp.flush(ep)], _SPIN)
         sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits, H)]
         if out_pack is not None:
             sent.append(send(ep, out_pack.data_ptr(), out_pack.numel(), out_bulk_tag | bits | W.PACK_SLOT, D))

@@ -739,6 +739,37 @@ cdef class Ucp:
                 self.drain()
         return False
 
+    def unpack(self, uintptr_t ep, bytes key):
+        """A remote key from ``pack_rkey``'s bytes, unpacked on the endpoint ``ep`` (for :meth:`put`).
+
+        Raises:
+            TransportError: UCX refused it, or lacks the one-sided calls.
+        """
+        cdef void *rkey = self.unpack_rkey(ep, key)
+        if rkey == NULL:
+            raise TransportError("UCX refused a remote key (or has no one-sided calls)")
+        cdef RemoteKey k = RemoteKey.__new__(RemoteKey)
+        k.rkey = rkey
+        k.ucp = self
+        return k
+
+    def put(self, uintptr_t ep, uintptr_t ptr, size_t nbytes, uint64_t raddr, RemoteKey key, int mem=HINT_DETECT):
+        """Write ``nbytes`` at ``ptr`` to ``raddr`` in the peer behind ``ep`` through ``key`` (``mem`` as for
+        :meth:`send`).
+
+        Raises:
+            TransportError: UCX refused the put.
+        """
+        return self._wrap(self.put_param(ep, <void *>ptr, nbytes, raddr, key.rkey, self.param(False, mem)))
+
+    def flush(self, uintptr_t ep):
+        """Complete once everything posted on ``ep`` before it is complete at the peer.
+
+        Raises:
+            TransportError: UCX refused the flush.
+        """
+        return self._wrap(self.flush_ep(ep))
+
     def cancel(self, Request r):
         """Cancel ``r`` if it is still in flight (it then completes with a cancelled status)."""
         if r.h != NULL:
@@ -754,6 +785,17 @@ cdef class Ucp:
         for r in list(self.live):
             (<Request>r).abandon()
         self.live.clear()
+
+
+cdef class RemoteKey:
+    """A peer's remote key unpacked on one endpoint (``Ucp.unpack``); destroyed with it while its Ucp is open."""
+
+    cdef void *rkey
+    cdef Ucp ucp
+
+    def __dealloc__(self):
+        if self.rkey != NULL and self.ucp is not None and not self.ucp.closed:
+            ucp_rkey_destroy(self.rkey)
 
 
 cdef class Request:
