@@ -2,11 +2,12 @@
 # Written answers (STEPMESH_ONE_SIDED=device, the default) against answers as messages (off), and the GPU suite
 # with and without MPS, in one device call:
 #
-#   JOBS=3 [STAGES=0] benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
+#   JOBS=3 [STAGES=0] [PROTOCOL=1] benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
 #
 #   1. the GPU suite SUITE_RUNS times in a row (default 1), under MPS;
 #   2. stepmesh-1x1 against raw ucxx, STEPMESH_ONE_SIDED=off, device, off, device (device: the server puts each
 #      answer into the worker's pull tensor, flushes, then sends the response header);
+#   2b. with PROTOCOL=1, stepmesh-1x1 against the protocol contender (written answers too) and raw ucxx;
 #   3. step3 against raw ucxx, and stepmesh-1x1 with 3 stages in flight and with 1, at device;
 #   4. the MPS daemon stopped, the GPU suite NO_MPS_RUNS times in a row (default 0).
 # JOBS > 1 runs each suite on that many pytest-xdist processes (carried in .gpu-wheels): about 60 s a run instead
@@ -25,6 +26,8 @@ for i in 1 2; do
   bench off-$i STEPMESH_ONE_SIDED=off -- "${one[@]}"
   bench device-$i STEPMESH_ONE_SIDED=device -- "${one[@]}"
 done
+[ "${PROTOCOL:-0}" = 1 ] && bench protocol STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 \
+  --contenders stepmesh,protocol,ucxx --iters 2000 --rounds 6
 if [ "${STAGES:-1}" = 1 ]; then  # STAGES=0 skips step 3
   bench step3 STEPMESH_ONE_SIDED=device -- --preset step3 --contenders stepmesh,ucxx --iters 2000 --rounds 6
   bench stages3 STEPMESH_ONE_SIDED=device -- --preset stepmesh-1x1 --stages 3 --contenders stepmesh --iters 2000 --rounds 6
