@@ -437,16 +437,36 @@ def test_small_device_tensors_take_the_lane_only_where_every_server_has_one(devi
 def _written(ctx: NodeContext) -> list[list[int]] | tuple[int, int]:
     """StepMesh's shape to 2 servers, 3 stages in flight, the pull tensors reused every round: servers put the
     answers (computed on a busy stream, need_event) straight into them. In the last round the servers answer
-    with host tensors: on a GPU those cannot be put into device pulls and go as messages after all. The
-    worker's plan (how each server's answers come), or a server's (answers put, answers sent as messages)."""
+    with host tensors: on a GPU those cannot be put into device pulls and go as messages after all. Then one
+    call that server 0 refuses while server 1 answers it with host tensors (the worker must still take those
+    messages in, or server 1 could never deliver them), and one more that both answer. The worker's plan (how
+    each server's answers come), or a server's (answers put, answers sent as messages)."""
     dev = _dev(ctx)
     f.init()
     result: list[list[int]] | tuple[int, int]
     if ctx.role == "worker":
         plan = _shape_rounds_worker(dev, 4)
         result = [[answer[3] for answer in server[3]] for server in plan["servers"]]
+        x = torch.full((LARGE,), 5.0, device=dev)
+        count = torch.full((1,), 6, dtype=torch.int32, device=dev)
+        pull = [torch.empty(LARGE, device=dev) if k % 2 == 0 else torch.empty(1, dtype=torch.int32, device=dev)
+                for k in range(4)]
+        with pytest.raises(f.PeerError, match="refused"):
+            f.wait(f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]))
+        f.wait(f.push_pull([x, count], [0, 1], pull, [0, 1, 0, 1]))
+        for s in range(2):
+            assert torch.all(pull[2 * s] == 10.0 + s) and int(pull[2 * s + 1]) == 6 + s, s
     else:
         _shape_rounds_server(dev, ctx.rank, 4, host_from=3)
+        ((h, (t, n), _),) = f.get_batch()
+        if ctx.rank == 0:
+            with pytest.raises(f.ArgumentError):  # an answer longer than the pull tensor: refused
+                f.respond([torch.zeros(LARGE + 5, device=dev), n], h)
+        else:
+            f.respond([(t * 2 + 1).cpu(), (n + 1).cpu()], h)
+        ((h, (t, n), _),) = f.get_batch()
+        f.respond([t * 2 + ctx.rank, n + ctx.rank], h)
+        f.flush(10_000)  # every answer was taken, the refused call's included
         result = f._server("test")._core.written
     f.stop()
     return result
@@ -473,10 +493,15 @@ def test_written_answers_are_put_straight_into_the_pull_tensors(device, progress
     expect = [5, 5] if device == "cuda" else [5, 1]
     assert hows == [expect, expect], hows
     written = expect.count(5)
-    moved_per_server = 0 if device == "cpu" else 3 * written  # the last round's 3 calls, host answers
+    host = 0 if device == "cpu" else 1  # host answers are put on the CPU, sent as messages on a GPU
     for s in range(2):
         put, moved = results[f"server-0-{s}"]
-        assert (put, moved) == (4 * 3 * written - moved_per_server, moved_per_server), (s, put, moved)
+        # 4 rounds of 3 calls, the last round's answers host memory; then server 1 answers the call server 0
+        # refuses with host memory; then one call both answer
+        host_calls = 3 + s
+        calls = 4 * 3 + s + 1
+        expect_moved = host_calls * written * host
+        assert (put, moved) == (calls * written - expect_moved, expect_moved), (s, put, moved)
 
 
 # ------------------------------------------------------- a slow server shows

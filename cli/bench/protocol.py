@@ -136,7 +136,11 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
 
     def post_out(bits: int) -> list[Any]:
         if puts:  # written answers: put, flush, and the header only once both are done
-            wait([ucp.put(ep, ptr, n, raddr, key, D) for ptr, n, raddr, key in puts] + [ucp.flush(ep)], _SPIN)
+            done = [ucp.put(ep, ptr, n, raddr, key, D) for ptr, n, raddr, key in puts] + [ucp.flush(ep)]
+            if not wait(done, _SPIN):
+                raise RuntimeError("protocol baseline: the server's puts did not complete")
+            for r in done:
+                r.check_error()
         sent = [send(ep, out_buf.data_ptr(), out_len, out_tag | bits, H)]
         if out_pack is not None:
             sent.append(send(ep, out_pack.data_ptr(), out_pack.numel(), out_bulk_tag | bits | W.PACK_SLOT, D))

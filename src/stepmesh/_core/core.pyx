@@ -1561,7 +1561,7 @@ cdef class Worker:
         done = c.sends.settled(self.ucp, 0, c.sends.n) and done
         if c.state == C_REFUSED:
             done = c.refusal_ops.settled(self.ucp, 0, 1) and done
-        elif c.state == C_LATE:
+        if c.state == C_REFUSED or c.state == C_LATE:
             done = c.late.settled(self.ucp, 0, c.late.n) and done
         return done
 
@@ -1606,6 +1606,7 @@ cdef class Worker:
                 if c.recvs.first_error(c.recv_lo[s], c.recv_lo[s + 1]):
                     return self._fail(c, (F_UCX, s, err))
             return self._fail(c, (F_UCX, -1, err))
+        cdef int refused = -1
         for s in range(p.n_servers):
             r = c.resp[s]
             memcpy(&status, r + RESP_STATUS_AT, 2)
@@ -1613,19 +1614,26 @@ cdef class Worker:
             memcpy(&seq, r + RESP_SEQ_AT, 4)
             if r[0] != DATA_VERSION or seq != c.seq or n != p.per:
                 return self._fail(c, (F_BAD_RESPONSE, s, r[0], seq, n))
-            if status != STATUS_OK:  # its reason follows in a message of its own
-                c.refused_server = s
-                c.state = C_REFUSED
+            if status != STATUS_OK and refused < 0:
+                refused = s
+        # Written answers the servers sent as messages after all are received even when another server refused:
+        # a server's send of one waits for the worker to take it.
+        if p.n_written and c.state != C_LATE:
+            self._receive_moved(c)
+        if refused >= 0:  # its reason follows in a message of its own
+            s = refused
+            c.refused_server = s
+            c.state = C_REFUSED
+            if c.refusal == NULL:
+                c.refusal = <uint8_t *>calloc(REFUSAL_MAX + 1, 1)
                 if c.refusal == NULL:
-                    c.refusal = <uint8_t *>calloc(REFUSAL_MAX + 1, 1)
-                    if c.refusal == NULL:
-                        raise MemoryError()
-                memset(c.refusal, 0, REFUSAL_MAX + 1)
-                c.refusal_ops.clear()
-                c.refusal_ops.add(self.ucp.recv_raw(c.refusal, REFUSAL_MAX, p.resp_tag[s] | (<uint64_t>c.seq << SEQ_SHIFT)
-                                                    | REFUSAL_SLOT, FULL_MASK, False, HINT_HOST))
-                return R_PENDING
-        if p.n_written and c.state != C_LATE and self._receive_moved(c):
+                    raise MemoryError()
+            memset(c.refusal, 0, REFUSAL_MAX + 1)
+            c.refusal_ops.clear()
+            c.refusal_ops.add(self.ucp.recv_raw(c.refusal, REFUSAL_MAX, p.resp_tag[s] | (<uint64_t>c.seq << SEQ_SHIFT)
+                                                | REFUSAL_SLOT, FULL_MASK, False, HINT_HOST))
+            return R_PENDING
+        if c.state == C_LATE and not c.late.settled(self.ucp, 0, c.late.n):
             return R_PENDING
         for s in range(p.n_servers):
             r = c.resp[s]
@@ -1723,9 +1731,18 @@ cdef class Worker:
         if found is None:
             return None
         cdef Call c = <Call>found
-        cdef int s
+        cdef int s, j
+        cdef uint64_t size
         if c.state == C_DEFERRED:
             return list(range(c.plan.n_servers))
+        if c.state == C_LATE:  # the servers whose answers sent as messages after all are not all in
+            late = set()
+            for s in range(c.plan.n_servers):
+                for j in range(c.plan.per):
+                    memcpy(&size, c.resp[s] + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
+                    if c.plan.answers[s * c.plan.per + j].how == ANSWER_WRITTEN and size & MOVED:
+                        late.add(s)
+            return sorted(late) if not c.late.settled(self.ucp, 0, c.late.n) else []
         return [s for s in range(c.plan.n_servers) if not c.recvs.settled(self.ucp, c.recv_lo[s], c.recv_lo[s + 1])]
 
     # --------------------------------------------------------------- traces
@@ -2527,7 +2544,7 @@ cdef class Server:
         cdef uint64_t bits = <uint64_t>r.seq << SEQ_SHIFT
         cdef int j
         cdef void *h
-        cdef bint src_dev
+        cdef bint src_dev, header_sent = False
         out.ops.clear()
         out.puts.clear()
         out.moved.clear()
@@ -2546,12 +2563,15 @@ cdef class Server:
                         out.puts.add(h)
                         continue
                 self._send_moved(out, j)
-            if out.puts.n:  # the header leaves once the puts are complete at the worker (_reap)
+            if out.puts.n:  # the header leaves once the puts are complete at the worker (here, or in _reap)
                 out.put_of[out.puts.n] = -1
                 out.puts.add(self.ucp.flush_ep(out.ep))
                 out.header_wait = True
                 self.n_flushing += 1
-        if not out.header_wait:
+                if out.puts.settled(self.ucp, 0, out.puts.n):
+                    self._flushed(out)  # the header goes there
+                    header_sent = True
+        if not out.header_wait and not header_sent:
             self._send_header(out)
         for j in range(lay.n_pull):
             if lay.placements[j] == SEPARATE or lay.placements[j] == LANE:  # an empty one still completes the receive
@@ -2599,6 +2619,8 @@ cdef class Server:
                                        core_stream(d)), "copying an answer")
                     sync_core_stream(d)
             except Exception as e:  # the answer cannot go: the worker's call fails with the reason
+                if copy != NULL:
+                    (<Pool>self._staging(out.layout, j, d)).put(copy)
                 out.note = f"the server could not copy answer {j} to send it: {e}".encode()[:REFUSAL_MAX - 1] + b"\0"
                 memcpy(out.header + RESP_STATUS_AT, &refused, 2)
                 return
