@@ -41,6 +41,7 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     from stepmesh.config import Config
     from stepmesh.control import transport as T
     from stepmesh.data import wire as W
+    from stepmesh.data.worker import written_keys
 
     wl = opts.workload
     dev = opts.device
@@ -54,15 +55,9 @@ def protocol_child(role: str, opts: BenchOptions, conn: Any, core: int | None) -
     # The worker owns the pushes and the pull buffers; the server the push buffers and the answers.
     mine = [t.make(dev, 1) for t in (wl.push if client else wl.pull)]
     theirs = [t.make(dev) for t in (wl.pull if client else wl.push)]
-    maps: list[Any] = []  # the pull buffers' mappings, alive while their keys are in use
-    keys: dict[int, tuple[int, bytes]] = {}  # answer index -> (pull buffer's address, its key)
-    if client and cfg.one_sided != "off":
-        may = W.written_candidates([t.nbytes for t in theirs], [on_dev] * len(theirs), cfg.one_sided)
-        for i, (t, ok) in enumerate(zip(theirs, may)):
-            got = ucp.pack_rkey(t.data_ptr(), t.nbytes, on_dev) if ok else None
-            if got is not None and len(got[1]) <= W.RKEY_MAX:
-                maps.append(got[0])
-                keys[i] = (t.data_ptr(), got[1])
+    # the pull buffers' mappings (alive while their keys are in use), and per answer (its address, its key)
+    mapped = written_keys(ucp, theirs, len(theirs), cfg.one_sided) if client and cfg.one_sided != "off" else {}
+    keys = {i: (theirs[i].data_ptr(), key) for i, (_, _, key) in mapped.items()}
     conn.send((tp.address, tp.lane_address, keys))
     peer, peer_lane, peer_keys = conn.recv()
     keys = keys if client else peer_keys

@@ -1150,6 +1150,16 @@ cdef Call new_call(Plan p):
     return c
 
 
+cdef inline bint moved_answer(Call c, int s, int j) noexcept:
+    """Whether server ``s`` sent written answer ``j`` of call ``c`` as a message after all (its response says
+    so: MOVED in the answer's size)."""
+    cdef uint64_t size
+    if c.plan.answers[s * c.plan.per + j].how != ANSWER_WRITTEN:
+        return False
+    memcpy(&size, c.resp[s] + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
+    return (size & MOVED) != 0
+
+
 cdef class Worker:
     """The worker side's steady state: ``Worker(ucp, n_servers)``; plans come from Python (``add_plan``)."""
 
@@ -1679,16 +1689,12 @@ cdef class Worker:
         MOVED); whether there are any (the call then waits for them: ``C_LATE``)."""
         cdef Plan p = c.plan
         cdef int s, j
-        cdef uint64_t size
         cdef Answer *a
         cdef uint64_t bits = <uint64_t>c.seq << SEQ_SHIFT
         for s in range(p.n_servers):
             for j in range(p.per):
-                a = &p.answers[s * p.per + j]
-                if a.how != ANSWER_WRITTEN:
-                    continue
-                memcpy(&size, c.resp[s] + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
-                if size & MOVED:
+                if moved_answer(c, s, j):
+                    a = &p.answers[s * p.per + j]
                     c.late.recv(self.ucp, <void *><uintptr_t>a.ptr, a.cap, p.pull_tag[s] | bits | <uint64_t>j,
                                 self.ucp.mapped_or(a.param, a.device), False)
         if not c.late.n:
@@ -1732,17 +1738,12 @@ cdef class Worker:
             return None
         cdef Call c = <Call>found
         cdef int s, j
-        cdef uint64_t size
         if c.state == C_DEFERRED:
             return list(range(c.plan.n_servers))
         if c.state == C_LATE:  # the servers whose answers sent as messages after all are not all in
-            late = set()
-            for s in range(c.plan.n_servers):
-                for j in range(c.plan.per):
-                    memcpy(&size, c.resp[s] + RESP_FIXED_SIZE + RESP_SIZE_SIZE * j, 8)
-                    if c.plan.answers[s * c.plan.per + j].how == ANSWER_WRITTEN and size & MOVED:
-                        late.add(s)
-            return sorted(late) if not c.late.settled(self.ucp, 0, c.late.n) else []
+            if c.late.settled(self.ucp, 0, c.late.n):
+                return []
+            return [s for s in range(c.plan.n_servers) if any([moved_answer(c, s, j) for j in range(c.plan.per)])]
         return [s for s in range(c.plan.n_servers) if not c.recvs.settled(self.ucp, c.recv_lo[s], c.recv_lo[s + 1])]
 
     # --------------------------------------------------------------- traces
@@ -1939,6 +1940,17 @@ cdef class Sending:
         free(self.staged)
         free(self.staged_device)
         free(self.sizes)
+
+
+cdef inline bint from_device(Sending out, int j) noexcept:
+    """Whether answer ``j`` of ``out`` is sent from device memory (a staging buffer on a device, or lent)."""
+    return out.staged_device[j] != -1 and out.staged_device[j] != LENT_HOST
+
+
+cdef inline bint puts_into(Layout lay, int j, bint device) noexcept:
+    """Whether the server puts answer ``j`` from memory of that kind: the pull tensor's key unpacked, and UCX puts
+    within one kind of memory (host to host, device to device)."""
+    return lay.rkeys[j] != NULL and device == lay.pull_dev[j]
 
 
 cdef Sending new_sending(Layout lay):
@@ -2446,7 +2458,7 @@ cdef class Server:
                 continue
             # host, to a device pull on the lane (small), or a written answer that will go as a message after all
             # (a message the worker receives only once it waits for this call): copied, so respond need not wait
-            moved = lay.placements[j] == WRITTEN and not (lay.rkeys[j] != NULL and (dev >= 0) == lay.pull_dev[j])
+            moved = lay.placements[j] == WRITTEN and not puts_into(lay, j, dev >= 0)
             if dev < 0 and (lay.placements[j] == LANE or moved):
                 out.staged[j] = self._staging(lay, j, -1).get()
                 memcpy(out.staged[j], <void *><uintptr_t>ptr, n)
@@ -2544,7 +2556,6 @@ cdef class Server:
         cdef uint64_t bits = <uint64_t>r.seq << SEQ_SHIFT
         cdef int j
         cdef void *h
-        cdef bint src_dev, header_sent = False
         out.ops.clear()
         out.puts.clear()
         out.moved.clear()
@@ -2553,11 +2564,9 @@ cdef class Server:
             for j in range(lay.n_pull):
                 if lay.placements[j] != WRITTEN or not out.sizes[j]:
                     continue
-                src_dev = out.staged_device[j] != -1 and out.staged_device[j] != LENT_HOST
-                h = NULL
-                if lay.rkeys[j] != NULL and src_dev == lay.pull_dev[j]:  # UCX puts within one kind of memory
+                if puts_into(lay, j, from_device(out, j)):
                     h = self.ucp.put_param(out.ep, out.staged[j], out.sizes[j], lay.raddr[j], lay.rkeys[j],
-                                           self.ucp.mapped_or(out.params[j], src_dev))
+                                           self.ucp.mapped_or(out.params[j], from_device(out, j)))
                     if <uintptr_t>h < ERR_MIN:
                         out.put_of[out.puts.n] = j
                         out.puts.add(h)
@@ -2570,8 +2579,7 @@ cdef class Server:
                 self.n_flushing += 1
                 if out.puts.settled(self.ucp, 0, out.puts.n):
                     self._flushed(out)  # the header goes there
-                    header_sent = True
-        if not out.header_wait and not header_sent:
+        if not out.puts.n:
             self._send_header(out)
         for j in range(lay.n_pull):
             if lay.placements[j] == SEPARATE or lay.placements[j] == LANE:  # an empty one still completes the receive
@@ -2579,8 +2587,7 @@ cdef class Server:
                     self.lane_eps[r.worker] if lay.placements[j] == LANE else out.ep,
                     out.staged[j] if out.staged[j] != NULL else out.header, out.sizes[j],
                     self.pull_tag | bits | <uint64_t>j,
-                    self.ucp.mapped_or(out.params[j], out.staged[j] != NULL and out.staged_device[j] != -1
-                                       and out.staged_device[j] != LENT_HOST)))
+                    self.ucp.mapped_or(out.params[j], out.staged[j] != NULL and from_device(out, j))))
         if lay.ans_pack_size:
             out.ops.add(self.ucp.send_raw(out.ep, out.pack if out.pack != NULL else out.header, out.pack_len,
                                           self.pull_tag | bits | PACK_SLOT, False,

@@ -47,6 +47,22 @@ def _handle(handle: Any) -> int:
         raise ArgumentError(f"handle {handle!r} is not a push_pull handle (an int)") from None
 
 
+def written_keys(ucp: Any, pulls: list[torch.Tensor], per: int, level: str) -> dict[int, tuple[Any, int, bytes]]:
+    """Map and key the pull tensors whose answers a server may write one-sided (``wire.written_candidates`` of
+    each server's ``per`` answers at ``level``): per pull index, the mapping (kept while the key is in use), its
+    allocation's id and the packed key; the ones ``ucp.pack_rkey`` refuses, or whose key exceeds RKEY_MAX, are
+    left out (their answers travel as messages)."""
+    keys: dict[int, tuple[Any, int, bytes]] = {}
+    for lo in range(0, len(pulls), per):
+        share = range(lo, lo + per)
+        may = W.written_candidates([pulls[q].nbytes for q in share], [pulls[q].is_cuda for q in share], level)
+        for q, ok in zip(share, may):
+            got = ucp.pack_rkey(pulls[q].data_ptr(), pulls[q].nbytes, pulls[q].is_cuda) if ok else None
+            if got is not None and len(got[1]) <= W.RKEY_MAX:
+                keys[q] = (got[0], got[2], got[1])
+    return keys
+
+
 class AFTensorWorker(Node):
     """A worker (attention instance): ``push_pull`` / ``wait`` against every server of its group.
 
@@ -167,10 +183,12 @@ class AFTensorWorker(Node):
         placements = W.push_placements(sizes, on_device, every_lane)
         caps = [t.nbytes for t in pulls]
         pull_device = [t.is_cuda for t in pulls]
-        written, rkeys = self._written(pulls, n_servers, per)
-        if W.request_header_size([t.dim() for t in push], len(pulls), list(rkeys.values())) > W.HEADER_MAX:
-            written, rkeys = {}, {}  # the keys would not fit the header: those answers travel as messages
-        hsize = W.request_header_size([t.dim() for t in push], len(pulls), list(rkeys.values()))
+        rkeys = self._written(pulls, per)
+        with_keys = W.request_header_size([t.dim() for t in push], len(pulls), [k for _, _, k in rkeys.values()])
+        if with_keys > W.HEADER_MAX:
+            rkeys = {}  # the keys would not fit the header: those answers travel as messages
+        else:
+            hsize = with_keys
         answer_placements: list[W.Placement] = []
         for s in range(n_servers):
             part = slice(s * per, (s + 1) * per)
@@ -190,7 +208,7 @@ class AFTensorWorker(Node):
         for key, cap, placement, dev in zip(pkeys, caps, answer_placements, pull_device):
             W.REQ_PULL.pack_into(header, pos, key, cap, placement, int(dev))
             pos += W.REQ_PULL.size
-        for q, rkey in sorted(rkeys.items()):
+        for q, (_, _, rkey) in sorted(rkeys.items()):
             W.REQ_WRITTEN.pack_into(header, pos, pulls[q].data_ptr(), len(rkey))
             pos += W.REQ_WRITTEN.size
             header[pos : pos + len(rkey)] = rkey
@@ -246,27 +264,17 @@ class AFTensorWorker(Node):
             "per": per, "n_handles": max(1, len(push) + per), "template": bytes(header), "hlen": offset,
             "req_tag": W.make_tag(W.Tag.REQUEST, self.node_id), "push_tag": W.make_tag(W.Tag.PUSH, self.node_id),
             "inline_push": inline, "sep_push": sep, "resp_pos": resp_pos, "resp_size": resp_pos + inline_room,
-            "servers": servers, "written": written,
+            "servers": servers, "written": {q: (m, bid) for q, (m, bid, _) in rkeys.items()},
         }
 
-    def _written(self, pulls: list[torch.Tensor], n_servers: int, per: int) -> tuple[dict[int, Any], dict[int, bytes]]:
-        """The answers servers will write one-sided into ``pulls`` (``STEPMESH_ONE_SIDED``): per pull index, the
-        mapping its key came from with its allocation's id, and the key."""
+    def _written(self, pulls: list[torch.Tensor], per: int) -> dict[int, tuple[Any, int, bytes]]:
+        """The answers servers will write one-sided into ``pulls`` at ``STEPMESH_ONE_SIDED`` (see
+        :func:`written_keys`); none where the core does not write now."""
         level = self.config.one_sided
         if level == "off" or not self._core.writes:
-            return {}, {}
+            return {}
         assert self.data is not None
-        ucp = self.data.ucp
-        maps: dict[int, Any] = {}
-        keys: dict[int, bytes] = {}
-        for s in range(n_servers):
-            share = range(s * per, (s + 1) * per)
-            may = W.written_candidates([pulls[q].nbytes for q in share], [pulls[q].is_cuda for q in share], level)
-            for q, ok in zip(share, may):
-                got = ucp.pack_rkey(pulls[q].data_ptr(), pulls[q].nbytes, pulls[q].is_cuda) if ok else None
-                if got is not None and len(got[1]) <= W.RKEY_MAX:
-                    maps[q], keys[q] = (got[0], got[2]), got[1]
-        return maps, keys
+        return written_keys(self.data.ucp, pulls, per, level)
 
     def _check_servers(self) -> None:
         if self._returned:
