@@ -1217,6 +1217,15 @@ def _bad_input(ctx: NodeContext) -> int:
             raised += 1
         with pytest.raises(f.StepMeshError, match="server call"):
             f.get_batch()
+        # a conjugated view of a planned tensor has its address, shape and dtype: refused all the same
+        z, z_out = torch.full((4,), 1 + 2j, dtype=torch.complex64), torch.zeros(4, dtype=torch.complex64)
+        f.wait(f.push_pull([z], [0], [z_out], [0]))
+        assert torch.equal(z_out, z)
+        for name, call in (("push_tensors", lambda: f.push_pull([z.conj()], [0], [z_out], [0])),
+                           ("pull_tensors", lambda: f.push_pull([z], [0], [z_out.conj()], [0]))):
+            with pytest.raises(f.ArgumentError, match=name + r"\[0\] is a lazily conjugated"):
+                call()
+            raised += 1
         # nothing was sent: the server sees exactly these requests
         held = [f.push_pull(ok, [0], [torch.zeros(4)], [0]) for _ in range(W.MAX_IN_FLIGHT)]
         with pytest.raises(f.ArgumentError, match="in flight"):
@@ -1225,6 +1234,9 @@ def _bad_input(ctx: NodeContext) -> int:
             f.wait(h)
         with pytest.raises(f.ArgumentError, match="pull_tensors.*dimensions"):
             f.push_pull(ok, [0], [torch.zeros([1] * 9)], [0])
+        h = f.push_pull(ok, [0], out, [0])
+        with pytest.raises(f.PeerError, match="conjugated"):
+            f.wait(h, timeout_ms=5000)  # the server refused a conjugated view as its answer
         h = f.push_pull(ok, [0], out, [0])
         with pytest.raises(f.PeerError, match="dimensions"):
             f.wait(h, timeout_ms=5000)  # the server refused its nine-dimensional answer
@@ -1244,9 +1256,12 @@ def _bad_input(ctx: NodeContext) -> int:
             f.register_recv_buffer(torch.zeros(16), [0], [0, 1])
         with pytest.raises(f.ArgumentError, match="split evenly"):
             f.register_recv_buffer(torch.zeros(3, dtype=torch.uint8), [0, 0], [0, 1])
-        for _ in range(W.MAX_IN_FLIGHT):
+        for _ in range(1 + W.MAX_IN_FLIGHT):
             (h, tensors, keys), = f.get_batch(timeout_ms=20000)
             f.respond(tensors, h)
+        (h, tensors, keys), = f.get_batch(timeout_ms=20000)
+        with pytest.raises(f.ArgumentError, match="conjugated"):  # refused: the worker learns why at once
+            f.respond([torch.zeros(2).to(torch.complex64).conj()], h)
         (h, tensors, keys), = f.get_batch(timeout_ms=20000)
         with pytest.raises(f.ArgumentError, match="handle"):
             f.respond(tensors, h + 99)
@@ -1257,7 +1272,7 @@ def _bad_input(ctx: NodeContext) -> int:
         (h, tensors, keys), = f.get_batch(timeout_ms=20000)
         f.respond(tensors, handler=h)  # StepMesh's keyword
         assert f.get_batch(timeout_ms=300) == []  # no stray request arrived
-        raised = 6
+        raised = 7
     f.stop()
     return raised
 
@@ -1265,7 +1280,7 @@ def _bad_input(ctx: NodeContext) -> int:
 @pytest.mark.timeout(120)
 def test_bad_input_raises_before_anything_is_sent():
     results = _mesh(_bad_input)
-    assert results == {"server-0-0": 6, "worker-0-0": 14}
+    assert results == {"server-0-0": 7, "worker-0-0": 16}
 
 
 def test_calls_before_init_are_clear_errors():

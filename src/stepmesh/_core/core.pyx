@@ -23,7 +23,9 @@ that stream, ``respond`` returning at once) while the stream still has work.
 include "wire.pxi"
 
 cimport cython
-from libc.stdint cimport int64_t, intptr_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from cpython.exc cimport PyErr_Clear
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from libc.stdint cimport int16_t, int32_t, int64_t, intptr_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 cdef extern from "<stdlib.h>" nogil:
@@ -357,8 +359,27 @@ cdef void *core_stream(int index) except NULL:
     return dev_stream_[index]
 
 
-cdef inline void *current_stream(int index) except? NULL:
-    return <void *><uintptr_t>raw_stream(index)
+cdef int stream_via_dl = 0  # 0: not yet checked, 1: torch's DLPack current_work_stream, -1: its Python getter
+
+
+cdef void *current_stream(int index) except? NULL:
+    """The caller's current stream on device ``index`` (torch's): through DLPack when it gives what the Python
+    getter gives (checked once)."""
+    global stream_via_dl
+    cdef void *s = NULL
+    if stream_via_dl > 0:
+        if dl_stream(DL_CUDA if drv.kind == 1 else DL_ROCM, index, &s) != 0:
+            raise TransportError(f"torch gave no current stream for device {index}")
+        return s
+    cdef uintptr_t py = raw_stream(index)
+    if stream_via_dl == 0:
+        stream_via_dl = -1
+        if dl_stream != NULL:
+            if dl_stream(DL_CUDA if drv.kind == 1 else DL_ROCM, index, &s) == 0 and <uintptr_t>s == py:
+                stream_via_dl = 1
+            else:
+                PyErr_Clear()
+    return <void *>py
 
 
 cdef void *event_take(int index) except NULL:
@@ -942,45 +963,155 @@ cdef class Ops:
 
 
 # ------------------------------------------------------------- tensor facts
+# torch's DLPack C exchange API (``torch.Tensor.__dlpack_c_exchange_api__``, DLPack 1.3, torch 2.10 and later): one C
+# call gives all of a tensor's facts, and another the current stream; with an older torch, its Python getters.
+cdef struct DLTensor:  # DLPack's DLTensor, its DLDevice and DLDataType spelled out
+    void *data
+    int32_t device_type
+    int32_t device_id
+    int32_t ndim
+    uint8_t code
+    uint8_t bits
+    uint16_t lanes
+    int64_t *shape
+    int64_t *strides
+    uint64_t byte_offset
+
+ctypedef int (*dl_fill_fn)(void *obj, DLTensor *out) noexcept
+ctypedef int (*dl_stream_fn)(int32_t device_type, int32_t device_id, void **out) noexcept
+
+cdef struct DLExchange:  # DLPackExchangeAPI: header (version, prev_api), then its five functions
+    uint32_t major, minor
+    void *prev_api
+    void *allocator
+    void *from_py
+    void *to_py
+    dl_fill_fn fill  # may be NULL
+    dl_stream_fn stream
+
+cdef enum:
+    DL_CPU = 1
+    DL_CUDA = 2
+    DL_ROCM = 10
+    DL_CODES = 32
+
 cdef object Tensor = None  # torch.Tensor
 cdef dict DTYPE_CODE = {}  # torch.dtype -> wire code
 cdef object torch_empty = None
+cdef dl_fill_fn dl_fill = NULL
+cdef dl_stream_fn dl_stream = NULL
+cdef int16_t DL_WIRE[DL_CODES][17]  # DLPack (type code, bits / 8) -> wire code + 1; 0: unknown, -1: ambiguous
+cdef uint8_t ITEMSIZE[256]  # wire code -> bytes per element
+cdef uint8_t IS_COMPLEX[256]  # wire code -> 1: a complex dtype (a conjugated view of one never matches a plan)
 
 
 def bind_torch(object tensor_type, dict dtype_codes, object empty):
-    """torch.Tensor, {dtype: wire code} and torch.empty: what the cores read and make tensors with."""
-    global Tensor, DTYPE_CODE, torch_empty
+    """torch.Tensor, {dtype: wire code} and torch.empty: what the cores read and make tensors with.
+
+    Returns whether torch's DLPack C exchange API is used (else its Python getters)."""
+    global Tensor, DTYPE_CODE, torch_empty, dl_fill, dl_stream
+    cdef DLExchange *api = NULL
+    cdef DLTensor dl
+    cdef int16_t *slot
     Tensor = tensor_type
     DTYPE_CODE = dtype_codes
     torch_empty = empty
+    capsule = getattr(tensor_type, "__dlpack_c_exchange_api__", None)
+    if capsule is not None and PyCapsule_IsValid(capsule, b"dlpack_exchange_api"):
+        api = <DLExchange *>PyCapsule_GetPointer(capsule, b"dlpack_exchange_api")
+        if api.major == 1 and api.minor >= 3 and api.fill != NULL and api.stream != NULL:
+            dl_fill = api.fill
+            dl_stream = api.stream
+    memset(DL_WIRE, 0, sizeof(DL_WIRE))
+    for dtype, code in dtype_codes.items():
+        t = empty((1,), dtype=dtype)
+        ITEMSIZE[<int>code] = t.element_size()
+        IS_COMPLEX[<int>code] = dtype.is_complex
+        if dl_fill == NULL:
+            continue
+        if dl_fill(<void *>t, &dl) != 0:
+            PyErr_Clear()
+            continue
+        if dl.lanes != 1 or dl.code >= DL_CODES or dl.bits % 8 or dl.bits > 128:
+            continue
+        slot = &DL_WIRE[dl.code][dl.bits >> 3]
+        slot[0] = <int16_t>(code + 1) if slot[0] == 0 else -1
+    return dl_fill != NULL
 
 
 cdef struct Fact:
-    uint64_t ptr
-    void *dtype  # the torch dtype object (never freed: compared by identity)
+    uint64_t ptr, nbytes
+    int code  # the wire code of its dtype
     int ndim
     int device  # -1: host memory
     int contig
+    int conj  # 1: a lazily conjugated view (never planned)
     int pad
     int64_t dims[MAX_NDIM]
 
 
+cdef inline int dl_fact(object t, Fact *f) noexcept:
+    """Read a tensor's facts through DLPack: 0, or -1 when torch's getters must (a Python error cleared)."""
+    cdef DLTensor dl
+    cdef int d, wire
+    cdef int64_t expect = 1, n = 1
+    if dl_fill(<void *>t, &dl) != 0:
+        PyErr_Clear()
+        return -1
+    if dl.lanes != 1 or dl.code >= DL_CODES or dl.bits % 8 or dl.bits > 128 or dl.ndim > MAX_NDIM:
+        return -1
+    wire = DL_WIRE[dl.code][dl.bits >> 3] - 1
+    if wire < 0:
+        return -1
+    if dl.device_type == DL_CPU:
+        f.device = -1
+    elif dl.device_type == DL_CUDA or dl.device_type == DL_ROCM:
+        f.device = dl.device_id
+    else:
+        return -1
+    f.ptr = <uint64_t><uintptr_t>dl.data + dl.byte_offset
+    f.code = wire
+    f.ndim = dl.ndim
+    f.contig = 1
+    for d in range(dl.ndim - 1, -1, -1):  # as torch's is_contiguous(): row-major, size-1 dims' strides ignored
+        f.dims[d] = dl.shape[d]
+        n *= dl.shape[d]
+        if dl.strides != NULL and dl.shape[d] != 1:
+            if dl.strides[d] != expect:
+                f.contig = 0
+            expect *= dl.shape[d]
+    if n == 0:
+        f.contig = 1
+    f.nbytes = <uint64_t>n * ITEMSIZE[wire]
+    return 0
+
+
 cdef int read_fact(object t, Fact *f) except -2:
-    """Read a tensor's facts with torch's own getters: 0, or -1 when t is not a plain usable tensor."""
+    """Read a tensor's facts: 0, or -1 when t is not a plain tensor of a dtype the wire carries.
+
+    A conjugated view (torch's lazy conjugation) is marked, so that it never matches a plan."""
     cdef Py_ssize_t nd, d
     if not isinstance(t, Tensor):
         return -1
+    if dl_fill != NULL and dl_fact(t, f) == 0:
+        f.conj = 1 if IS_COMPLEX[f.code] and t.is_conj() else 0
+        return 0
     try:
+        dtype = t.dtype
+        code = DTYPE_CODE.get(dtype)
+        if code is None:
+            return -1
         shape = t.shape
         nd = len(shape)
         if nd > MAX_NDIM:
             return -1
         f.ptr = t.data_ptr()
-        dtype = t.dtype
-        f.dtype = <void *>dtype
+        f.code = code
         f.ndim = <int>nd
         f.device = t.get_device()
         f.contig = t.is_contiguous()
+        f.nbytes = t.nbytes
+        f.conj = 1 if IS_COMPLEX[<int>code] and t.is_conj() else 0
         for d in range(nd):
             f.dims[d] = shape[d]
     except Exception:
@@ -1388,7 +1519,7 @@ cdef class Worker:
         cdef int i, d
         for i in range(n_push + n_pull):
             h = mix(h, facts[i].ptr)
-            h = mix(h, <uint64_t><uintptr_t>facts[i].dtype)
+            h = mix(h, <uint64_t>facts[i].code * 2 + <uint64_t>facts[i].conj)
             h = mix(h, <uint64_t>(facts[i].device + 2) * 4 + <uint64_t>facts[i].contig * 2)
             for d in range(facts[i].ndim):
                 h = mix(h, <uint64_t>facts[i].dims[d])
@@ -1930,12 +2061,14 @@ cdef class Sending:
     cdef bint header_wait  # the header waits for ``puts``
     cdef Ops moved  # written answers sent as messages after all, from copies: respond does not wait for them
     cdef int *dev_of  # per answer: the caller's tensor's device, -1: host
+    cdef uint64_t *ptrs  # per answer: the caller's tensor's address
 
     def __dealloc__(self):
         if self.in_flight:
             return  # its core went with it in flight: UCX may still read the memory
         free(self.put_of)
         free(self.dev_of)
+        free(self.ptrs)
         free(self.params)
         free(self.staged)
         free(self.staged_device)
@@ -1963,10 +2096,11 @@ cdef Sending new_sending(Layout lay):
     out.params = <const void **>calloc(max(lay.n_pull, 1), sizeof(void *))
     out.put_of = <int *>calloc(lay.n_written + 1, sizeof(int))
     out.dev_of = <int *>calloc(max(lay.n_pull, 1), sizeof(int))
+    out.ptrs = <uint64_t *>calloc(max(lay.n_pull, 1), sizeof(uint64_t))
     out.puts = Ops(lay.n_written + 1)
     out.moved = Ops(lay.n_written)
     if out.staged == NULL or out.staged_device == NULL or out.sizes == NULL or out.params == NULL \
-            or out.put_of == NULL or out.dev_of == NULL:
+            or out.put_of == NULL or out.dev_of == NULL or out.ptrs == NULL:
         raise MemoryError()
     return out
 
@@ -2377,10 +2511,11 @@ cdef class Server:
         cdef Sending out = <Sending>lay.free_sendings.pop() if lay.free_sendings else new_sending(lay)
         for j in range(lay.n_pull):
             t = ts[j]
-            if read_fact(t, &f) < 0 or not f.contig or <object>f.dtype not in DTYPE_CODE:
+            if read_fact(t, &f) < 0 or not f.contig or f.conj:
                 lay.free_sendings.append(out)
                 return R_BAD_ANSWER
-            out.sizes[j] = t.nbytes
+            out.sizes[j] = f.nbytes
+            out.ptrs[j] = f.ptr
             out.staged_device[j] = f.device
             out.dev_of[j] = f.device
             if out.sizes[j] > lay.caps[j]:
@@ -2426,7 +2561,7 @@ cdef class Server:
             if n == 0:
                 continue
             dev = devices[j]
-            ptr = ts[j].data_ptr()
+            ptr = out.ptrs[j]
             if lay.placements[j] == PACKED and dev < 0:  # a host answer: its copy is done before respond returns
                 out.pack_len = max(out.pack_len, lay.ans_at[j] + n)
                 dst = <uint64_t><uintptr_t>out.pack + lay.ans_at[j]

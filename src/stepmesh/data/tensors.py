@@ -46,6 +46,9 @@ def check_tensors(name: str, tensors: Any) -> list[torch.Tensor]:
             raise ArgumentError(f"{name}[{i}] is not contiguous (call .contiguous() first)")
         if t.dtype not in DTYPE_CODE:
             raise ArgumentError(f"{name}[{i}] has dtype {t.dtype}, which stepmesh cannot send")
+        if t.is_conj() or t.is_neg():
+            raise ArgumentError(f"{name}[{i}] is a lazily conjugated or negated view (call .resolve_conj() "
+                                f"and .resolve_neg() first)")
         if t.device.type not in ("cpu", "cuda"):
             raise ArgumentError(f"{name}[{i}] is on {t.device}; stepmesh moves host and CUDA/ROCm memory")
         if t.dim() > MAX_NDIM:
