@@ -226,7 +226,10 @@ def push_pull(
     need_event: bool = True,
 ) -> int:
     """StepMesh's ZBatchPushPull; see :meth:`AFTensorWorker.push_pull`."""
-    return _worker("push_pull").push_pull(push_tensors, push_keys, pull_tensors, pull_keys, need_event)
+    node = _node
+    if getattr(node, "role", None) != "worker":  # the hot path: one check, no call
+        node = _worker("push_pull")
+    return node.push_pull(push_tensors, push_keys, pull_tensors, pull_keys, need_event)  # type: ignore[union-attr]
 
 
 def wait(handle: int | None = None, timeout_ms: int = 10000, *, handler: int | None = None) -> None:
@@ -237,7 +240,12 @@ def wait(handle: int | None = None, timeout_ms: int = 10000, *, handler: int | N
     Raises:
         ArgumentError: no handle given, or both spellings.
     """
-    _worker("wait").wait(_handle_arg(handle, handler), timeout_ms)
+    node = _node
+    if getattr(node, "role", None) != "worker":
+        node = _worker("wait")
+    if handler is not None or handle is None:
+        handle = _handle_arg(handle, handler)
+    node.wait(handle, timeout_ms)  # type: ignore[union-attr]
 
 
 def _handle_arg(handle: int | None, handler: int | None) -> int:
@@ -258,7 +266,10 @@ def fetch_trace(handle: int, server: int | None = None) -> list[int]:
 
 def get_batch(timeout_ms: int | None = None) -> list[tuple[int, list[Any], list[int]]]:
     """One request per worker; see :meth:`AFTensorServer.get_batch`."""
-    return _server("get_batch").get_batch(timeout_ms)
+    node = _node
+    if getattr(node, "role", None) != "server":
+        node = _server("get_batch")
+    return node.get_batch(timeout_ms)  # type: ignore[union-attr]
 
 
 def respond(
@@ -269,7 +280,12 @@ def respond(
     Raises:
         ArgumentError: no handle given, or both spellings.
     """
-    _server("respond").respond(tensors, _handle_arg(handle, handler), need_event)
+    node = _node
+    if getattr(node, "role", None) != "server":
+        node = _server("respond")
+    if handler is not None or handle is None:
+        handle = _handle_arg(handle, handler)
+    node.respond(tensors, handle, need_event)  # type: ignore[union-attr]
 
 
 def respond_vec(ret_buffer: Any, tensors_vec: list[Any], handles: list[int]) -> None:

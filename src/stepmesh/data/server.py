@@ -35,6 +35,7 @@ _SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last b
 _EVENT_SLICE_S = 0.0002  # ... while answers wait for a stream event, which UCX does not signal
 _FOREVER_S = 3600.0
 _LEND_TIMEOUT_S = 10.0  # how long respond waits for a worker to take an answer sent from the caller's memory
+_DONE = int(W.Result.DONE)
 
 
 def _check_need_event(need_event: Any) -> None:
@@ -274,7 +275,7 @@ class AFTensorServer(Node):
         """
         if self.healthy and type(handle) is int and need_event.__class__ is bool:
             core = self._core
-            if core.respond(tensors, handle, need_event) == W.Result.DONE:
+            if core.respond(tensors, handle, need_event) == _DONE:
                 if core.lent:
                     self._take_back()
                 return

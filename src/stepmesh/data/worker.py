@@ -27,7 +27,7 @@ from .tensors import DTYPE_CODE, check_keys, check_tensors, one_device
 
 __all__ = ["AFTensorWorker"]
 
-_DONE, _PENDING, _UNKNOWN, _FAILED = W.Result.DONE, W.Result.PENDING, W.Result.UNKNOWN, W.Result.FAILED
+_DONE, _PENDING, _UNKNOWN, _FAILED = (int(r) for r in (W.Result.DONE, W.Result.PENDING, W.Result.UNKNOWN, W.Result.FAILED))
 _SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last between liveness checks
 _EVENT_SLICE_S = 0.0002  # ... while sends wait for a stream event, which UCX does not signal
 
