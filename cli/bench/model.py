@@ -140,6 +140,7 @@ class Environment:
     memory_hints: str = ""  # STEPMESH_MEMORY_HINTS of stepmesh's nodes ("": a run saved before it was recorded)
     one_sided: str = ""  # STEPMESH_ONE_SIDED of stepmesh's nodes ("": a run saved before it was recorded)
     core: str = ""  # the compiled core's module
+    dlpack: bool = False  # the core read tensors through torch's DLPack C exchange API (else torch's getters)
 
     @classmethod
     def here(cls, device: str) -> Environment:
@@ -147,6 +148,7 @@ class Environment:
         import torch
 
         import stepmesh
+        import stepmesh.data  # binds torch to the core, as in stepmesh's nodes
         from stepmesh._core import core
         from stepmesh.config import Config
         from stepmesh.control.transport import ucx_version
@@ -171,6 +173,7 @@ class Environment:
             memory_hints=Config.from_env().memory_hints,
             one_sided=Config.from_env().one_sided,
             core=core.__file__ or "",
+            dlpack=core.dlpack_bound(),
         )
 
     def describe(self) -> str:
@@ -179,7 +182,8 @@ class Environment:
             + (f", UCX memory-type cache {self.memtype_cache}" if self.memtype_cache else "")
             if self.devices else "no GPU"
         ) + (f", memory hints {self.memory_hints}" if self.memory_hints else "") \
-            + (f", one-sided {self.one_sided}" if self.one_sided else "")
+            + (f", one-sided {self.one_sided}" if self.one_sided else "") \
+            + (", tensors read through DLPack" if self.dlpack else "")
         return (
             f"{self.host} {self.date}: stepmesh {self.stepmesh}, torch {self.torch}, UCX {self.ucx}, "
             f"Python {self.python}, {self.cpu}, {gpu}"

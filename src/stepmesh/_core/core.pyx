@@ -1005,18 +1005,20 @@ cdef uint8_t ITEMSIZE[256]  # wire code -> bytes per element
 cdef uint8_t IS_COMPLEX[256]  # wire code -> 1: a complex dtype (a conjugated view of one never matches a plan)
 
 
-def bind_torch(object tensor_type, dict dtype_codes, object empty):
-    """torch.Tensor, {dtype: wire code} and torch.empty: what the cores read and make tensors with.
-
-    Returns whether torch's DLPack C exchange API is used (else its Python getters)."""
-    global Tensor, DTYPE_CODE, torch_empty, dl_fill, dl_stream
+def bind_torch(object tensor_type, dict dtype_codes, object empty, bint dlpack=True):
+    """torch.Tensor, {dtype: wire code} and torch.empty: what the cores read and make tensors with; ``dlpack``:
+    through torch's DLPack C exchange API where it has one (False: its Python getters, as an older torch)."""
+    global Tensor, DTYPE_CODE, torch_empty, dl_fill, dl_stream, stream_via_dl
     cdef DLExchange *api = NULL
     cdef DLTensor dl
     cdef int16_t *slot
     Tensor = tensor_type
     DTYPE_CODE = dtype_codes
     torch_empty = empty
-    capsule = getattr(tensor_type, "__dlpack_c_exchange_api__", None)
+    dl_fill = NULL
+    dl_stream = NULL
+    stream_via_dl = 0
+    capsule = getattr(tensor_type, "__dlpack_c_exchange_api__", None) if dlpack else None
     if capsule is not None and PyCapsule_IsValid(capsule, b"dlpack_exchange_api"):
         api = <DLExchange *>PyCapsule_GetPointer(capsule, b"dlpack_exchange_api")
         if api.major == 1 and api.minor >= 3 and api.fill != NULL and api.stream != NULL:
@@ -1036,6 +1038,22 @@ def bind_torch(object tensor_type, dict dtype_codes, object empty):
             continue
         slot = &DL_WIRE[dl.code][dl.bits >> 3]
         slot[0] = <int16_t>(code + 1) if slot[0] == 0 else -1
+
+
+def tensor_facts(object t):
+    """What the core reads of ``t``: (address, nbytes, wire dtype code, shape, device (-1: host), contiguous,
+    conjugated), or None when it is not a tensor of a dtype the wire carries."""
+    cdef Fact f
+    memset(&f, 0, sizeof(Fact))
+    if read_fact(t, &f) < 0:
+        return None
+    return (f.ptr, f.nbytes, f.code, tuple([f.dims[d] for d in range(f.ndim)]), f.device, bool(f.contig),
+            bool(f.conj))
+
+
+def dlpack_bound():
+    """Whether the core reads tensors through torch's DLPack C exchange API (torch 2.10 and later; else through
+    torch's Python getters, about 0.3 us a tensor more)."""
     return dl_fill != NULL
 
 
@@ -1099,7 +1117,7 @@ cdef int read_fact(object t, Fact *f) except -2:
     try:
         dtype = t.dtype
         code = DTYPE_CODE.get(dtype)
-        if code is None:
+        if code is None or t.is_meta:
             return -1
         shape = t.shape
         nd = len(shape)
