@@ -2,7 +2,7 @@
 # Written answers (STEPMESH_ONE_SIDED=device, the default) against answers as messages (off), and the GPU suite
 # with and without MPS, in one device call:
 #
-#   JOBS=3 [STAGES=0] [PROTOCOL=1] benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
+#   JOBS=3 [STAGES=0] [PROTOCOL=1] [PAIRS=1] benchmarks/device_run.sh --mps run bash benchmarks/written_check.sh [SUITE_RUNS] [NO_MPS_RUNS]
 #
 #   1. the GPU suite SUITE_RUNS times in a row (default 1), under MPS;
 #   2. stepmesh-1x1 against raw ucxx, STEPMESH_ONE_SIDED=off, device, off, device (device: the server puts each
@@ -22,7 +22,7 @@ suite() {  # LABEL
   timeout 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider "${par[@]}" 2>&1 | grep -E "passed|failed|FAILED|ERROR|error" | tail -8
 }
 for i in $(seq 1 "${1:-1}"); do suite "MPS, run $i"; done
-for i in 1 2; do
+for i in $(seq 1 "${PAIRS:-2}"); do  # PAIRS: off/device pairs (default 2)
   bench off-$i STEPMESH_ONE_SIDED=off -- "${one[@]}"
   bench device-$i STEPMESH_ONE_SIDED=device -- "${one[@]}"
 done
