@@ -69,6 +69,7 @@ def test_the_core_reads_what_torch_says(dlpack: bool, t: torch.Tensor) -> None:
         assert core.tensor_facts(t) == _expected(t)
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("dlpack", [True, False])
 def test_what_the_wire_cannot_carry_is_not_a_tensor_to_the_core(dlpack: bool) -> None:
     with _reader(dlpack):
