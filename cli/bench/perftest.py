@@ -3,8 +3,11 @@
 It prints the one-way latency of a tag ping-pong; a round trip is twice that
 (push and pull of different sizes: the two one-way latencies added). Each round
 runs a fresh server/client pair, pinned like the other contenders, with the
-UCX options of stepmesh's data path; a round gives one sample: the median
-round trip of its iterations.
+UCX options of stepmesh's data path, warmed up by at least ``WARMUP``
+ping-pongs (a fresh pair's first thousands are slow: on the 2-core VM, 8 KiB
+took 1.0-1.5 us one way over 500 ping-pongs after 50, and 0.61-0.73 us after
+1,000-5,000); a round gives one sample: the median round trip of its
+iterations.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = ["Perftest", "find_perftest"]
 
 _FINAL = re.compile(r"Final:\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)")
 _TIMEOUT_S = 120.0
+WARMUP = 5000  # ping-pongs before a round's measured ones
 
 
 def find_perftest() -> tuple[str, str] | None:
@@ -61,7 +65,7 @@ class Perftest:
     def _one_way(self, nbytes: int, n: int) -> tuple[float, float]:
         """(median one-way latency in us, seconds) of ``n`` ping-pongs of ``nbytes``."""
         port = free_port()
-        common = ["-t", "tag_lat", "-s", str(max(nbytes, 1)), "-n", str(n), "-w", str(max(n // 10, 10)), "-p", str(port)]
+        common = ["-t", "tag_lat", "-s", str(max(nbytes, 1)), "-n", str(n), "-w", str(max(n // 10, WARMUP)), "-p", str(port)]
         if self.opts.device.startswith("cuda"):
             common += ["-m", "cuda"]
         env = self._env()
