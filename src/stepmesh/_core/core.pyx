@@ -117,6 +117,11 @@ for _iov in range(2):
         PARAMS[3 * _iov + _mem][3] = DATATYPE_IOV if _iov else 0
         PARAMS[3 * _iov + _mem][6] = 1 if _mem == HINT_CUDA else 0
 
+cdef inline bint puts_bound() noexcept nogil:
+    """Whether UCX has the one-sided calls a server writes answers with (unpack a key, put, flush, destroy)."""
+    return ucp_ep_rkey_unpack != NULL and ucp_put_nbx != NULL and ucp_ep_flush_nbx != NULL and ucp_rkey_destroy != NULL
+
+
 cdef inline uint64_t now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -367,15 +372,16 @@ cdef void *current_stream(int index) except? NULL:
     getter gives (checked once)."""
     global stream_via_dl
     cdef void *s = NULL
+    cdef int32_t kind = DL_CUDA if drv.kind == 1 else DL_ROCM
     if stream_via_dl > 0:
-        if dl_stream(DL_CUDA if drv.kind == 1 else DL_ROCM, index, &s) != 0:
+        if dl_stream(kind, index, &s) != 0:
             raise TransportError(f"torch gave no current stream for device {index}")
         return s
     cdef uintptr_t py = raw_stream(index)
     if stream_via_dl == 0:
         stream_via_dl = -1
         if dl_stream != NULL:
-            if dl_stream(DL_CUDA if drv.kind == 1 else DL_ROCM, index, &s) == 0 and <uintptr_t>s == py:
+            if dl_stream(kind, index, &s) == 0 and <uintptr_t>s == py:
                 stream_via_dl = 1
             else:
                 PyErr_Clear()
@@ -631,9 +637,8 @@ cdef class Ucp:
 
     cdef inline bint writes(self) noexcept:
         """Whether answers may be written one-sided into this side's memory: it maps (``maps``) and UCX has the
-        one-sided calls."""
-        return self.maps() and ucp_rkey_pack != NULL and ucp_rkey_buffer_release != NULL and ucp_put_nbx != NULL \
-            and ucp_ep_rkey_unpack != NULL and ucp_rkey_destroy != NULL and ucp_ep_flush_nbx != NULL
+        one-sided calls, those that pack keys as well as those that put."""
+        return self.maps() and ucp_rkey_pack != NULL and ucp_rkey_buffer_release != NULL and puts_bound()
 
     def pack_rkey(self, uintptr_t ptr, uint64_t nbytes, bint device):
         """Map ``ptr``..``ptr + nbytes`` on the worker's context and pack a remote key for it, for a server to write
@@ -661,7 +666,7 @@ cdef class Ucp:
     cdef void *unpack_rkey(self, uint64_t ep, bytes key) noexcept:
         """A remote key unpacked on ``ep`` (``ucp_rkey_destroy`` it), or NULL where UCX refuses or lacks the calls."""
         cdef void *rkey = NULL
-        if ucp_ep_rkey_unpack == NULL or ucp_put_nbx == NULL or ucp_ep_flush_nbx == NULL or ucp_rkey_destroy == NULL:
+        if not puts_bound():
             return NULL
         if ucp_ep_rkey_unpack(<void *><uintptr_t>ep, <const char *>key, &rkey) != UCS_OK:
             return NULL
@@ -1034,10 +1039,9 @@ def bind_torch(object tensor_type, dict dtype_codes, object empty, bint dlpack=T
         if dl_fill(<void *>t, &dl) != 0:
             PyErr_Clear()
             continue
-        if dl.lanes != 1 or dl.code >= DL_CODES or dl.bits % 8 or dl.bits > 128:
-            continue
-        slot = &DL_WIRE[dl.code][dl.bits >> 3]
-        slot[0] = <int16_t>(code + 1) if slot[0] == 0 else -1
+        slot = dl_wire_slot(&dl)
+        if slot != NULL:
+            slot[0] = <int16_t>(code + 1) if slot[0] == 0 else -1
 
 
 def tensor_facts(object t):
@@ -1068,17 +1072,27 @@ cdef struct Fact:
     int64_t dims[MAX_NDIM]
 
 
+cdef inline int16_t *dl_wire_slot(DLTensor *dl) noexcept:
+    """Where DL_WIRE keeps the wire code of ``dl``'s dtype, or NULL for a dtype it cannot hold (vector lanes, sub-byte
+    or over 128 bits, an unknown type code)."""
+    if dl.lanes != 1 or dl.code >= DL_CODES or dl.bits % 8 or dl.bits > 128:
+        return NULL
+    return &DL_WIRE[dl.code][dl.bits >> 3]
+
+
 cdef inline int dl_fact(object t, Fact *f) noexcept:
     """Read a tensor's facts through DLPack: 0, or -1 when torch's getters must (a Python error cleared)."""
     cdef DLTensor dl
     cdef int d, wire
     cdef int64_t expect = 1, n = 1
+    cdef int16_t *slot
     if dl_fill(<void *>t, &dl) != 0:
         PyErr_Clear()
         return -1
-    if dl.lanes != 1 or dl.code >= DL_CODES or dl.bits % 8 or dl.bits > 128 or dl.ndim > MAX_NDIM:
+    slot = dl_wire_slot(&dl)
+    if slot == NULL or dl.ndim > MAX_NDIM:
         return -1
-    wire = DL_WIRE[dl.code][dl.bits >> 3] - 1
+    wire = slot[0] - 1
     if wire < 0:
         return -1
     if dl.device_type == DL_CPU:
@@ -1111,27 +1125,24 @@ cdef int read_fact(object t, Fact *f) except -2:
     cdef Py_ssize_t nd, d
     if not isinstance(t, Tensor):
         return -1
-    if dl_fill != NULL and dl_fact(t, f) == 0:
-        f.conj = 1 if IS_COMPLEX[f.code] and t.is_conj() else 0
-        return 0
     try:
-        dtype = t.dtype
-        code = DTYPE_CODE.get(dtype)
-        if code is None or t.is_meta:
-            return -1
-        shape = t.shape
-        nd = len(shape)
-        if nd > MAX_NDIM:
-            return -1
-        f.ptr = t.data_ptr()
-        f.code = code
-        f.ndim = <int>nd
-        f.device = t.get_device()
-        f.contig = t.is_contiguous()
-        f.nbytes = t.nbytes
-        f.conj = 1 if IS_COMPLEX[<int>code] and t.is_conj() else 0
-        for d in range(nd):
-            f.dims[d] = shape[d]
+        if dl_fill == NULL or dl_fact(t, f) < 0:
+            code = DTYPE_CODE.get(t.dtype)
+            if code is None or t.is_meta:
+                return -1
+            shape = t.shape
+            nd = len(shape)
+            if nd > MAX_NDIM:
+                return -1
+            f.ptr = t.data_ptr()
+            f.code = code
+            f.ndim = <int>nd
+            f.device = t.get_device()
+            f.contig = t.is_contiguous()
+            f.nbytes = t.nbytes
+            for d in range(nd):
+                f.dims[d] = shape[d]
+        f.conj = 1 if IS_COMPLEX[f.code] and t.is_conj() else 0
     except Exception:
         return -1
     return 0
