@@ -1172,20 +1172,9 @@ cdef struct Push:
 
 cdef struct Answer:
     int device  # 1: the pull tensor is device memory
-    int how  # ANSWER_COPY (inline, copied out), ANSWER_SCATTER (inline, UCX puts it in place), ANSWER_SEPARATE,
-             # ANSWER_PACKED (in the server's packed message, at offset: copied out on the device), ANSWER_LANE
-             # (a message of its own on the lane), ANSWER_WRITTEN (put by the server; a message only if it says so)
+    int how  # wire.AnswerWay: ANSWER_COPY, ANSWER_SCATTER, ANSWER_SEPARATE, ANSWER_PACKED, ANSWER_LANE, ANSWER_WRITTEN
     uint64_t ptr, cap, offset
     const void *param  # answers received into device pull tensors: a MemMap's param (all), or NULL
-
-
-cdef enum:
-    ANSWER_COPY = 0
-    ANSWER_SCATTER = 1
-    ANSWER_SEPARATE = 2
-    ANSWER_PACKED = 3
-    ANSWER_LANE = 4
-    ANSWER_WRITTEN = 5
 
 
 cdef class Plan:

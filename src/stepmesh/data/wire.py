@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [
-    "DATA_VERSION", "Placement", "REQ_WRITTEN", "RKEY_MAX", "ANSWER_MOVED_BIT", "Result", "Failure", "AnswerProblem", "MemHint", "Tag", "make_tag", "wireup_tag",
+    "DATA_VERSION", "Placement", "REQ_WRITTEN", "RKEY_MAX", "ANSWER_MOVED_BIT", "Result", "Failure", "AnswerProblem", "AnswerWay", "MemHint", "Tag", "make_tag", "wireup_tag",
     "REQ_FIXED", "REQ_TENSOR", "REQ_DIM", "REQ_PULL", "RESP_FIXED", "RESP_SIZE",
     "HEADER_MAX", "INLINE_MAX", "DEVICE_INLINE_MAX", "MAX_TENSORS", "MAX_PULLS", "MAX_NDIM",
     "MAX_TENSOR_BYTES", "MAX_IN_FLIGHT", "RING_DEPTH", "SLOT_SIZE", "TRACE_KEEP",
@@ -420,6 +420,17 @@ class AnswerProblem(IntEnum):
     DEVICE = 5  # a device copy failed
 
 
+class AnswerWay(IntEnum):
+    """How a worker's core takes in one answer of a plan (``Worker.add_plan``'s per-answer ``how``)."""
+
+    COPY = 0  # inline in the response, copied out
+    SCATTER = 1  # inline, and UCX puts it in place behind the header
+    SEPARATE = 2  # a message of its own
+    PACKED = 3  # in the server's packed message, at an offset
+    LANE = 4  # a message of its own on the lane
+    WRITTEN = 5  # put by the server; a message only if the response says so
+
+
 # UCX options of every data worker (the bench's raw-ucxx floor uses them too): a
 # request or response with its inline payload goes eagerly (ucxx's 8 KiB
 # rendezvous threshold would add a round trip) and, through shared memory, in
@@ -450,8 +461,11 @@ def _constants() -> dict[str, int]:
         "RKEY_MAX": RKEY_MAX, "ANSWER_MOVED_BIT": ANSWER_MOVED_BIT,
         "PACK_SLOT": PACK_SLOT, "PACK_ALIGN": PACK_ALIGN,
     }
-    for enum in (Tag, Result, Failure, AnswerProblem, MemHint):
-        prefix = {"Tag": "TAG_", "Result": "R_", "Failure": "F_", "AnswerProblem": "A_", "MemHint": "HINT_"}[enum.__name__]
+    for enum in (Tag, Result, Failure, AnswerProblem, MemHint, AnswerWay):
+        prefix = {
+            "Tag": "TAG_", "Result": "R_", "Failure": "F_", "AnswerProblem": "A_", "MemHint": "HINT_",
+            "AnswerWay": "ANSWER_",
+        }[enum.__name__]
         out.update({prefix + m.name: int(m) for m in enum})
     # offsets of the response fields the core reads and writes
     for name, off in (("RESP_STATUS_AT", 2), ("RESP_N_AT", 4), ("RESP_SEQ_AT", 6), ("RESP_STAMPS_AT", 10)):

@@ -30,6 +30,8 @@ __all__ = ["AFTensorWorker"]
 _DONE, _PENDING, _UNKNOWN, _FAILED = (int(r) for r in (W.Result.DONE, W.Result.PENDING, W.Result.UNKNOWN, W.Result.FAILED))
 _SLICE_S = 0.1  # blocking mode: how long one sleep in UCX's event fd may last between liveness checks
 _EVENT_SLICE_S = 0.0002  # ... while sends wait for a stream event, which UCX does not signal
+_WAY = {W.Placement.WRITTEN: W.AnswerWay.WRITTEN, W.Placement.SEPARATE: W.AnswerWay.SEPARATE,
+        W.Placement.LANE: W.AnswerWay.LANE}  # answers whose placement alone says how the core takes them in
 
 
 def _check_timeout(timeout_ms: Any) -> float:
@@ -237,18 +239,15 @@ class AFTensorWorker(Node):
             *ans_at, ans_pack_size = W.pack_offsets([caps[q] for q in in_pack])
             for j, q in enumerate(share):
                 at = 0
-                if answer_placements[q] is W.Placement.WRITTEN:
-                    how = 5
-                elif answer_placements[q] is W.Placement.SEPARATE:
-                    how = 2
-                elif answer_placements[q] is W.Placement.LANE:
-                    how = 4
-                elif answer_placements[q] is W.Placement.PACKED:
-                    how, at = 3, ans_at[in_pack.index(q)]
+                placement = answer_placements[q]
+                if placement in _WAY:
+                    how = _WAY[placement]
+                elif placement is W.Placement.PACKED:
+                    how, at = W.AnswerWay.PACKED, ans_at[in_pack.index(q)]
                 elif j == scatter:
-                    how = 1
+                    how = W.AnswerWay.SCATTER
                 else:
-                    how = 0
+                    how = W.AnswerWay.COPY
                     pinned = pinned or (pull_device[q] and caps[q] > 0)
                 answers.append((int(pull_device[q]), pulls[q].data_ptr(), caps[q], how, at))
             inline_room = max(inline_room, sum(caps[q] for q in share if answer_placements[q] is W.Placement.INLINE))
