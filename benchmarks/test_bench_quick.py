@@ -42,6 +42,8 @@ def test_bench_small_writes_table_json_with_every_contender(tmp_path):
     assert len(perftest["latencies_us"]) == 2 and perftest["stats"]["p50_us"] > 0
     stages = data["trace_breakdown_us"]["server 0"]
     assert set(stages) >= {"request send", "request network", "response send"}
+    by_round = data["trace_breakdown_by_round_us"]  # one per measured round, as the C floor's samples
+    assert len(by_round) == 2 and all(set(r["server 0"]) == set(stages) for r in by_round), by_round
 
     # the saved result prints the same table elsewhere, and saves back unchanged
     again = tmp_path / "again.json"

@@ -210,7 +210,7 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                 res.seconds += first["seconds"]
                 res.ops += len(first["lat"])
                 if "traces" in first:
-                    res.__dict__.setdefault("_traces", []).extend(first["traces"])
+                    res.__dict__.setdefault("_traces", []).append(first["traces"])
                 if on_round is not None:
                     on_round(1)
         for c in contenders:
@@ -230,8 +230,9 @@ def run_bench(opts: BenchOptions, on_round: Callable[[int], None] | None = None)
                     p.kill()
                 p.join(timeout=5)
         tmp.cleanup()
-    traces = breakdown(results["stepmesh"].__dict__.pop("_traces", [])) if "stepmesh" in results else {}
-    return BenchResult(opts, results, traces, data_options(), env)
+    rounds = results["stepmesh"].__dict__.pop("_traces", []) if "stepmesh" in results else []
+    traces = breakdown([op for r in rounds for op in r])
+    return BenchResult(opts, results, traces, data_options(), env, [breakdown(r) for r in rounds])
 
 
 def breakdown(traces: list[list[list[int]]]) -> dict[str, dict[str, float]]:

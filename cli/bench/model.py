@@ -225,6 +225,7 @@ class BenchResult:
     traces: dict[str, dict[str, float]]  # server -> stage -> median us
     ucx_options: dict[str, str] = field(default_factory=dict)  # of stepmesh's data workers and the ucxx floor
     environment: Environment = field(default_factory=Environment)
+    trace_rounds: list[dict[str, dict[str, float]]] = field(default_factory=list)  # `traces` of each measured round
 
     def to_json(self) -> dict[str, Any]:
         base = self.contenders.get("stepmesh")
@@ -235,6 +236,7 @@ class BenchResult:
             "options": {k: v for k, v in asdict(self.options).items() if k != "workload"},
             "contenders": {},
             "trace_breakdown_us": self.traces,
+            "trace_breakdown_by_round_us": self.trace_rounds,
             "ucx_options": self.ucx_options,
         }
         for name, c in self.contenders.items():
@@ -279,9 +281,13 @@ class BenchResult:
                 seconds = float(entry.get("seconds", ops / rate if rate else 0.0))
                 contenders[name] = ContenderResult(name, lat, seconds, ops, str(entry.get("note", "")))
             traces = {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in doc["trace_breakdown_us"].items()}
+            by_round = [
+                {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in r.items()}
+                for r in doc.get("trace_breakdown_by_round_us", [])
+            ]
             ucx = {str(k): str(v) for k, v in doc.get("ucx_options", {}).items()}
             env_doc = doc.get("environment") or {}
             env = Environment(**{k: v for k, v in env_doc.items() if k in Environment.__dataclass_fields__})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed stepmesh bench result: {type(e).__name__}: {e}") from e
-        return cls(options, contenders, traces, ucx, env)
+        return cls(options, contenders, traces, ucx, env, by_round)
