@@ -9,7 +9,8 @@
 #      answer into the worker's pull tensor, flushes, then sends the response header);
 #   2b. with PROTOCOL=1, stepmesh-1x1 against the protocol contender (written answers too) and raw ucxx;
 #   3. step3 against raw ucxx, and stepmesh-1x1 with 3 stages in flight and with 1, at device;
-#   4. the MPS daemon stopped, the GPU suite NO_MPS_RUNS times in a row (default 0).
+#   4. the MPS daemon stopped, the GPU suite NO_MPS_RUNS times in a row (default 0);
+#   5. with ROUNDS=1, every bench of the call round by round (benchmarks/rounds.py): where a slow spell went.
 # JOBS > 1 runs each suite on that many pytest-xdist processes (carried in .gpu-wheels): about 60 s a run instead
 # of 165 s on one H100. The benches take about 200 s. JSON of every bench lands in $OUT (8 files at most come back).
 set -u
@@ -38,4 +39,7 @@ if [ "${2:-0}" -gt 0 ]; then
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   sleep 2
   for i in $(seq 1 "$2"); do suite "no MPS, run $i"; done
+fi
+if [ "${ROUNDS:-0}" = 1 ] && ls "$out"/*.json >/dev/null 2>&1; then
+  python3 "$(dirname "$0")/rounds.py" "$out"/*.json | cut -c1-200
 fi
