@@ -202,6 +202,48 @@ def test_every_answer_exact_as_connectors_call(device, shape):
     assert set(results.values()) == {per}, results
 
 
+# ------------------------------------------------------- a side stream
+def _side_stream(ctx: NodeContext) -> int:
+    """Everything on a stream that is not the default one, as vLLM's micro-batch overlap runs: the sends and the
+    answers must wait for the work queued there (reading the default stream instead, they would leave at once)."""
+    f.init()
+    rounds, dt = ctx.args["rounds"], torch.bfloat16
+    checked = 0
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert torch.cuda.current_stream() == side and side.cuda_stream != 0
+        if ctx.role == "worker":
+            buf = torch.empty(64, 7168, dtype=dt, device="cuda")  # reused every round
+            pull = torch.empty(64, 7168, dtype=dt, device="cuda")
+            count = torch.empty(1, dtype=torch.int32, device="cuda")
+            for rnd in range(rounds):
+                pull.fill_(SENTINEL)
+                count.fill_(SENTINEL)
+                _busy("cuda")
+                x = _payload(64, 7168, dt, rnd, "cuda")
+                buf.copy_(x)
+                n = torch.full((1,), rnd + 1, dtype=torch.int32, device="cuda")
+                f.wait(f.push_pull([buf, n], [0, 1], [pull, count], [10, 11]))
+                assert torch.equal(pull.view(torch.uint8), _answer(x, 1, 0).view(torch.uint8)), f"round {rnd}"
+                assert int(count) == rnd + 1, (rnd, int(count))
+                checked += 1
+        else:
+            for _ in range(rounds):
+                (h, ts, keys), = f.get_batch()
+                assert keys == [0, 1]
+                _busy("cuda")
+                f.respond([_answer(ts[0], 1, 0), ts[1]], h)  # twice the push: not the push, nor a stale answer
+                checked += 1
+    f.stop()
+    return checked
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", DEVICES[1:])  # streams: a GPU's only
+def test_work_on_a_side_stream_is_waited_for(device):
+    assert _mesh(_side_stream, device, args={"rounds": 6}) == {"server-0-0": 6, "worker-0-0": 6}
+
+
 # ------------------------------------------------------- connector pattern
 def _connector(ctx: NodeContext) -> int:
     """StepMesh's vLLM connector, written down: per-stage send buffers, torch.cat, one ret_buffer, respond_vec."""
