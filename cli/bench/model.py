@@ -280,11 +280,12 @@ class BenchResult:
                 rate = st.get("ops_per_s", 0.0)
                 seconds = float(entry.get("seconds", ops / rate if rate else 0.0))
                 contenders[name] = ContenderResult(name, lat, seconds, ops, str(entry.get("note", "")))
-            traces = {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in doc["trace_breakdown_us"].items()}
-            by_round = [
-                {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in r.items()}
-                for r in doc.get("trace_breakdown_by_round_us", [])
-            ]
+
+            def stage_medians(d: Any) -> dict[str, dict[str, float]]:
+                return {str(k): {str(n): float(v) for n, v in stages.items()} for k, stages in d.items()}
+
+            traces = stage_medians(doc["trace_breakdown_us"])
+            by_round = [stage_medians(r) for r in doc.get("trace_breakdown_by_round_us", [])]
             ucx = {str(k): str(v) for k, v in doc.get("ucx_options", {}).items()}
             env_doc = doc.get("environment") or {}
             env = Environment(**{k: v for k, v in env_doc.items() if k in Environment.__dataclass_fields__})
